@@ -1,0 +1,224 @@
+"""Dataclasses: the one source of truth for every option.
+
+Each field documents itself once, in ``metadata["help"]``. The same dataclass feeds the CLI
+(:func:`add_arguments`), the UI form (:func:`fields_for_form`) and the worker processes, and is
+resolved in layers: defaults < YAML file < explicit overrides (flags or form values).
+Validation happens in ``validate()`` methods that raise :class:`ConfigError` naming the field.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from sft_core import StudioError
+
+T = TypeVar("T")
+
+
+class ConfigError(StudioError):
+    """A configuration value is invalid; ``where`` is the field name."""
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its help text (the only place the option is documented)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+# ---------------------------------------------------------------------------------------------
+# Settings of the whole app (environment variables)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class StudioSettings:
+    home: str = opt("./workspace", "Workspace root (env SFT_STUDIO_HOME).")
+    db_url: str = opt("", "Database URL; default sqlite:///<home>/studio.db (env SFT_STUDIO_DB_URL).")
+    engine_url: str = opt("", "Attach to an external OpenAI-compatible vLLM endpoint instead of starting one (env SFT_STUDIO_ENGINE_URL).")
+    engine: str = opt("auto", "Inference engine: auto (vLLM where it imports), vllm or hf (env SFT_STUDIO_ENGINE).")
+    base_model: str = opt("smollm2-135m-instruct", "Default base model (env SFT_STUDIO_BASE_MODEL).")
+    admin_password: str = opt("", "When set, training, deleting and other writes need login (env SFT_STUDIO_ADMIN_PASSWORD).")
+    demo_mode: bool = opt(False, "Public demo: chat and rating stay open to anonymous visitors (env SFT_STUDIO_DEMO).")
+
+    @classmethod
+    def from_env(cls, environ: typing.Mapping[str, str] | None = None) -> "StudioSettings":
+        env = os.environ if environ is None else environ
+        s = cls()
+        for f in dataclasses.fields(cls):
+            key = "SFT_STUDIO_" + ("DEMO" if f.name == "demo_mode" else f.name.upper())
+            if key in env:
+                setattr(s, f.name, _coerce(f, env[key], key))
+        return s
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DataConfig:
+    format: str = opt("auto", "Input format: auto, alpaca, prompt_completion, messages, sharegpt, or table (with a column mapping).")
+    mapping: dict = opt({}, "Column mapping for tables, canonical=column, e.g. instruction=question,response=answer,context=passage.")
+    eval_fraction: float = opt(0.1, "Share of rows held out for evaluation during training.")
+    test_fraction: float = opt(0.1, "Share of rows held out for the final test.")
+    seed: int = opt(42, "Seed of the deterministic split.")
+    max_tokens: int = opt(2048, "Rows longer than this many tokens (of the chosen model) are reported as over-long.")
+    model: str = opt("smollm2-135m-instruct", "Model whose tokenizer measures lengths.")
+
+    def validate(self) -> None:
+        for name in ("eval_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"must be in [0, 1), got {v}", name)
+        if self.eval_fraction + self.test_fraction >= 1.0:
+            raise ConfigError("eval_fraction + test_fraction must leave rows for training", "test_fraction")
+        if self.max_tokens <= 0:
+            raise ConfigError(f"must be positive, got {self.max_tokens}", "max_tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic machinery: layering, CLI flags, UI forms
+# ---------------------------------------------------------------------------------------------
+def _base_type(f: dataclasses.Field) -> type:
+    tp = f.type
+    if isinstance(tp, str):
+        tp = eval(tp, {**vars(typing), "Any": Any})  # dataclass annotations are strings here
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0]
+        origin = typing.get_origin(tp)
+    return origin or tp
+
+
+def _coerce(f: dataclasses.Field, value: Any, where: str | None = None) -> Any:
+    """Turn a string (flag, env, form) or YAML value into the field's type, or raise ConfigError."""
+    where = where or f.name
+    tp = _base_type(f)
+    if value is None:
+        return None
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            s = str(value).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(value)
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if tp is float:
+            return float(value)
+        if tp is list:
+            if isinstance(value, str):
+                return [v.strip() for v in value.split(",") if v.strip()]
+            return list(value)
+        if tp is dict:
+            if isinstance(value, str):
+                out = {}
+                for part in (p for p in value.split(",") if p.strip()):
+                    if "=" not in part:
+                        raise ValueError(f"expected key=value, got {part!r}")
+                    k, v = part.split("=", 1)
+                    out[k.strip()] = v.strip()
+                return out
+            return dict(value)
+        if tp is str:
+            return str(value)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot read {value!r} as {tp.__name__} ({e})", where) from None
+    return value
+
+
+def load_config(cls: type[T], yaml_path: str | os.PathLike | None = None, overrides: dict | None = None) -> T:
+    """Resolve a config: dataclass defaults < YAML file < overrides (None values are ignored)."""
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    if yaml_path:
+        p = Path(yaml_path)
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except FileNotFoundError:
+            raise ConfigError("config file not found", str(p)) from None
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
+            raise ConfigError(f"not valid YAML: {e}", str(p)) from None
+        if not isinstance(loaded, dict):
+            raise ConfigError("expected a mapping of option: value", str(p))
+        for k, v in loaded.items():
+            if k not in names:
+                raise ConfigError(f"unknown option {k!r} in {p}", k)
+            values[k] = _coerce(names[k], v, k)
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        if k not in names:
+            raise ConfigError(f"unknown option {k!r}", k)
+        values[k] = _coerce(names[k], v, k)
+    cfg = cls(**values)
+    if hasattr(cfg, "validate"):
+        cfg.validate()
+    return cfg
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per field (default None, so an unset flag never overrides the YAML layer)."""
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if _base_type(f) is bool:
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=f"{help_} (default {default})")
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(),
+                                help=f"{help_} (default {default})")
+
+
+def overrides_from_args(args: argparse.Namespace, cls: type) -> dict:
+    return {f.name: getattr(args, f.name, None) for f in dataclasses.fields(cls)}
+
+
+def fields_for_form(cls: type) -> list[dict]:
+    """Field descriptions for building a UI form: name, type, default, help, choices."""
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        out.append({"name": f.name, "type": _base_type(f).__name__, "default": default,
+                    "help": f.metadata.get("help", ""), "choices": f.metadata.get("choices")})
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding (serving, chat, evals)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class DecodingConfig:
+    temperature: float = opt(0.0, "Sampling temperature; 0 means greedy (used for evals).")
+    top_p: float = opt(1.0, "Nucleus sampling probability mass.")
+    max_new_tokens: int = opt(256, "Most tokens to generate per answer.")
+    stop: list = opt([], "Strings that end generation.")
+    seed: int = opt(0, "Sampling seed (ignored when greedy).")
+
+    def validate(self) -> None:
+        if self.temperature < 0:
+            raise ConfigError(f"must be >= 0, got {self.temperature}", "temperature")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"must be in (0, 1], got {self.top_p}", "top_p")
+        if self.max_new_tokens <= 0:
+            raise ConfigError(f"must be positive, got {self.max_new_tokens}", "max_new_tokens")

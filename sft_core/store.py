@@ -1,0 +1,193 @@
+"""SQLite store: datasets, jobs, runs, evals, knowledge bases, ratings.
+
+* WAL mode, a busy timeout, and every write inside a transaction (``BEGIN IMMEDIATE``), so several
+  processes (the app, job workers, CLI calls) can share one database safely.
+* The URL is configurable (``SFT_STUDIO_DB_URL``); only ``sqlite:///PATH`` is implemented, and all
+  SQL here is plain enough to port to a server database.
+* Each domain registers its tables in ``SCHEMAS`` (created with IF NOT EXISTS on open).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from sft_core import StudioError
+
+SCHEMAS: dict[str, str] = {}
+
+SCHEMAS["datasets"] = """
+CREATE TABLE IF NOT EXISTS datasets (
+    name        TEXT NOT NULL,
+    version     TEXT NOT NULL,          -- content hash (short)
+    created_at  REAL NOT NULL,
+    path        TEXT NOT NULL,
+    source      TEXT,                   -- original file name
+    n_rows      INTEGER NOT NULL,
+    splits      TEXT NOT NULL,          -- JSON {split: n_rows}
+    PRIMARY KEY (name, version)
+);
+"""
+
+SCHEMAS["jobs"] = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id            TEXT PRIMARY KEY,
+    kind          TEXT NOT NULL,        -- train | eval | ...
+    status        TEXT NOT NULL CHECK (status IN ('queued','running','succeeded','failed','cancelled')),
+    ref           TEXT,                 -- run id / eval id the job works on
+    payload       TEXT NOT NULL DEFAULT '{}',
+    created_at    REAL NOT NULL,
+    started_at    REAL,
+    ended_at      REAL,
+    pid           INTEGER,
+    heartbeat_at  REAL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    error         TEXT,
+    progress      TEXT NOT NULL DEFAULT '{}'
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
+"""
+
+SCHEMAS["runs"] = """
+CREATE TABLE IF NOT EXISTS runs (
+    id            TEXT PRIMARY KEY,     -- also the adapter's name in the engine
+    dataset       TEXT NOT NULL,
+    dataset_version TEXT NOT NULL,
+    base_model    TEXT NOT NULL,
+    status        TEXT NOT NULL,
+    created_at    REAL NOT NULL,
+    path          TEXT NOT NULL,
+    config        TEXT NOT NULL DEFAULT '{}',
+    metrics       TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+SCHEMAS["evals"] = """
+CREATE TABLE IF NOT EXISTS evals (
+    id          TEXT PRIMARY KEY,
+    dataset     TEXT NOT NULL,
+    dataset_version TEXT NOT NULL,
+    split       TEXT NOT NULL,
+    systems     TEXT NOT NULL,          -- JSON list
+    status      TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    path        TEXT NOT NULL,
+    config      TEXT NOT NULL DEFAULT '{}'
+);
+"""
+
+SCHEMAS["kbs"] = """
+CREATE TABLE IF NOT EXISTS kbs (
+    name        TEXT PRIMARY KEY,
+    path        TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    n_docs      INTEGER NOT NULL,
+    n_chunks    INTEGER NOT NULL,
+    embedder    TEXT NOT NULL
+);
+"""
+
+
+class StoreError(StudioError):
+    pass
+
+
+def _sqlite_path(url: str) -> str:
+    if url.startswith("sqlite:///"):
+        return url[len("sqlite:///"):] or ":memory:"
+    if url.startswith("sqlite://"):
+        return ":memory:"
+    raise StoreError(f"unsupported database URL {url!r}: only sqlite:///PATH is implemented", "SFT_STUDIO_DB_URL")
+
+
+class Store:
+    """A thread-safe handle: one SQLite connection per thread, opened lazily."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.path = _sqlite_path(url)
+        if self.path != ":memory:":
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        # executescript commits implicitly, so schemas are applied outside tx()
+        con = self.connection()
+        for sql in SCHEMAS.values():
+            con.executescript(sql)
+
+    def connection(self) -> sqlite3.Connection:
+        con = getattr(self._local, "con", None)
+        if con is None:
+            con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA busy_timeout=60000")
+            con.execute("PRAGMA foreign_keys=ON")
+            con.execute("PRAGMA synchronous=NORMAL")
+            self._local.con = con
+        return con
+
+    @contextlib.contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction: BEGIN IMMEDIATE (takes the write lock up front), commit or roll back."""
+        con = self.connection()
+        if con.in_transaction:  # nested: join the outer transaction
+            yield con
+            return
+        for attempt in range(50):
+            try:
+                con.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as e:  # busy beyond busy_timeout: retry briefly
+                if "locked" not in str(e) or attempt == 49:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
+        try:
+            yield con
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    def query(self, sql: str, params: tuple | dict = ()) -> list[dict]:
+        return [dict(r) for r in self.connection().execute(sql, params).fetchall()]
+
+    def query_one(self, sql: str, params: tuple | dict = ()) -> dict | None:
+        row = self.connection().execute(sql, params).fetchone()
+        return dict(row) if row is not None else None
+
+    def execute(self, sql: str, params: tuple | dict = ()) -> int:
+        """Run one write statement in its own transaction; returns rowcount."""
+        with self.tx() as con:
+            return con.execute(sql, params).rowcount
+
+    def close(self) -> None:
+        con = getattr(self._local, "con", None)
+        if con is not None:
+            con.close()
+            self._local.con = None
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, ensure_ascii=False, sort_keys=True, default=str)
+
+
+def loads(s: str | None, default: Any = None) -> Any:
+    return default if s in (None, "") else json.loads(s)
+
+
+_STORES: dict[str, Store] = {}
+_LOCK = threading.Lock()
+
+
+def open_store(url: str) -> Store:
+    """One Store per URL per process."""
+    with _LOCK:
+        st = _STORES.get(url)
+        if st is None:
+            st = _STORES[url] = Store(url)
+        return st
