@@ -166,7 +166,8 @@ def resolve_model(name: str, ws: Workspace | None = None) -> Path:
 
 def list_models(ws: Workspace | None = None) -> list[ModelInfo]:
     ws = ws or Workspace.from_env()
-    conv = ws.models_dir(EMBEDDED_MODEL)
+    shared = os.environ.get("SFT_STUDIO_MODEL_CACHE")
+    conv = Path(shared) / EMBEDDED_MODEL if shared else ws.models_dir(EMBEDDED_MODEL)
     out = [ModelInfo(EMBEDDED_MODEL, str(conv) if is_model_dir(conv) else None, "embedded",
                      "SmolLM2-135M-Instruct (embedded; converted from GGUF on first use)")]
     mdir = ws.models_dir()
