@@ -1,0 +1,755 @@
+"""SFT Studio web app: layout and wiring only; all behaviour lives in sft_core/ and evals/.
+
+Run with ``python app.py`` (``make run``). Honours GRADIO_SERVER_NAME / GRADIO_SERVER_PORT and the
+SFT_STUDIO_* settings (see sft_core/config.py StudioSettings). ``GET /healthz`` answers 200 when the
+server is up. The module-level ``demo`` can be imported by tests and driven with gradio_client.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import queue
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import pandas as pd
+
+from sft_core import StudioError
+from sft_core.config import DataConfig, DecodingConfig, fields_for_form, load_config
+from sft_core.studio import EXAMPLE_NAME, Studio
+
+STUDIO = Studio.from_env()
+SYSTEM_CHOICES_BASE = ["prompt", "rag"]
+
+
+# ------------------------------------------------------------------------------------------------
+# Plumbing: readable errors, admin gate
+# ------------------------------------------------------------------------------------------------
+def ui_errors(fn):
+    """Turn StudioError (bad input, bad state) into a readable UI message instead of a traceback."""
+    if _is_gen(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*a, **k):
+            try:
+                yield from fn(*a, **k)
+            except StudioError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*a, **k):
+        try:
+            return fn(*a, **k)
+        except StudioError as e:
+            raise gr.Error(str(e), print_exception=False) from None
+    return wrapper
+
+
+def _is_gen(fn) -> bool:
+    import inspect
+    return inspect.isgeneratorfunction(fn)
+
+
+def admin_required(is_admin: bool) -> None:
+    """Writes other than rating need the admin login when an admin password is set."""
+    if STUDIO.settings.admin_password and not is_admin:
+        raise StudioError("this action needs the admin login (Admin panel, top of the page)", "admin")
+
+
+def chat_allowed(is_admin: bool) -> None:
+    if STUDIO.settings.admin_password and not STUDIO.settings.demo_mode and not is_admin:
+        raise StudioError("chat needs the admin login unless the app runs in demo mode", "admin")
+
+
+def login(password: str):
+    ok = bool(STUDIO.settings.admin_password) and password == STUDIO.settings.admin_password
+    if not STUDIO.settings.admin_password:
+        return True, "No admin password is set: everything is open."
+    return ok, ("Logged in as admin." if ok else "Wrong password.")
+
+
+# ------------------------------------------------------------------------------------------------
+# Startup: example domain (dataset + knowledge base), prepared in the background
+# ------------------------------------------------------------------------------------------------
+def _bootstrap(task):
+    from sft_core import example, models
+    task.message = "preparing the base model"
+    models.resolve_model(STUDIO.settings.base_model, STUDIO.ws)
+    task.message = "building the example dataset"
+    ex = example.build_example(STUDIO.ws, STUDIO.store, name=EXAMPLE_NAME)
+    task.message = "indexing the example corpus"
+    from sft_core import retrieval
+    retrieval.build_kb([ex["corpus"]], EXAMPLE_NAME, ws=STUDIO.ws, store=STUDIO.store)
+    ds = ex["dataset"]
+    task.message = f"example domain ready: dataset {ds.name}@{ds.version} ({ds.n_rows} rows), knowledge base {EXAMPLE_NAME}"
+
+
+def start_background() -> None:
+    if os.environ.get("SFT_STUDIO_SKIP_EXAMPLE", "") not in ("1", "true"):
+        STUDIO.run_task("example", _bootstrap)
+    from sft_core import jobs
+    jobs.start_dispatcher(STUDIO.ws, STUDIO.store)
+
+
+def status_text() -> str:
+    engine = "running" if STUDIO.engine_ready() else "starts on first chat/eval"
+    return (f"**Workspace** `{STUDIO.ws.root}` · **base model** `{STUDIO.settings.base_model}` · "
+            f"**engine** {engine}\n\n" + STUDIO.status_lines().replace("\n", "  \n"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Choices shared by several tabs
+# ------------------------------------------------------------------------------------------------
+def dataset_choices() -> list[str]:
+    from sft_core import data
+    return sorted({d["name"] for d in data.list_datasets(STUDIO.ws, STUDIO.store)})
+
+
+def kb_choices() -> list[str]:
+    from sft_core import retrieval
+    return sorted(k["name"] for k in retrieval.list_kbs(STUDIO.ws, STUDIO.store))
+
+
+def finished_runs() -> list[str]:
+    rows = STUDIO.store.query("SELECT id FROM runs WHERE status='succeeded' ORDER BY created_at DESC")
+    return [r["id"] for r in rows]
+
+
+def system_choices() -> list[str]:
+    out = list(SYSTEM_CHOICES_BASE)
+    for run in finished_runs():
+        out += [f"sft:{run}", f"sft+rag:{run}"]
+    return out
+
+
+def eval_choices() -> list[str]:
+    return [r["id"] for r in STUDIO.store.query("SELECT id FROM evals ORDER BY created_at DESC")]
+
+
+def campaign_choices() -> list[str]:
+    from evals import rating
+    return [c["id"] for c in rating.list_campaigns(ws=STUDIO.ws, store=STUDIO.store)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Data
+# ------------------------------------------------------------------------------------------------
+def _data_cfg(fmt: str, mapping: str) -> DataConfig:
+    return load_config(DataConfig, overrides={"format": fmt or "auto", "mapping": mapping or {}})
+
+
+@ui_errors
+def data_check(file, fmt, mapping):
+    from sft_core import data
+    if not file:
+        raise StudioError("choose a file first", "file")
+    report = data.check_file(_path(file), _data_cfg(fmt, mapping))
+    errors = pd.DataFrame([_issue_row(i) for i in report.errors], columns=["file", "line", "field", "problem"])
+    return data.format_report(report), errors
+
+
+@ui_errors
+def data_import(file, fmt, mapping, name, is_admin):
+    from sft_core import data
+    admin_required(is_admin)
+    if not file:
+        raise StudioError("choose a file first", "file")
+    if not name:
+        raise StudioError("give the dataset a name", "name")
+    v = data.import_dataset(_path(file), name, _data_cfg(fmt, mapping), ws=STUDIO.ws, store=STUDIO.store)
+    what = "saved new version" if v.created else "identical data: existing version reused"
+    return f"{what}: **{v.name}@{v.version}** — " + ", ".join(f"{k}: {n}" for k, n in v.splits.items()), datasets_table()
+
+
+def datasets_table():
+    from sft_core import data
+    rows = data.list_datasets(STUDIO.ws, STUDIO.store)
+    return pd.DataFrame([{k: r.get(k) for k in ("name", "version", "n_rows", "splits", "source")} for r in rows],
+                        columns=["name", "version", "n_rows", "splits", "source"])
+
+
+def _path(file) -> str:
+    return file if isinstance(file, str) else getattr(file, "name", str(file))
+
+
+def _issue_row(i) -> dict:
+    d = i if isinstance(i, dict) else getattr(i, "__dict__", {"message": str(i)})
+    return {"file": Path(str(d.get("file") or "")).name, "line": d.get("line") or d.get("row"),
+            "field": d.get("field"), "problem": d.get("message")}
+
+
+# ------------------------------------------------------------------------------------------------
+# Knowledge
+# ------------------------------------------------------------------------------------------------
+@ui_errors
+def kb_build(files, name, is_admin, progress=gr.Progress()):
+    from sft_core import retrieval
+    admin_required(is_admin)
+    if not files:
+        raise StudioError("upload at least one document", "files")
+    if not name:
+        raise StudioError("give the knowledge base a name", "name")
+    progress(0.1, desc="indexing")
+    info = retrieval.build_kb([_path(f) for f in files], name, ws=STUDIO.ws, store=STUDIO.store)
+    return f"Knowledge base **{name}** updated: {info}"
+
+
+@ui_errors
+def kb_search(name, query, k, mode):
+    from sft_core import retrieval
+    if not name:
+        raise StudioError("choose a knowledge base", "knowledge base")
+    if not (query or "").strip():
+        raise StudioError("type a query", "query")
+    hits = retrieval.open_kb(name, STUDIO.ws).search(query, k=int(k), mode=mode)
+    return _hits_markdown(hits) or "_no hits_"
+
+
+def _hits_markdown(hits) -> str:
+    out = []
+    for i, h in enumerate(hits, 1):
+        text = h.text if len(h.text) < 700 else h.text[:700] + " …"
+        out.append(f"**{i}.** `{Path(str(h.source)).name}` · {h.position} · score {h.score:.3f}\n\n> "
+                   + text.replace("\n", "\n> "))
+    return "\n\n".join(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Train
+# ------------------------------------------------------------------------------------------------
+def _train_config_cls():
+    from sft_core.config import TrainConfig
+    return TrainConfig
+
+
+TRAIN_FORM_SKIP = ("dataset", "dataset_version", "base_model")
+
+
+@ui_errors
+def train_start(dataset, base_model, is_admin, *values):
+    from sft_core import jobs
+    admin_required(is_admin)
+    if not dataset:
+        raise StudioError("choose a dataset", "dataset")
+    fields = [f for f in fields_for_form(_train_config_cls()) if f["name"] not in TRAIN_FORM_SKIP]
+    overrides = {f["name"]: (v if v not in ("", None) else None) for f, v in zip(fields, values)}
+    overrides.update(dataset=dataset, base_model=base_model or STUDIO.settings.base_model)
+    cfg = load_config(_train_config_cls(), overrides=overrides)
+    run_id = jobs.submit_train(cfg, ws=STUDIO.ws, store=STUDIO.store)
+    return f"Queued run **{run_id}**.", gr.update(choices=all_runs(), value=run_id)
+
+
+@ui_errors
+def train_cancel(run_id, is_admin):
+    from sft_core import jobs
+    admin_required(is_admin)
+    if not run_id:
+        raise StudioError("choose a run", "run")
+    jobs.cancel(run_id, ws=STUDIO.ws, store=STUDIO.store)
+    return f"Cancel requested for **{run_id}**."
+
+
+@ui_errors
+def train_resume(run_id, is_admin):
+    from sft_core import jobs
+    admin_required(is_admin)
+    if not run_id:
+        raise StudioError("choose a run", "run")
+    jobs.resume(run_id, ws=STUDIO.ws, store=STUDIO.store)
+    return f"Resume queued for **{run_id}**."
+
+
+def all_runs() -> list[str]:
+    return [r["id"] for r in STUDIO.store.query("SELECT id FROM runs ORDER BY created_at DESC")]
+
+
+def jobs_table():
+    rows = STUDIO.store.query("SELECT id, kind, ref, status, created_at, error FROM jobs ORDER BY created_at DESC LIMIT 50")
+    for r in rows:
+        r["created_at"] = time.strftime("%H:%M:%S", time.localtime(r["created_at"]))
+    return pd.DataFrame(rows, columns=["id", "kind", "ref", "status", "created_at", "error"])
+
+
+def runs_table():
+    rows = STUDIO.store.query("SELECT id, dataset, base_model, status, metrics FROM runs ORDER BY created_at DESC")
+    for r in rows:
+        m = json.loads(r.pop("metrics") or "{}")
+        r["train_loss"] = _fmt(m.get("train_loss"))
+        r["eval_loss"] = _fmt(m.get("eval_loss"))
+    return pd.DataFrame(rows, columns=["id", "dataset", "base_model", "status", "train_loss", "eval_loss"])
+
+
+def _fmt(x):
+    return f"{x:.4f}" if isinstance(x, (int, float)) else ""
+
+
+def train_poll(run_id):
+    """Progress, loss chart and tables from the store and events.jsonl (survives reloads)."""
+    from sft_core.workspace import read_jsonl
+    empty = pd.DataFrame({"step": [], "loss": [], "series": []})
+    if not run_id:
+        return "_no run selected_", empty, jobs_table(), runs_table()
+    run = STUDIO.store.query_one("SELECT * FROM runs WHERE id=?", (run_id,))
+    if run is None:
+        return f"unknown run {run_id}", empty, jobs_table(), runs_table()
+    events = read_jsonl(Path(run["path"]) / "events.jsonl")
+    points = []
+    for e in events:
+        if e.get("loss") is not None:
+            points.append({"step": e["step"], "loss": e["loss"], "series": "train"})
+        if e.get("eval_loss") is not None:
+            points.append({"step": e["step"], "loss": e["eval_loss"], "series": "eval"})
+    last = next((e for e in reversed(events) if e.get("step") is not None), {})
+    job = STUDIO.store.query_one("SELECT status, error FROM jobs WHERE ref=? ORDER BY created_at DESC", (run_id,)) or {}
+    status = job.get("status") or run["status"]
+    line = f"**{run_id}** · {status}"
+    if last:
+        total = last.get("max_steps") or last.get("total_steps")
+        line += f" · step {last.get('step')}" + (f"/{total}" if total else "")
+        if last.get("eta_s") is not None:
+            line += f" · ETA {int(last['eta_s'])}s"
+        if last.get("tokens_per_s"):
+            line += f" · {last['tokens_per_s']:.0f} tok/s"
+    if job.get("error"):
+        line += f"\n\n❌ {job['error']}"
+    df = pd.DataFrame(points) if points else empty
+    return line, df, jobs_table(), runs_table()
+
+
+# ------------------------------------------------------------------------------------------------
+# Chat
+# ------------------------------------------------------------------------------------------------
+def _system_messages(system: str, message: str, kb: str | None):
+    """Messages + adapter + passages for one chat system."""
+    from evals import systems as evsys
+    return evsys.chat_request(system, message, kb=kb, ws=STUDIO.ws, store=STUDIO.store,
+                              tokenizer_path=None)
+
+
+@ui_errors
+def chat_send(message, s1, s2, s3, s4, kb, temperature, max_new_tokens, is_admin, h1, h2, h3, h4):
+    chat_allowed(is_admin)
+    if not (message or "").strip():
+        raise StudioError("type a message", "message")
+    decoding = load_config(DecodingConfig, overrides={"temperature": temperature, "max_new_tokens": max_new_tokens})
+    engine = STUDIO.engine()
+    chosen = [s1, s2, s3, s4]
+    hists = [list(h or []) for h in (h1, h2, h3, h4)]
+    passages = [""] * 4
+    q: queue.Queue = queue.Queue()
+
+    def worker(i: int, system: str):
+        try:
+            req = _system_messages(system, message, kb or None)
+            if req.get("passages"):
+                passages[i] = _hits_markdown(req["passages"])
+            for delta in engine.chat(req["messages"], adapter=req.get("adapter"), decoding=decoding):
+                q.put((i, delta))
+        except StudioError as e:
+            q.put((i, f"\n⚠️ {e}"))
+        except Exception as e:  # engine trouble: show it in that column
+            q.put((i, f"\n⚠️ {type(e).__name__}: {e}"))
+        finally:
+            q.put((i, None))
+
+    live = []
+    for i, system in enumerate(chosen):
+        if system:
+            hists[i] = hists[i] + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+            threading.Thread(target=worker, args=(i, system), daemon=True).start()
+            live.append(i)
+    pending = set(live)
+    yield (*hists, *passages)
+    last = time.time()
+    while pending:
+        try:
+            i, delta = q.get(timeout=0.1)
+        except queue.Empty:
+            continue
+        if delta is None:
+            pending.discard(i)
+        else:
+            hists[i][-1]["content"] += delta
+        if time.time() - last > 0.1 or not pending:
+            last = time.time()
+            yield (*hists, *passages)
+    yield (*hists, *passages)
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluate
+# ------------------------------------------------------------------------------------------------
+@ui_errors
+def eval_start(dataset, split, systems, kb, limit, metrics, judge, is_admin):
+    from evals import runner
+    admin_required(is_admin)
+    if not dataset:
+        raise StudioError("choose a dataset", "dataset")
+    if not systems:
+        raise StudioError("choose at least one system", "systems")
+    needs_kb = any(s == "rag" or s.startswith("sft+rag:") for s in systems)
+    if needs_kb and not kb:
+        raise StudioError("RAG systems need a knowledge base", "knowledge base")
+    eval_id = runner.submit_eval(dataset=dataset, split=split or "test", systems=list(systems), kb=kb or None,
+                                 limit=int(limit) if limit else None, metrics=list(metrics or []) or None,
+                                 judge=bool(judge), ws=STUDIO.ws, store=STUDIO.store)
+    return f"Queued eval **{eval_id}**.", gr.update(choices=eval_choices(), value=eval_id)
+
+
+def eval_poll(eval_id):
+    from evals import runner
+    if not eval_id:
+        return "_no eval selected_", pd.DataFrame(), pd.DataFrame(), None
+    st = runner.eval_status(eval_id, ws=STUDIO.ws, store=STUDIO.store)
+    table = pd.DataFrame(st.get("table") or [])
+    examples = pd.DataFrame(st.get("examples") or [])
+    report = st.get("report_html")
+    return st.get("summary", ""), table, examples, (report if report and Path(report).exists() else None)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rate and Results
+# ------------------------------------------------------------------------------------------------
+@ui_errors
+def rate_next(campaign, rater):
+    from evals import rating
+    if not campaign:
+        raise StudioError("choose a campaign", "campaign")
+    if not (rater or "").strip():
+        raise StudioError("enter your name to rate", "rater")
+    task = rating.next_task(campaign, rater.strip(), ws=STUDIO.ws, store=STUDIO.store)
+    if task is None:
+        return None, "🎉 Nothing left for you to rate in this campaign. Thank you!", "", "", ""
+    prompt = f"### Prompt\n\n{task['prompt']}"
+    if task.get("reference"):
+        prompt += f"\n\n**Reference answer:** {task['reference']}"
+    prog = task.get("progress") or {}
+    progress = f"{prog.get('done', 0)} rated · {prog.get('remaining', '?')} left" if prog else ""
+    return task["task_id"], prompt, task["left"], task["right"], progress
+
+
+@ui_errors
+def rate_vote(campaign, rater, task_id, choice, comment):
+    from evals import rating
+    if not task_id:
+        raise StudioError("no task on screen: press Next", "task")
+    rating.vote(campaign, task_id, (rater or "").strip(), choice, comment or "", ws=STUDIO.ws, store=STUDIO.store)
+    return (*rate_next(campaign, rater), "")
+
+
+@ui_errors
+def create_campaign(eval_id, systems, is_admin):
+    from evals import rating
+    admin_required(is_admin)
+    if not eval_id:
+        raise StudioError("choose an eval", "eval")
+    systems = [s for s in (systems or [])]
+    cid = rating.create_campaign(eval_id, systems or None, ws=STUDIO.ws, store=STUDIO.store)
+    return f"Campaign **{cid}** created.", gr.update(choices=campaign_choices(), value=cid), \
+        gr.update(choices=campaign_choices(), value=cid)
+
+
+@ui_errors
+def eval_systems(eval_id):
+    if not eval_id:
+        return gr.update(choices=[], value=[])
+    row = STUDIO.store.query_one("SELECT systems FROM evals WHERE id=?", (eval_id,))
+    systems = json.loads(row["systems"]) if row else []
+    return gr.update(choices=systems, value=systems)
+
+
+@ui_errors
+def results_show(campaign):
+    from evals import rating
+    if not campaign:
+        return "_choose a campaign_", pd.DataFrame(), pd.DataFrame()
+    res = rating.results(campaign, ws=STUDIO.ws, store=STUDIO.store)
+    board = pd.DataFrame(res.get("leaderboard") or [])
+    winrate = pd.DataFrame(res.get("win_rate") or {})
+    if not winrate.empty:
+        winrate = winrate.reset_index(names="system")
+    lines = [f"**{res.get('n_votes', 0)} votes** from {res.get('n_raters', 0)} raters."]
+    agree = res.get("agreement") or {}
+    for k, v in agree.items():
+        if isinstance(v, (int, float)):
+            lines.append(f"{k}: {v:.3f}")
+    return "  \n".join(lines), board, winrate
+
+
+@ui_errors
+def results_export(campaign, fmt, is_admin):
+    from evals import rating
+    if not campaign:
+        raise StudioError("choose a campaign", "campaign")
+    out = STUDIO.ws.root / "exports" / f"{campaign}-{fmt}.{'jsonl' if fmt in ('jsonl', 'dpo') else 'csv'}"
+    rating.export_votes(campaign, fmt, out, ws=STUDIO.ws, store=STUDIO.store)
+    return str(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Layout
+# ------------------------------------------------------------------------------------------------
+RATE_JS = """
+() => {
+  document.addEventListener('keydown', (e) => {
+    const tag = (e.target && e.target.tagName || '').toLowerCase();
+    if (tag === 'input' || tag === 'textarea') return;
+    const ids = {'1': 'vote-left', '2': 'vote-right', '3': 'vote-tie', '4': 'vote-bad'};
+    const id = ids[e.key];
+    if (!id) return;
+    const btn = document.getElementById(id);
+    if (btn && btn.offsetParent !== null) { btn.click(); e.preventDefault(); }
+  });
+}
+"""
+
+
+def _form_component(f: dict):
+    label, info, default = f["name"].replace("_", " "), f["help"], f["default"]
+    if f.get("choices"):
+        return gr.Dropdown(choices=f["choices"], value=default, label=label, info=info)
+    if f["type"] == "bool":
+        return gr.Checkbox(value=bool(default), label=label, info=info)
+    if f["type"] in ("int", "float"):
+        return gr.Number(value=default, label=label, info=info, precision=0 if f["type"] == "int" else None)
+    if f["type"] == "list":
+        return gr.Textbox(value=",".join(map(str, default or [])), label=label, info=info)
+    return gr.Textbox(value="" if default is None else str(default), label=label, info=info)
+
+
+def build_demo() -> gr.Blocks:
+    with gr.Blocks(title="SFT Studio") as demo:
+        is_admin = gr.State(False)
+        gr.Markdown("# SFT Studio\nFine-tune, prompt, or retrieve? Answer it on your own data.")
+        status = gr.Markdown(status_text, every=3, elem_id="status")
+        with gr.Accordion("Admin", open=False, visible=bool(STUDIO.settings.admin_password)):
+            with gr.Row():
+                pw = gr.Textbox(label="Admin password", type="password", elem_id="admin-password")
+                login_btn = gr.Button("Log in", elem_id="admin-login")
+            login_msg = gr.Markdown()
+            login_btn.click(login, pw, [is_admin, login_msg])
+
+        with gr.Tabs():
+            # -- Data ------------------------------------------------------------------------
+            with gr.Tab("Data", id="data"):
+                gr.Markdown("Upload an instruction dataset (JSONL, JSON, CSV, Parquet) — alpaca, "
+                            "prompt/completion, messages, ShareGPT, or any table with a column mapping.")
+                with gr.Row():
+                    d_file = gr.File(label="Dataset file", file_types=[".jsonl", ".json", ".csv", ".parquet"],
+                                     elem_id="data-file")
+                    with gr.Column():
+                        d_fmt = gr.Dropdown(["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "table"],
+                                            value="auto", label="Format")
+                        d_map = gr.Textbox(label="Column mapping", placeholder="instruction=question,response=answer")
+                        d_name = gr.Textbox(label="Dataset name", elem_id="data-name")
+                with gr.Row():
+                    d_check = gr.Button("Check", elem_id="data-check")
+                    d_save = gr.Button("Save as dataset version", variant="primary", elem_id="data-save")
+                d_msg = gr.Markdown(elem_id="data-msg")
+                d_report = gr.Markdown(elem_id="data-report")
+                d_errors = gr.Dataframe(label="Row-level problems", interactive=False, elem_id="data-errors")
+                d_table = gr.Dataframe(datasets_table, label="Dataset versions", interactive=False,
+                                       elem_id="data-versions")
+
+            # -- Knowledge -------------------------------------------------------------------
+            with gr.Tab("Knowledge", id="knowledge"):
+                with gr.Row():
+                    k_files = gr.File(label="Documents (.txt .md .html .pdf .jsonl)", file_count="multiple")
+                    with gr.Column():
+                        k_name = gr.Textbox(label="Knowledge base name")
+                        k_build = gr.Button("Build / update index", variant="primary")
+                k_msg = gr.Markdown()
+                with gr.Row():
+                    k_pick = gr.Dropdown(kb_choices(), label="Knowledge base", elem_id="kb-pick")
+                    k_mode = gr.Radio(["hybrid", "bm25", "dense"], value="hybrid", label="Retriever")
+                    k_k = gr.Slider(1, 20, value=5, step=1, label="Top k")
+                k_query = gr.Textbox(label="Search", elem_id="kb-query")
+                k_hits = gr.Markdown(elem_id="kb-hits")
+
+            # -- Train -----------------------------------------------------------------------
+            with gr.Tab("Train", id="train"):
+                with gr.Row():
+                    t_dataset = gr.Dropdown(dataset_choices(), label="Dataset", elem_id="train-dataset")
+                    t_base = gr.Textbox(value=STUDIO.settings.base_model, label="Base model",
+                                        info="embedded name, local model directory or hub id")
+                train_fields = [f for f in fields_for_form(_train_config_cls()) if f["name"] not in TRAIN_FORM_SKIP]
+                t_inputs = []
+                with gr.Accordion("LoRA and training options", open=False):
+                    for i in range(0, len(train_fields), 3):
+                        with gr.Row():
+                            for f in train_fields[i:i + 3]:
+                                t_inputs.append(_form_component(f))
+                with gr.Row():
+                    t_start = gr.Button("Start training", variant="primary", elem_id="train-start")
+                    t_run = gr.Dropdown(all_runs(), label="Run", elem_id="train-run")
+                    t_cancel = gr.Button("Cancel", elem_id="train-cancel")
+                    t_resume = gr.Button("Resume", elem_id="train-resume")
+                t_msg = gr.Markdown(elem_id="train-msg")
+                t_progress = gr.Markdown(elem_id="train-progress")
+                t_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", elem_id="train-loss",
+                                     height=300)
+                t_jobs = gr.Dataframe(jobs_table, label="Job queue", interactive=False)
+                t_runs = gr.Dataframe(runs_table, label="Runs", interactive=False)
+                t_timer = gr.Timer(2.0)
+
+            # -- Chat ------------------------------------------------------------------------
+            with gr.Tab("Chat", id="chat"):
+                with gr.Row():
+                    c_sys = [gr.Dropdown(system_choices(), value=v, label=f"System {i + 1}", elem_id=f"chat-sys-{i}")
+                             for i, v in enumerate(["prompt", "rag", None, None])]
+                with gr.Row():
+                    c_kb = gr.Dropdown(kb_choices(), value=EXAMPLE_NAME if EXAMPLE_NAME in kb_choices() else None,
+                                       label="Knowledge base (for RAG)", elem_id="chat-kb")
+                    c_temp = gr.Slider(0, 1.5, value=0.0, step=0.05, label="Temperature")
+                    c_max = gr.Slider(16, 1024, value=128, step=16, label="Max new tokens")
+                with gr.Row():
+                    c_bots, c_pass = [], []
+                    for i in range(4):
+                        with gr.Column():
+                            c_bots.append(gr.Chatbot(label=f"System {i + 1}", height=360, elem_id=f"chat-bot-{i}"))
+                            c_pass.append(gr.Markdown(elem_id=f"chat-passages-{i}"))
+                c_msg = gr.Textbox(label="Message", placeholder="Ask something about your domain…", elem_id="chat-msg")
+                c_send = gr.Button("Send to all", variant="primary", elem_id="chat-send")
+
+            # -- Evaluate --------------------------------------------------------------------
+            with gr.Tab("Evaluate", id="evaluate"):
+                with gr.Row():
+                    e_dataset = gr.Dropdown(dataset_choices(), label="Dataset", elem_id="eval-dataset")
+                    e_split = gr.Dropdown(["test", "test_seen", "eval"], value="test", label="Split")
+                    e_kb = gr.Dropdown(kb_choices(), label="Knowledge base", elem_id="eval-kb")
+                    e_limit = gr.Number(value=20, precision=0, label="Rows (limit)")
+                e_systems = gr.CheckboxGroup(system_choices(), value=["prompt", "rag"], label="Systems",
+                                             elem_id="eval-systems")
+                e_metrics = gr.CheckboxGroup(["rouge_l", "bleu", "chrf", "token_f1", "exact_match",
+                                              "semantic_similarity", "answer_length", "groundedness"],
+                                             value=["rouge_l", "token_f1", "exact_match"], label="Metrics")
+                e_judge = gr.Checkbox(False, label="LLM-as-judge (pairwise, position-swapped)")
+                with gr.Row():
+                    e_start = gr.Button("Run evaluation", variant="primary", elem_id="eval-start")
+                    e_pick = gr.Dropdown(eval_choices(), label="Eval", elem_id="eval-pick")
+                e_msg = gr.Markdown(elem_id="eval-msg")
+                e_summary = gr.Markdown(elem_id="eval-summary")
+                e_table = gr.Dataframe(label="Scores (mean, 95% CI)", interactive=False, elem_id="eval-table")
+                e_examples = gr.Dataframe(label="Per-example side by side", interactive=False, wrap=True)
+                e_report = gr.File(label="Decision report (HTML)")
+                e_timer = gr.Timer(3.0)
+
+            # -- Rate ------------------------------------------------------------------------
+            with gr.Tab("Rate", id="rate"):
+                gr.Markdown("Blind pairwise rating: which answer is better? System names stay hidden. "
+                            "Keys: **1** left · **2** right · **3** tie · **4** both bad.")
+                with gr.Row():
+                    r_campaign = gr.Dropdown(campaign_choices(), label="Campaign", elem_id="rate-campaign")
+                    r_rater = gr.Textbox(label="Your name", elem_id="rate-rater")
+                    r_next = gr.Button("Next", elem_id="rate-next")
+                r_task = gr.State(None)
+                r_progress = gr.Markdown(elem_id="rate-progress")
+                r_prompt = gr.Markdown(elem_id="rate-prompt")
+                with gr.Row():
+                    r_left = gr.Markdown(label="Left", elem_id="rate-left", container=True)
+                    r_right = gr.Markdown(label="Right", elem_id="rate-right", container=True)
+                r_comment = gr.Textbox(label="Comment (optional)", max_lines=3)
+                with gr.Row():
+                    vote_btns = {c: gr.Button(lbl, elem_id=eid) for c, lbl, eid in [
+                        ("left", "⬅ Left is better (1)", "vote-left"), ("right", "Right is better ➡ (2)", "vote-right"),
+                        ("tie", "Tie (3)", "vote-tie"), ("both_bad", "Both bad (4)", "vote-bad")]}
+                with gr.Accordion("New campaign (admin)", open=False):
+                    with gr.Row():
+                        rc_eval = gr.Dropdown(eval_choices(), label="From eval")
+                        rc_systems = gr.CheckboxGroup([], label="Systems")
+                        rc_create = gr.Button("Create campaign")
+                    rc_msg = gr.Markdown()
+
+            # -- Results ---------------------------------------------------------------------
+            with gr.Tab("Results", id="results"):
+                with gr.Row():
+                    res_campaign = gr.Dropdown(campaign_choices(), label="Campaign", elem_id="results-campaign")
+                    res_refresh = gr.Button("Refresh", elem_id="results-refresh")
+                res_summary = gr.Markdown(elem_id="results-summary")
+                res_board = gr.Dataframe(label="Human leaderboard (Bradley-Terry, 95% CI)", interactive=False,
+                                         elem_id="results-board")
+                res_winrate = gr.Dataframe(label="Win rate (row beats column)", interactive=False)
+                with gr.Row():
+                    res_fmt = gr.Radio(["csv", "jsonl", "dpo"], value="csv", label="Export votes as")
+                    res_export = gr.Button("Export")
+                res_file = gr.File(label="Export")
+
+        # -- wiring ----------------------------------------------------------------------------
+        d_check.click(data_check, [d_file, d_fmt, d_map], [d_report, d_errors])
+        d_save.click(data_import, [d_file, d_fmt, d_map, d_name, is_admin], [d_msg, d_table])
+        k_build.click(kb_build, [k_files, k_name, is_admin], k_msg)
+        k_query.submit(kb_search, [k_pick, k_query, k_k, k_mode], k_hits)
+        t_start.click(train_start, [t_dataset, t_base, is_admin, *t_inputs], [t_msg, t_run])
+        t_cancel.click(train_cancel, [t_run, is_admin], t_msg)
+        t_resume.click(train_resume, [t_run, is_admin], t_msg)
+        t_timer.tick(train_poll, t_run, [t_progress, t_plot, t_jobs, t_runs])
+        t_run.change(train_poll, t_run, [t_progress, t_plot, t_jobs, t_runs])
+        chat_inputs = [c_msg, *c_sys, c_kb, c_temp, c_max, is_admin, *c_bots]
+        c_send.click(chat_send, chat_inputs, [*c_bots, *c_pass])
+        c_msg.submit(chat_send, chat_inputs, [*c_bots, *c_pass])
+        e_start.click(eval_start, [e_dataset, e_split, e_systems, e_kb, e_limit, e_metrics, e_judge, is_admin],
+                      [e_msg, e_pick])
+        e_timer.tick(eval_poll, e_pick, [e_summary, e_table, e_examples, e_report])
+        e_pick.change(eval_poll, e_pick, [e_summary, e_table, e_examples, e_report])
+        r_outs = [r_task, r_prompt, r_left, r_right, r_progress]
+        r_next.click(rate_next, [r_campaign, r_rater], r_outs)
+        for choice, btn in vote_btns.items():
+            btn.click(_voter(choice), [r_campaign, r_rater, r_task, r_comment], [*r_outs, r_comment])
+        rc_eval.change(eval_systems, rc_eval, rc_systems)
+        rc_create.click(create_campaign, [rc_eval, rc_systems, is_admin], [rc_msg, r_campaign, res_campaign])
+        res_refresh.click(results_show, res_campaign, [res_summary, res_board, res_winrate])
+        res_campaign.change(results_show, res_campaign, [res_summary, res_board, res_winrate])
+        res_export.click(results_export, [res_campaign, res_fmt, is_admin], res_file)
+        # keep every dropdown fresh when the page loads (a second browser sees the same state)
+        fresh = {"datasets": [t_dataset, e_dataset], "kbs": [k_pick, c_kb, e_kb], "systems": [e_systems, *c_sys],
+                 "evals": [e_pick, rc_eval], "campaigns": [r_campaign, res_campaign], "runs": [t_run]}
+
+        def refresh():
+            choices = {"datasets": dataset_choices(), "kbs": kb_choices(), "systems": system_choices(),
+                       "evals": eval_choices(), "campaigns": campaign_choices(), "runs": all_runs()}
+            return {c: gr.update(choices=choices[k]) for k, comps in fresh.items() for c in comps}
+
+        demo.load(refresh, None, [c for comps in fresh.values() for c in comps])
+    return demo
+
+
+def _voter(choice: str):
+    def handler(campaign, rater, task_id, comment):
+        return rate_vote(campaign, rater, task_id, choice, comment)
+    handler.__name__ = f"vote_{choice}"
+    return handler
+
+
+demo = build_demo()
+
+
+def make_app():
+    """FastAPI app: /healthz plus the Gradio UI mounted at /."""
+    from fastapi import FastAPI
+    api = FastAPI(title="SFT Studio")
+
+    @api.get("/healthz")
+    def healthz():
+        return {"status": "ok", "workspace": str(STUDIO.ws.root), "engine": STUDIO.engine_ready(),
+                "tasks": {k: t.status for k, t in STUDIO.tasks.items()}}
+
+    return gr.mount_gradio_app(api, demo, path="/", js=RATE_JS)
+
+
+def main() -> None:
+    import uvicorn
+    host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
+    port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    start_background()
+    print(f"SFT Studio on http://{host}:{port}  (workspace {STUDIO.ws.root})", flush=True)
+    try:
+        uvicorn.run(make_app(), host=host, port=port, log_level="warning")
+    finally:
+        STUDIO.close()
+
+
+if __name__ == "__main__":
+    main()
