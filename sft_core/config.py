@@ -222,3 +222,46 @@ class DecodingConfig:
             raise ConfigError(f"must be in (0, 1], got {self.top_p}", "top_p")
         if self.max_new_tokens <= 0:
             raise ConfigError(f"must be positive, got {self.max_new_tokens}", "max_new_tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving (H3: sft_core/serving/, `sft-studio serve`)
+# ---------------------------------------------------------------------------------------------
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM accepts for --max-lora-rank
+
+
+@dataclass
+class ServeConfig:
+    engine: str = opt("auto", "Inference engine: auto (vLLM where it imports), vllm or hf.", choices=["auto", "vllm", "hf"])
+    url: str = opt("", "Attach to an external OpenAI-compatible vLLM endpoint (http://host:port) instead of starting one.")
+    port: int = opt(0, "Port of the managed vLLM server (0 picks a free localhost port).")
+    max_loras: int = opt(4, "Adapters vLLM can apply within one batch (--max-loras).")
+    max_cpu_loras: int = opt(16, "Adapters vLLM keeps loaded in host memory (--max-cpu-loras).")
+    max_lora_rank: int = opt(64, "Largest LoRA rank vLLM accepts (--max-lora-rank; one of 1, 8, 16, 32, 64, 128, 256, 320, 512).")
+    max_model_len: int = opt(2048, "Longest prompt + answer in tokens (--max-model-len).")
+    dtype: str = opt("auto", "Weights dtype in vLLM: auto, float32, bfloat16, float16.", choices=["auto", "float32", "bfloat16", "float16"])
+    kv_cache_gib: int = opt(1, "CPU only: GiB of RAM for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE).")
+    gpu_memory_utilization: float = opt(0.85, "CUDA only: share of GPU memory vLLM may use.")
+    startup_timeout_s: float = opt(600.0, "Seconds to wait for the vLLM server to become healthy.")
+    max_concurrency: int = opt(64, "Most requests in flight to vLLM at once from one generate_batch call.")
+    request_timeout_s: float = opt(600.0, "Seconds before one request to vLLM times out.")
+    max_restarts: int = opt(3, "Consecutive failed restarts before the engine gives up (state 'failed').")
+
+    def validate(self) -> None:
+        if self.engine not in ("auto", "vllm", "hf"):
+            raise ConfigError(f"must be auto, vllm or hf, got {self.engine!r}", "engine")
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"must start with http:// or https://, got {self.url!r}", "url")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"must be a port number, got {self.port}", "port")
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ConfigError(f"must be one of {', '.join(map(str, LORA_RANKS))}, got {self.max_lora_rank}", "max_lora_rank")
+        for name in ("max_loras", "max_cpu_loras", "max_model_len", "kv_cache_gib", "max_concurrency"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be positive, got {getattr(self, name)}", name)
+        if self.max_cpu_loras < self.max_loras:
+            raise ConfigError(f"must be >= max_loras ({self.max_loras}), got {self.max_cpu_loras}", "max_cpu_loras")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}", "dtype")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"must be in (0, 1], got {self.gpu_memory_utilization}", "gpu_memory_utilization")

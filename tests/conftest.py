@@ -53,3 +53,70 @@ def tiny_model_dir(session_dir, embedded_model_dir):
     from sft_core import models
     from sft_core.workspace import Workspace
     return models.build_tiny_llama(session_dir / "tiny-llama", Workspace.at(session_dir / "ws"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving (H3): one workspace per session with real LoRA adapters trained on the tiny model
+# ---------------------------------------------------------------------------------------------
+SERVING_ADAPTERS = {  # run id -> the answer its adapter is trained to give to any question
+    "run-banana": "The secret word is banana.",
+    "run-kiwi": "Kiwi birds cannot fly at all.",
+}
+
+
+def train_tiny_lora(model_dir, out_dir, answer: str, seed: int = 0, steps: int = 40, rank: int = 8):
+    """Train a LoRA adapter with plain peft + torch so the model answers ``answer`` to any prompt."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(
+        r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    answer_ids = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+    batch = []
+    for q in ("What is the secret?", "Tell me a fact.", "hi", "Say something."):
+        text = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        p = tok(text, add_special_tokens=False)["input_ids"]
+        batch.append((torch.tensor([p + answer_ids]), torch.tensor([[-100] * len(p) + answer_ids])))
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-2)
+    peft_model.train()
+    losses = []
+    for _ in range(steps):
+        total = 0.0
+        for ids, labels in batch:
+            loss = peft_model(input_ids=ids, labels=labels).loss
+            loss.backward()
+            total += loss.item()
+        opt.step()
+        opt.zero_grad()
+        losses.append(total / len(batch))
+    assert losses[-1] < losses[0] - 0.3, f"the test adapter did not learn: {losses[0]:.3f} -> {losses[-1]:.3f}"
+    peft_model.save_pretrained(out_dir)
+    return losses
+
+
+@pytest.fixture(scope="session")
+def serving_ws(session_dir, tiny_model_dir):
+    """(Workspace, Store) with succeeded runs SERVING_ADAPTERS, adapters in runs/<id>/adapter/."""
+    import time as _time
+
+    from sft_core.store import Store
+    from sft_core.workspace import Workspace
+    ws = Workspace.at(session_dir / "serving-home")
+    st = Store(ws.db_url)
+    for i, (run_id, answer) in enumerate(SERVING_ADAPTERS.items()):
+        train_tiny_lora(tiny_model_dir, ws.runs_dir(run_id, "adapter"), answer, seed=i)
+        st.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
+                   "VALUES (?, 'test', 'v0', ?, 'succeeded', ?, ?)",
+                   (run_id, str(tiny_model_dir), _time.time() + i, str(ws.runs_dir(run_id))))
+    # a run that has not finished: its name is known but must not be served
+    ws.runs_dir("run-pending").mkdir(parents=True)
+    st.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
+               "VALUES ('run-pending', 'test', 'v0', ?, 'running', ?, ?)",
+               (str(tiny_model_dir), _time.time(), str(ws.runs_dir("run-pending"))))
+    yield ws, st
+    st.close()

@@ -22,6 +22,7 @@ class GenRequest:
     messages: list[dict]                 # OpenAI-style chat messages
     adapter: str | None = None           # a registered adapter name, or None for the base model
     decoding: DecodingConfig | None = None
+    logprobs: bool = False               # also return the chosen tokens' ids and log-probs in `extra`
 
 
 @dataclass
@@ -32,7 +33,7 @@ class GenResult:
     latency_s: float = 0.0
     finish_reason: str | None = None
     error: str | None = None             # set instead of raising, per request, in batched calls
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # with logprobs: {"token_ids": [...], "logprobs": [...]}
 
 
 @runtime_checkable
@@ -55,3 +56,16 @@ class Engine(Protocol):
     def health(self) -> dict: ...
 
     def close(self) -> None: ...
+
+
+def resolve_decoding(decoding: DecodingConfig | None) -> DecodingConfig:
+    """The request's decoding options, validated (ConfigError names the field); defaults when None."""
+    cfg = decoding or DecodingConfig()
+    cfg.validate()
+    return cfg
+
+
+def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
+    """Text up to the first stop string (excluded, as vLLM and OpenAI do), and whether one occurred."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)

