@@ -146,8 +146,8 @@ class HFEngine:
         if want_lp:
             step_lp = torch.stack(out.scores, 1).float().log_softmax(-1)  # [batch, steps, vocab]
         results = []
-        eos = {self.tok.eos_token_id, pad} | set(self.model.generation_config.eos_token_id or [] if isinstance(
-            self.model.generation_config.eos_token_id, list) else [self.model.generation_config.eos_token_id])
+        gen_eos = self.model.generation_config.eos_token_id
+        eos = {self.tok.eos_token_id, pad} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         for b, (p, toks) in enumerate(zip(prompts, new)):
             n = next((k for k, t in enumerate(toks) if t in eos), None)
             finish = "stop" if n is not None else "length"
@@ -188,23 +188,22 @@ class HFEngine:
         threading.Thread(target=work, name="hf-engine-chat", daemon=True).start()
         # hold back the tail that could be the start of a stop string, so no stop text leaks out
         hold = max((len(s) for s in cfg.stop), default=0)
-        buf = ""
+        buf, stopped = "", False
         for delta in streamer:
             buf += delta
             text, stopped = cut_at_stop(buf, cfg.stop)
             if stopped:
                 if text:
                     yield text
-                buf = ""
                 break
             if len(buf) > hold:
                 emit, buf = (buf[:-hold], buf[-hold:]) if hold else (buf, "")
                 yield emit
-        else:
-            if buf:
-                yield buf
-        for _ in streamer:  # drain after a stop string so the worker thread can finish
-            pass
+        if stopped:
+            for _ in streamer:  # drain (generate stops at the same string) so the worker finishes
+                pass
+        elif buf:
+            yield buf
         if errors:
             raise EngineError(f"generation failed: {errors[0]}", "hf") from errors[0]
 

