@@ -265,3 +265,71 @@ class ServeConfig:
             raise ConfigError(f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}", "dtype")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"must be in (0, 1], got {self.gpu_memory_utilization}", "gpu_memory_utilization")
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (sft_core/train.py, sft_core/jobs.py, `sft-studio train`)
+# ---------------------------------------------------------------------------------------------
+MAX_SERVABLE_RANK = 64  # the engines start vLLM with --max-lora-rank 64
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = opt("", "Dataset name (imported with `sft-studio data import` or the example domain `pydocs`).")
+    dataset_version: str = opt("", "Dataset version (content hash); empty = the latest.")
+    base_model: str = opt("smollm2-135m-instruct", "Base model: the embedded name, a local model directory or a hub id.")
+    run_name: str = opt("", "Run id (also the adapter's name when served); empty = generated.")
+    lora_r: int = opt(16, "LoRA rank (1-64; vLLM serves ranks up to 64).")
+    lora_alpha: int = opt(32, "LoRA alpha (scaling = alpha / r, or alpha / sqrt(r) with rsLoRA).")
+    lora_dropout: float = opt(0.05, "Dropout on the LoRA path.")
+    target_modules: str = opt("all-linear", "Modules to adapt: all-linear, or comma-separated names like q_proj,v_proj.")
+    use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling (alpha / sqrt(r)).")
+    learning_rate: float = opt(2e-4, "Peak learning rate.")
+    lr_scheduler: str = opt("cosine", "Learning-rate schedule.", choices=["cosine", "linear", "constant", "constant_with_warmup"])
+    warmup_ratio: float = opt(0.03, "Share of steps for linear warm-up.")
+    epochs: float = opt(1.0, "Passes over the training split (ignored when max_steps > 0).")
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = use epochs).")
+    batch_size: int = opt(8, "Sequences per device per step.")
+    grad_accum: int = opt(1, "Gradient accumulation steps.")
+    max_length: int = opt(512, "Longest tokenised example (prompt + answer); longer ones are truncated.")
+    packing: bool = opt(False, "Pack several examples into each sequence (padding-free; best with FlashAttention on CUDA).")
+    group_by_length: bool = opt(True, "Batch examples of similar length together (less padding, same result in expectation).")
+    completion_only_loss: bool = opt(True, "Loss on the answer only (prompt tokens masked).")
+    seed: int = opt(42, "Random seed (data order, LoRA init, dropout).")
+    eval_steps: int = opt(0, "Evaluate on the eval split every N steps (0 = at the end of each epoch).")
+    save_steps: int = opt(50, "Save a checkpoint every N steps (resume starts from the last one).")
+    early_stopping_patience: int = opt(0, "Stop after this many evaluations without eval-loss improvement (0 = off).")
+    logging_steps: int = opt(1, "Log train loss every N steps.")
+    load_in_4bit: bool = opt(False, "CUDA only: QLoRA, base weights in 4-bit NF4 (bitsandbytes).")
+    gradient_checkpointing: bool = opt(True, "CUDA only: recompute activations to save memory.")
+    num_gpus: int = opt(0, "GPUs for one run: 0 = all visible; more than one launches with `accelerate launch`.")
+    report_to: str = opt("none", "Extra loggers: none or tensorboard (writes under the run dir).", choices=["none", "tensorboard"])
+
+    def validate(self) -> None:
+        """Checks that need no model or data; train.validate_train_config adds those."""
+        if not self.dataset:
+            raise ConfigError("choose a dataset", "dataset")
+        if not 1 <= self.lora_r <= MAX_SERVABLE_RANK:
+            raise ConfigError(f"must be between 1 and {MAX_SERVABLE_RANK}, got {self.lora_r}", "lora_r")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"must be positive, got {self.lora_alpha}", "lora_alpha")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"must be in [0, 1), got {self.lora_dropout}", "lora_dropout")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"must be positive, got {self.learning_rate}", "learning_rate")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"must be in [0, 1), got {self.warmup_ratio}", "warmup_ratio")
+        if self.max_steps < 0 or (self.max_steps == 0 and not self.epochs > 0):
+            raise ConfigError("give epochs > 0 or max_steps > 0", "max_steps" if self.max_steps < 0 else "epochs")
+        for name in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be positive, got {getattr(self, name)}", name)
+        for name in ("eval_steps", "early_stopping_patience", "num_gpus"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", name)
+        if self.lr_scheduler not in ("cosine", "linear", "constant", "constant_with_warmup"):
+            raise ConfigError(f"unknown schedule {self.lr_scheduler!r}", "lr_scheduler")
+        if self.report_to not in ("none", "tensorboard"):
+            raise ConfigError(f"must be none or tensorboard, got {self.report_to!r}", "report_to")
+        if not self.target_modules.strip():
+            raise ConfigError("must be all-linear or module names", "target_modules")

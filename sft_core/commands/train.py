@@ -1,0 +1,214 @@
+"""`sft-studio train`, `runs list|show|cancel|resume`, `merge`, `export`."""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from sft_core import StudioError, jobs
+from sft_core.config import TrainConfig, add_arguments, load_config, overrides_from_args
+from sft_core.store import loads, open_store
+from sft_core.workspace import Workspace, atomic_dir, read_jsonl
+
+
+def _ctx():
+    ws = Workspace.from_env()
+    return ws, open_store(ws.db_url)
+
+
+def _run(store, run_id: str) -> dict:
+    run = store.query_one("SELECT * FROM runs WHERE id=?", (run_id,))
+    if run is None:
+        raise StudioError(f"unknown run {run_id!r} (see `sft-studio runs list`)", "run")
+    return run
+
+
+class Progress:
+    """A one-line progress bar from events.jsonl (the same file the UI reads)."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.seen = run_dir, 0
+
+    def __call__(self):
+        events = read_jsonl(self.run_dir / "events.jsonl")
+        for e in events[self.seen:]:
+            if e.get("step") and e.get("max_steps"):
+                done = e["step"] / e["max_steps"]
+                bar = "█" * int(30 * done) + "·" * (30 - int(30 * done))
+                parts = [f"step {e['step']}/{e['max_steps']}"]
+                if "loss" in e:
+                    parts.append(f"loss {e['loss']:.4f}")
+                if "eval_loss" in e:
+                    parts.append(f"eval_loss {e['eval_loss']:.4f}")
+                if e.get("tokens_per_s"):
+                    parts.append(f"{e['tokens_per_s']:.0f} tok/s")
+                if e.get("eta_s") is not None:
+                    parts.append(f"ETA {int(e['eta_s'])}s")
+                print(f"\r[{bar}] " + " · ".join(parts) + " " * 8, end="", file=sys.stderr, flush=True)
+        self.seen = len(events)
+
+
+def cmd_train(args) -> int:
+    ws, store = _ctx()
+    cfg = load_config(TrainConfig, args.config, overrides_from_args(args, TrainConfig))
+    run_id = jobs.submit_train(cfg, ws, store)
+    print(f"run {run_id} queued ({ws.runs_dir(run_id)})")
+    job = jobs.latest_job(run_id, store)
+    progress = Progress(ws.runs_dir(run_id))
+    waiting = {"shown": False}
+
+    def on_wait():
+        if not waiting["shown"]:
+            print("waiting for the running job to finish (one training job at a time)...", file=sys.stderr)
+            waiting["shown"] = True
+        progress()
+
+    import threading
+    stop = threading.Event()
+
+    def ticker():
+        while not stop.wait(1.0):
+            progress()
+
+    t = threading.Thread(target=ticker, daemon=True)
+    t.start()
+    try:
+        status = jobs.run_in_foreground(job["id"], ws, store, on_wait)
+    except KeyboardInterrupt:
+        jobs.cancel(run_id, ws, store)
+        print("\ncancelling (the last checkpoint is kept; `sft-studio runs resume` continues)...", file=sys.stderr)
+        status = jobs.run_in_foreground(job["id"], ws, store)
+    finally:
+        stop.set()
+        progress()
+    print(file=sys.stderr)
+    row = store.query_one("SELECT * FROM jobs WHERE id=?", (job["id"],))
+    print(f"run {run_id}: {status}" + (f" — {row['error']}" if row.get("error") else ""))
+    if status == "succeeded":
+        m = json.loads((ws.runs_dir(run_id) / "metrics.json").read_text())
+        print(json.dumps(m, indent=2))
+    return 0 if status == "succeeded" else 1
+
+
+def cmd_list(args) -> int:
+    ws, store = _ctx()
+    jobs.reconcile(store)
+    rows = store.query("SELECT * FROM runs ORDER BY created_at DESC")
+    if not rows:
+        print("no runs yet: `sft-studio train --dataset NAME`")
+    for r in rows:
+        m = loads(r["metrics"], {})
+        loss = f"train_loss {m['train_loss']:.4f}" if m.get("train_loss") is not None else ""
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"]))
+        print(f"{r['id']:40s} {r['status']:10s} {when}  {r['dataset']}@{r['dataset_version']}  {loss}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    ws, store = _ctx()
+    jobs.reconcile(store)
+    run = _run(store, args.run_id)
+    job = jobs.latest_job(args.run_id, store) or {}
+    out = {"run": {k: run[k] for k in ("id", "status", "dataset", "dataset_version", "base_model", "path")},
+           "config": loads(run["config"], {}), "metrics": loads(run["metrics"], {}),
+           "job": {k: job.get(k) for k in ("id", "status", "error", "pid")}}
+    events = read_jsonl(Path(run["path"]) / "events.jsonl")
+    if events:
+        out["last_event"] = events[-1]
+    print(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+def cmd_cancel(args) -> int:
+    ws, store = _ctx()
+    print(f"{args.run_id}: {jobs.cancel(args.run_id, ws, store)}")
+    return 0
+
+
+def cmd_resume(args) -> int:
+    ws, store = _ctx()
+    job_id = jobs.resume(args.run_id, ws, store)
+    print(f"{args.run_id}: queued to resume from its last checkpoint")
+    if args.wait:
+        status = jobs.run_in_foreground(job_id, ws, store, Progress(ws.runs_dir(args.run_id)))
+        print(f"\n{args.run_id}: {status}")
+        return 0 if status == "succeeded" else 1
+    return 0
+
+
+def _finished(store, run_id: str) -> dict:
+    run = _run(store, run_id)
+    if run["status"] != "succeeded" or not (Path(run["path"]) / "adapter").exists():
+        raise StudioError(f"run {run_id} is {run['status']}: only finished runs have an adapter", "run")
+    return run
+
+
+def cmd_merge(args) -> int:
+    """Base + adapter merged into one full model directory (for engines without LoRA support)."""
+    from peft import PeftModel
+    from sft_core import models
+    ws, store = _ctx()
+    run = _finished(store, args.run_id)
+    base_dir = models.resolve_model(run["base_model"], ws)
+    out = Path(args.out)
+    model = PeftModel.from_pretrained(models.load_causal_lm(base_dir, "cpu"), Path(run["path"]) / "adapter")
+    with atomic_dir(out) as tmp:
+        model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+        models.load_tokenizer(base_dir).save_pretrained(tmp)
+    print(f"merged model written to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    ws, store = _ctx()
+    run = _finished(store, args.run_id)
+    src = Path(run["path"])
+    with atomic_dir(Path(args.out)) as tmp:
+        shutil.copytree(src / "adapter", tmp / "adapter")
+        for f in ("manifest.json", "metrics.json", "events.jsonl", "config.json"):
+            if (src / f).exists():
+                shutil.copy2(src / f, tmp / f)
+    print(f"adapter + manifest exported to {args.out}")
+    if args.push_to_hub:
+        import os
+        if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")):
+            raise StudioError("set HF_TOKEN to push to the hub", "push_to_hub")
+        from huggingface_hub import HfApi
+        try:
+            HfApi().upload_folder(folder_path=args.out, repo_id=args.push_to_hub, repo_type="model")
+        except Exception as e:
+            raise StudioError(f"push failed ({type(e).__name__}: {e})", "push_to_hub") from None
+        print(f"pushed to {args.push_to_hub}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a LoRA adapter (queued; one training job at a time)")
+    p.add_argument("--config", help="YAML file with training options (flags override it)")
+    add_arguments(p, TrainConfig)
+    p.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("runs", help="list, inspect, cancel and resume training runs")
+    s = r.add_subparsers(dest="runs_cmd", metavar="ACTION", required=True)
+    s.add_parser("list", help="all runs").set_defaults(func=cmd_list)
+    for name, fn, help_ in [("show", cmd_show, "a run's config, metrics and state"),
+                            ("cancel", cmd_cancel, "stop a run (keeps its last checkpoint)"),
+                            ("resume", cmd_resume, "continue a failed/cancelled run from its last checkpoint")]:
+        q = s.add_parser(name, help=help_)
+        q.add_argument("run_id")
+        if name == "resume":
+            q.add_argument("--wait", action="store_true", help="run it here and wait")
+        q.set_defaults(func=fn)
+
+    m = sub.add_parser("merge", help="merge a run's adapter into its base model")
+    m.add_argument("run_id")
+    m.add_argument("--out", required=True)
+    m.set_defaults(func=cmd_merge)
+    e = sub.add_parser("export", help="copy a run's adapter and manifest to a directory")
+    e.add_argument("run_id")
+    e.add_argument("--out", required=True)
+    e.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload (needs HF_TOKEN)")
+    e.set_defaults(func=cmd_export)
+

@@ -1,0 +1,362 @@
+"""Job queue in SQLite: queued -> running -> succeeded | failed | cancelled.
+
+* One job runs at a time per machine (per database): claiming is a transaction that refuses while
+  another job is running, so the app's dispatcher and a CLI `sft-studio train` can share the queue.
+* A job is a separate process (``build_command`` per kind, from a registry), so a crash or an
+  out-of-memory kill never takes the app down. The parent records its pid, watches its exit code
+  and the cancel flag; the worker heartbeats.
+* A job whose process vanished (kill -9 while nobody watched, machine restart) is found by
+  ``reconcile`` (pid gone or heartbeat stale) and marked failed with the reason.
+* Cancel: a queued job is cancelled at once; a running one gets a flag (and SIGTERM), stops after
+  its current step, keeps its checkpoint, and ends ``cancelled``. ``resume`` queues it again.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sft_core import StudioError
+from sft_core.config import TrainConfig, load_config, to_dict
+from sft_core.store import Store, dumps, loads, open_store
+from sft_core.workspace import Workspace, atomic_write_json, safe_name
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_STALE_S = 120.0
+FINAL = ("succeeded", "failed", "cancelled")
+
+
+class JobError(StudioError):
+    pass
+
+
+@dataclass
+class JobKind:
+    build_command: Callable[[dict, Workspace, Store], list[str]]
+    on_finish: Callable[[dict, str, Workspace, Store], None] | None = None
+
+
+JOB_KINDS: dict[str, JobKind] = {}
+
+
+def register_job_kind(kind: str, build_command, on_finish=None) -> None:
+    """A job kind: ``build_command(job, ws, store) -> argv``; ``on_finish(job, status, ws, store)``."""
+    JOB_KINDS[kind] = JobKind(build_command, on_finish)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training jobs
+# ------------------------------------------------------------------------------------------------
+def visible_gpus() -> int:
+    try:
+        import torch
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:
+        return 0
+
+
+def train_command(run_dir: Path, job_id: str, db_url: str, resume: bool, num_gpus: int = 0,
+                  gpus_visible: int | None = None) -> list[str]:
+    """The worker command; with more than one GPU, launched through `accelerate launch` (DDP)."""
+    gpus_visible = visible_gpus() if gpus_visible is None else gpus_visible
+    n = min(num_gpus, gpus_visible) if num_gpus else gpus_visible
+    args = ["-m", "sft_core.train", "--run-dir", str(run_dir), "--job-id", job_id, "--db-url", db_url]
+    if resume:
+        args.append("--resume")
+    if n > 1:
+        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n),
+                "--num_machines", "1", "--mixed_precision", "bf16", *args]
+    return [sys.executable, *args]
+
+
+def _train_build(job: dict, ws: Workspace, store: Store) -> list[str]:
+    payload = loads(job["payload"], {})
+    run = store.query_one("SELECT path, config FROM runs WHERE id=?", (job["ref"],))
+    cfg = loads(run["config"], {})
+    return train_command(Path(run["path"]), job["id"], store.url, bool(payload.get("resume")),
+                         int(cfg.get("num_gpus", 0)))
+
+
+def _train_finish(job: dict, status: str, ws: Workspace, store: Store) -> None:
+    with store.tx() as con:
+        con.execute("UPDATE runs SET status=? WHERE id=?", (status, job["ref"]))
+
+
+register_job_kind("train", _train_build, _train_finish)
+
+
+def new_run_id(cfg: TrainConfig) -> str:
+    if cfg.run_name:
+        return safe_name(cfg.run_name, "run_name")
+    return f"{cfg.dataset[:40]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+
+
+def submit_train(cfg: TrainConfig, ws: Workspace | None = None, store: Store | None = None) -> str:
+    """Validate (before any process starts), create the run directory and queue the job."""
+    from sft_core.train import validate_train_config
+    ws = ws or Workspace.from_env()
+    store = store or open_store(ws.db_url)
+    facts = validate_train_config(cfg, ws, store)
+    run_id = new_run_id(cfg)
+    run_dir = ws.runs_dir(run_id)
+    if run_dir.exists() or store.query_one("SELECT 1 FROM runs WHERE id=?", (run_id,)):
+        raise JobError(f"run {run_id!r} exists already; pick another run_name", "run_name")
+    run_dir.mkdir(parents=True)
+    resolved = to_dict(cfg) | {"dataset_version": facts["dataset_version"]}
+    atomic_write_json(run_dir / "config.json", {"config": resolved, "workspace": str(ws.root), **facts})
+    now = time.time()
+    try:
+        with store.tx() as con:
+            con.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path, config)"
+                        " VALUES (?,?,?,?,?,?,?,?)", (run_id, cfg.dataset, facts["dataset_version"], cfg.base_model,
+                                                      "queued", now, str(run_dir), dumps(resolved)))
+            _insert_job(con, "train", run_id, {})
+    except BaseException:
+        import shutil
+        shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return run_id
+
+
+def _insert_job(con, kind: str, ref: str, payload: dict) -> str:
+    job_id = uuid.uuid4().hex[:12]
+    con.execute("INSERT INTO jobs (id, kind, status, ref, payload, created_at) VALUES (?,?,?,?,?,?)",
+                (job_id, kind, "queued", ref, dumps(payload), time.time()))
+    return job_id
+
+
+def submit(kind: str, ref: str, payload: dict | None = None, ws: Workspace | None = None,
+           store: Store | None = None) -> str:
+    """Queue a job of a registered kind (evals use this)."""
+    if kind not in JOB_KINDS:
+        raise JobError(f"unknown job kind {kind!r}", "kind")
+    ws = ws or Workspace.from_env()
+    store = store or open_store(ws.db_url)
+    with store.tx() as con:
+        return _insert_job(con, kind, ref, payload or {})
+
+
+# ------------------------------------------------------------------------------------------------
+# Queue operations
+# ------------------------------------------------------------------------------------------------
+def latest_job(ref: str, store: Store) -> dict | None:
+    return store.query_one("SELECT * FROM jobs WHERE ref=? ORDER BY created_at DESC, rowid DESC", (ref,))
+
+
+def cancel(run_id: str, ws: Workspace | None = None, store: Store | None = None) -> str:
+    """Cancel the latest job of a run (or eval). Returns the job's new state."""
+    ws = ws or Workspace.from_env()
+    store = store or open_store(ws.db_url)
+    with store.tx() as con:
+        job = con.execute("SELECT * FROM jobs WHERE ref=? ORDER BY created_at DESC, rowid DESC", (run_id,)).fetchone()
+        if job is None:
+            raise JobError(f"no job for {run_id!r}", "run")
+        job = dict(job)
+        if job["status"] == "queued":
+            con.execute("UPDATE jobs SET status='cancelled', ended_at=? WHERE id=?", (time.time(), job["id"]))
+            if job["kind"] == "train":
+                con.execute("UPDATE runs SET status='cancelled' WHERE id=?", (run_id,))
+            return "cancelled"
+        if job["status"] != "running":
+            raise JobError(f"{run_id} is {job['status']}, nothing to cancel", "run")
+        con.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (job["id"],))
+    if job.get("pid") and _alive(job["pid"]):
+        try:
+            os.killpg(job["pid"], signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return "cancelling"
+
+
+def resume(run_id: str, ws: Workspace | None = None, store: Store | None = None) -> str:
+    """Queue a failed or cancelled run again; it continues from its last checkpoint."""
+    from sft_core.train import last_checkpoint
+    ws = ws or Workspace.from_env()
+    store = store or open_store(ws.db_url)
+    reconcile(store)
+    run = store.query_one("SELECT * FROM runs WHERE id=?", (run_id,))
+    if run is None:
+        raise JobError(f"unknown run {run_id!r}", "run")
+    if run["status"] not in ("failed", "cancelled"):
+        raise JobError(f"run {run_id} is {run['status']}; only failed or cancelled runs resume", "run")
+    if last_checkpoint(Path(run["path"])) is None:
+        raise JobError(f"run {run_id} has no checkpoint yet; start it again instead", "run")
+    with store.tx() as con:
+        con.execute("UPDATE runs SET status='queued' WHERE id=?", (run_id,))
+        return _insert_job(con, "train", run_id, {"resume": True})
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (exited, not yet reaped) is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def reconcile(store: Store, watched: set[str] | None = None) -> list[str]:
+    """Mark running jobs whose worker vanished as failed (kill -9, OOM, restart). Returns their ids."""
+    failed = []
+    for job in store.query("SELECT * FROM jobs WHERE status='running'"):
+        if watched and job["id"] in watched:
+            continue
+        beat = job["heartbeat_at"] or job["started_at"] or 0
+        gone = not job["pid"] or not _alive(job["pid"])
+        stale = time.time() - beat > HEARTBEAT_STALE_S
+        if gone or stale:
+            reason = ("worker process disappeared (killed, out of memory, or machine restart)" if gone
+                      else f"worker stopped reporting for {time.time() - beat:.0f}s")
+            _finish(store, job, "failed", reason)
+            failed.append(job["id"])
+    return failed
+
+
+def _finish(store: Store, job: dict, status: str, error: str | None = None) -> None:
+    with store.tx() as con:
+        cur = con.execute("UPDATE jobs SET status=?, ended_at=?, error=? WHERE id=? AND status='running'",
+                          (status, time.time(), error, job["id"]))
+        if cur.rowcount == 0:
+            return
+    kind = JOB_KINDS.get(job["kind"])
+    ws = Workspace.from_env()
+    if kind and kind.on_finish:
+        kind.on_finish(job, status, ws, store)
+
+
+def claim(store: Store, job_id: str | None = None) -> dict | None:
+    """Take the oldest queued job (or ``job_id`` when it is next in line) if nothing is running."""
+    with store.tx() as con:
+        if con.execute("SELECT 1 FROM jobs WHERE status='running'").fetchone():
+            return None
+        row = con.execute("SELECT * FROM jobs WHERE status='queued' ORDER BY created_at, rowid LIMIT 1").fetchone()
+        if row is None or (job_id and row["id"] != job_id):
+            return None
+        now = time.time()
+        con.execute("UPDATE jobs SET status='running', started_at=?, heartbeat_at=? WHERE id=?", (now, now, row["id"]))
+        job = dict(row) | {"status": "running", "started_at": now}
+        if job["kind"] == "train":
+            con.execute("UPDATE runs SET status='running' WHERE id=?", (job["ref"],))
+        return job
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else str(-code)
+        hint = " (out of memory or kill -9)" if -code == signal.SIGKILL else ""
+        return f"worker killed by {name}{hint}"
+    return f"worker exited with code {code}"
+
+
+def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], None] | None = None) -> str:
+    """Run a claimed job's process to the end; returns its final status."""
+    kind = JOB_KINDS[job["kind"]]
+    try:
+        argv = kind.build_command(job, ws, store)
+    except StudioError as e:
+        _finish(store, job, "failed", str(e))
+        return "failed"
+    log_path = _log_path(job, ws, store)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "SFT_STUDIO_HOME": str(ws.root), "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as logf:
+        proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    with store.tx() as con:
+        con.execute("UPDATE jobs SET pid=?, heartbeat_at=? WHERE id=?", (proc.pid, time.time(), job["id"]))
+    sent_term = False
+    while proc.poll() is None:
+        time.sleep(0.5)
+        row = store.query_one("SELECT cancel_requested FROM jobs WHERE id=?", (job["id"],))
+        if row and row["cancel_requested"] and not sent_term:
+            sent_term = True
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    code = proc.returncode
+    row = store.query_one("SELECT cancel_requested FROM jobs WHERE id=?", (job["id"],))
+    from sft_core.train import EXIT_CANCELLED
+    if code == 0:
+        status, err = "succeeded", None
+    elif code == EXIT_CANCELLED or (row and row["cancel_requested"] and code in (EXIT_CANCELLED, -signal.SIGTERM)):
+        status, err = "cancelled", None
+    else:
+        status, err = "failed", _error_reason(job, ws, store) or _describe_exit(code)
+    _finish(store, job, status, err)
+    return status
+
+
+def _log_path(job: dict, ws: Workspace, store: Store) -> Path:
+    if job["kind"] == "train":
+        run = store.query_one("SELECT path FROM runs WHERE id=?", (job["ref"],))
+        if run:
+            return Path(run["path"]) / "worker.log"
+    return ws.root / "logs" / f"{job['id']}.log"
+
+
+def _error_reason(job: dict, ws: Workspace, store: Store) -> str | None:
+    p = _log_path(job, ws, store).parent / "error.txt"
+    if p.exists():
+        text = p.read_text().strip()
+        p.unlink()
+        return text or None
+    return None
+
+
+# ------------------------------------------------------------------------------------------------
+# Dispatcher: one per process that wants queued jobs to run (the app)
+# ------------------------------------------------------------------------------------------------
+_DISPATCHERS: dict[str, threading.Thread] = {}
+
+
+def dispatch_forever(ws: Workspace, store: Store, poll_s: float = 1.0, stop: threading.Event | None = None) -> None:
+    while not (stop and stop.is_set()):
+        try:
+            reconcile(store)
+            job = claim(store)
+            if job:
+                run_job(job, ws, store)
+                continue
+        except Exception:  # never let the dispatcher die; the job's own state says what failed
+            log.exception("job dispatcher error")
+        time.sleep(poll_s)
+
+
+def start_dispatcher(ws: Workspace, store: Store) -> threading.Thread:
+    key = store.url
+    t = _DISPATCHERS.get(key)
+    if t is None or not t.is_alive():
+        t = threading.Thread(target=dispatch_forever, args=(ws, store), name="job-dispatcher", daemon=True)
+        t.start()
+        _DISPATCHERS[key] = t
+    return t
+
+
+def run_in_foreground(job_id: str, ws: Workspace, store: Store, on_wait: Callable[[], None] | None = None) -> str:
+    """Wait for our turn in the queue, then run the job here (CLI)."""
+    while True:
+        reconcile(store)
+        job = store.query_one("SELECT * FROM jobs WHERE id=?", (job_id,))
+        if job["status"] in FINAL:
+            return job["status"]
+        if job["status"] == "queued":
+            claimed = claim(store, job_id)
+            if claimed:
+                return run_job(claimed, ws, store)
+        if on_wait:
+            on_wait()
+        time.sleep(1.0)

@@ -1,0 +1,371 @@
+"""LoRA supervised fine-tuning with TRL's SFTTrainer and peft, run as its own process.
+
+    python -m sft_core.train --run-dir WORKSPACE/runs/RUN_ID [--resume]
+
+The run directory holds ``config.json`` (the resolved TrainConfig, written by ``jobs.submit_train``).
+The worker writes ``manifest.json``, ``events.jsonl`` (live), ``checkpoints/``, ``adapter/`` (PEFT,
+servable by vLLM) and ``metrics.json``. Exit codes: 0 finished, 3 cancelled (checkpoint kept),
+other = failed (``error.txt`` says why).
+
+Story: load config -> validate -> data (prompt/completion chat format, so the prompt is masked)
+-> model (+ LoRA) -> SFTTrainer with an events/cancel callback -> train (or resume) -> save.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from sft_core import StudioError
+from sft_core.config import ConfigError, TrainConfig, load_config, to_dict
+from sft_core.workspace import Workspace, append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
+
+EXIT_CANCELLED = 3
+CHECKPOINTS = "checkpoints"
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation before any process starts
+# ------------------------------------------------------------------------------------------------
+def _linear_module_names(model_dir: Path) -> set[str]:
+    """Names of the base model's Linear layers (leaf names), built on the meta device: no weights loaded."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    cfg = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
+
+
+def validate_train_config(cfg: TrainConfig, ws: Workspace | None = None, store=None) -> dict:
+    """Every check that can fail before training starts; returns resolved facts (model dir, dataset version).
+
+    Raises ConfigError naming the field."""
+    from sft_core import data, models
+    from sft_core.records import prompt_messages
+    cfg.validate()
+    ws = ws or Workspace.from_env()
+    try:
+        dv = data.get_version(cfg.dataset, cfg.dataset_version or None, ws, store)
+    except StudioError as e:
+        raise ConfigError(e.message, "dataset") from None
+    if dv.splits.get("train", 0) == 0:
+        raise ConfigError(f"dataset {dv.name}@{dv.version} has no training rows", "dataset")
+    try:
+        model_dir = models.resolve_model(cfg.base_model, ws)
+    except StudioError as e:
+        raise ConfigError(e.message, "base_model") from None
+    if cfg.target_modules.strip() != "all-linear":
+        names = _linear_module_names(model_dir)
+        unknown = [m for m in _target_modules(cfg) if m not in names]
+        if unknown:
+            raise ConfigError(f"unknown module(s) {', '.join(unknown)}; this model's linear layers are "
+                              f"{', '.join(sorted(names))}", "target_modules")
+    tok = models.load_tokenizer(model_dir)
+    train = data.load_split(dv.name, "train", dv.version, ws, store)
+    shortest = min(len(tok.apply_chat_template(prompt_messages(r), tokenize=True, add_generation_prompt=True,
+                                               return_dict=True)["input_ids"]) for r in train[:2000])
+    if cfg.max_length <= shortest:
+        raise ConfigError(f"{cfg.max_length} tokens is not more than the shortest prompt ({shortest} tokens): "
+                          "no answer token would be trained", "max_length")
+    return {"model_dir": str(model_dir), "dataset_version": dv.version, "dataset_path": str(dv.path)}
+
+
+def _target_modules(cfg: TrainConfig):
+    t = cfg.target_modules.strip()
+    return "all-linear" if t == "all-linear" else [m.strip() for m in t.split(",") if m.strip()]
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: canonical records -> conversational prompt/completion (TRL masks the prompt)
+# ------------------------------------------------------------------------------------------------
+def to_prompt_completion(records: list[dict]):
+    from datasets import Dataset
+    from sft_core.records import to_messages
+    rows = []
+    for r in records:
+        msgs = to_messages(r)
+        rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
+    return Dataset.from_list(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# Live events, heartbeat and cancel
+# ------------------------------------------------------------------------------------------------
+_STOP = {"requested": False}
+
+
+def _on_sigterm(signum, frame):  # cancel: finish the current step, save a checkpoint, exit 3
+    _STOP["requested"] = True
+
+
+def make_callback(run_dir: Path, job_id: str | None, store):
+    from transformers import TrainerCallback
+
+    class EventsCallback(TrainerCallback):
+        """Appends one JSON line per log to events.jsonl; heartbeats and cancel checks via the store."""
+
+        def __init__(self):
+            self.t0 = time.time()
+            self.last_tokens = None
+            self.last_t = None
+            self.last_beat = 0.0
+
+        def _beat(self):
+            if store is None or job_id is None or time.time() - self.last_beat < 2:
+                return
+            self.last_beat = time.time()
+            with store.tx() as con:
+                con.execute("UPDATE jobs SET heartbeat_at=? WHERE id=?", (time.time(), job_id))
+                row = con.execute("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row and row[0]:
+                _STOP["requested"] = True
+
+        def on_step_end(self, args, state, control, **kw):
+            self._beat()
+            if _STOP["requested"]:
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            now = time.time()
+            ev = {"time": now, "step": state.global_step, "max_steps": state.max_steps,
+                  "epoch": round(state.epoch or 0.0, 4)}
+            if "loss" in logs:
+                ev["loss"] = logs["loss"]
+            if "eval_loss" in logs:
+                ev["eval_loss"] = logs["eval_loss"]
+            if "learning_rate" in logs:
+                ev["learning_rate"] = logs["learning_rate"]
+            if "num_tokens" in logs:
+                tokens = float(logs["num_tokens"])
+                ev["tokens"] = tokens
+                if self.last_tokens is not None and now > self.last_t:
+                    ev["tokens_per_s"] = (tokens - self.last_tokens) / (now - self.last_t)
+                self.last_tokens, self.last_t = tokens, now
+            if "train_runtime" in logs:
+                ev["train_runtime"] = logs["train_runtime"]
+            elapsed = now - self.t0
+            done = state.global_step - getattr(self, "start_step", 0)
+            if done > 0 and state.max_steps:
+                ev["eta_s"] = elapsed / done * (state.max_steps - state.global_step)
+            append_jsonl(run_dir / "events.jsonl", ev)
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start_step = state.global_step
+            append_jsonl(run_dir / "events.jsonl", {"time": time.time(), "event": "train_begin",
+                                                    "step": state.global_step, "max_steps": state.max_steps})
+
+    return EventsCallback()
+
+
+# ------------------------------------------------------------------------------------------------
+# The worker
+# ------------------------------------------------------------------------------------------------
+def last_checkpoint(run_dir: Path) -> Path | None:
+    ckpts = sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    done = [c for c in ckpts if (c / "trainer_state.json").exists()]
+    return done[-1] if done else None
+
+
+def device_info() -> dict:
+    import torch
+    if torch.cuda.is_available():
+        return {"device": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
+                "bf16": torch.cuda.is_bf16_supported()}
+    return {"device": "cpu", "threads": torch.get_num_threads()}
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for p in ("torch", "transformers", "peft", "trl", "datasets", "accelerate", "sft-studio"):
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def build_sft_config(cfg: TrainConfig, run_dir: Path, cuda: bool, has_eval: bool):
+    from trl import SFTConfig
+    eval_strategy = "no"
+    if has_eval:
+        eval_strategy = "steps" if cfg.eval_steps else "epoch"
+    early = cfg.early_stopping_patience > 0 and has_eval
+    kwargs = dict(
+        output_dir=str(run_dir / CHECKPOINTS),
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
+        logging_steps=cfg.logging_steps, logging_first_step=True,
+        eval_strategy=eval_strategy, eval_steps=cfg.eval_steps or None,
+        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        seed=cfg.seed, data_seed=cfg.seed, max_length=cfg.max_length, packing=cfg.packing,
+        completion_only_loss=cfg.completion_only_loss,
+        train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
+        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        bf16=bool(cuda and _bf16_ok()), use_cpu=not cuda,
+        gradient_checkpointing=bool(cuda and cfg.gradient_checkpointing),
+        dataloader_num_workers=0, disable_tqdm=True, save_only_model=False,
+        load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None, greater_is_better=False,
+    )
+    if cfg.report_to == "tensorboard":
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
+    if early and cfg.eval_steps:
+        kwargs["save_steps"] = cfg.eval_steps  # best-model tracking needs aligned eval/save
+    return SFTConfig(**kwargs)
+
+
+def _bf16_ok() -> bool:
+    import torch
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def load_base_model(model_dir: str, cfg: TrainConfig, cuda: bool):
+    import torch
+    from transformers import AutoModelForCausalLM
+    kwargs: dict = {"dtype": torch.bfloat16 if cuda and _bf16_ok() else (torch.float16 if cuda else torch.float32)}
+    if cfg.load_in_4bit:
+        if not cuda:
+            raise ConfigError("4-bit QLoRA needs a CUDA GPU", "load_in_4bit")
+        from transformers import BitsAndBytesConfig
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=kwargs["dtype"])
+    if cuda and cfg.packing:
+        kwargs["attn_implementation"] = "flash_attention_2" if _has_flash_attn() else "sdpa"
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    return model
+
+
+def _has_flash_attn() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def lora_config(cfg: TrainConfig):
+    from peft import LoraConfig
+    # no DoRA, no modules_to_save: vLLM's LoRA loader refuses both
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=_target_modules(cfg), use_rslora=cfg.use_rslora, bias="none",
+                      task_type="CAUSAL_LM")
+
+
+def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=None) -> int:
+    """Train one run; returns the process exit code."""
+    import torch
+    from sft_core import data, models
+    from trl import SFTTrainer
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    spec = json.loads((run_dir / "config.json").read_text())
+    cfg = load_config(TrainConfig, overrides=spec["config"])
+    ws = Workspace.at(spec["workspace"])
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.manual_seed(cfg.seed)
+
+    train_rows = data.load_split(cfg.dataset, "train", spec["dataset_version"], ws, store)
+    try:
+        eval_rows = data.load_split(cfg.dataset, "eval", spec["dataset_version"], ws, store)
+    except StudioError:
+        eval_rows = []
+    train_ds = to_prompt_completion(train_rows)
+    eval_ds = to_prompt_completion(eval_rows) if eval_rows else None
+
+    model_dir = spec["model_dir"]
+    tok = models.load_tokenizer(model_dir)
+    model = load_base_model(model_dir, cfg, cuda)
+    started = time.time()
+    manifest = {
+        "run_id": run_dir.name, "config": to_dict(cfg), "dataset": cfg.dataset,
+        "dataset_version": spec["dataset_version"], "base_model": cfg.base_model, "base_model_dir": model_dir,
+        "base_model_hash": models.model_hash(model_dir), "packages": package_versions(), "seed": cfg.seed,
+        "device": device_info(), "started_at": started, "ended_at": None, "resumed": resume,
+        "train_rows": len(train_rows), "eval_rows": len(eval_rows), "command": sys.argv,
+    }
+    atomic_write_json(run_dir / "manifest.json", manifest)
+
+    callbacks = [make_callback(run_dir, job_id, store)]
+    if cfg.early_stopping_patience and eval_ds is not None:
+        from transformers import EarlyStoppingCallback
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
+    trainer = SFTTrainer(model=model, args=build_sft_config(cfg, run_dir, cuda, eval_ds is not None),
+                         train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+                         peft_config=lora_config(cfg), callbacks=callbacks)
+    ckpt = last_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        raise StudioError("no checkpoint to resume from; start the run again", "resume")
+    result = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+
+    if _STOP["requested"]:
+        # the callback set should_save with should_training_stop: the Trainer saved a full checkpoint
+        append_jsonl(run_dir / "events.jsonl", {"time": time.time(), "event": "cancelled",
+                                                "step": trainer.state.global_step})
+        return EXIT_CANCELLED
+
+    eval_loss = None
+    if eval_ds is not None:
+        eval_loss = trainer.evaluate().get("eval_loss")
+        append_jsonl(run_dir / "events.jsonl", {"time": time.time(), "step": trainer.state.global_step,
+                                                "eval_loss": eval_loss, "max_steps": trainer.state.max_steps})
+    with atomic_dir(run_dir / "adapter", exist_ok=False) as tmp:
+        trainer.model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    tokens = next((h["num_tokens"] for h in reversed(trainer.state.log_history) if "num_tokens" in h), None)
+    metrics = {"train_loss": losses[-1] if losses else None, "first_train_loss": losses[0] if losses else None,
+               "mean_train_loss": result.training_loss, "eval_loss": eval_loss, "steps": trainer.state.global_step,
+               "train_tokens": tokens, "duration_s": time.time() - started,
+               "tokens_per_s": (tokens / (time.time() - started)) if tokens else None}
+    atomic_write_json(run_dir / "metrics.json", metrics)
+    manifest["ended_at"] = time.time()
+    atomic_write_json(run_dir / "manifest.json", manifest)
+    if store is not None:
+        from sft_core.store import dumps
+        with store.tx() as con:
+            con.execute("UPDATE runs SET metrics=? WHERE id=?", (dumps(metrics), run_dir.name))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sft_core.train")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--job-id", default=None)
+    parser.add_argument("--db-url", default=None)
+    args = parser.parse_args(argv)
+    run_dir = Path(args.run_dir).resolve()
+    store = None
+    if args.db_url:
+        from sft_core.store import Store
+        store = Store(args.db_url)
+    try:
+        return run(run_dir, resume=args.resume, job_id=args.job_id, store=store)
+    except StudioError as e:
+        atomic_write_text(run_dir / "error.txt", str(e))
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # the reason is kept for the UI; the traceback goes to the log
+        import traceback
+        atomic_write_text(run_dir / "error.txt", f"{type(e).__name__}: {e}")
+        traceback.print_exc()
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
