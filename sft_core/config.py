@@ -333,3 +333,27 @@ class TrainConfig:
             raise ConfigError(f"must be none or tensorboard, got {self.report_to!r}", "report_to")
         if not self.target_modules.strip():
             raise ConfigError("must be all-linear or module names", "target_modules")
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval (sft_core/retrieval.py, `sft-studio kb ...`)
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class RetrievalConfig:
+    chunk_tokens: int = opt(256, "Chunk size in embedder tokens.")
+    chunk_overlap: int = opt(32, "Tokens shared by consecutive chunks.")
+    embedder: str = opt("all-minilm-l6-v2", "Sentence-transformers model: the embedded name, a model dir, or a hub id.")
+    top_k: int = opt(5, "Passages returned per query.")
+    rrf_k: int = opt(60, "Reciprocal-rank-fusion constant (larger = flatter fusion).")
+    reranker: str = opt("", "Optional cross-encoder model (dir or hub id) to rerank the fused candidates.")
+    text_field: str = opt("text", "Field holding the text in .jsonl documents.")
+
+    def validate(self) -> None:
+        if self.chunk_tokens < 16:
+            raise ConfigError(f"must be at least 16, got {self.chunk_tokens}", "chunk_tokens")
+        if not 0 <= self.chunk_overlap < self.chunk_tokens:
+            raise ConfigError(f"must be in [0, chunk_tokens), got {self.chunk_overlap}", "chunk_overlap")
+        if self.top_k <= 0:
+            raise ConfigError(f"must be positive, got {self.top_k}", "top_k")
+        if self.rrf_k <= 0:
+            raise ConfigError(f"must be positive, got {self.rrf_k}", "rrf_k")

@@ -1,0 +1,71 @@
+"""`sft-studio kb build|search|list|eval`."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sft_core import retrieval
+from sft_core.config import RetrievalConfig, add_arguments, load_config, overrides_from_args
+
+
+def cmd_build(args) -> int:
+    overrides = {k: v for k, v in overrides_from_args(args, RetrievalConfig).items() if v is not None}
+    cfg = load_config(RetrievalConfig, args.config, overrides) if (overrides or args.config) else None
+    res = retrieval.build_kb(args.paths, args.name, cfg)
+    print(f"knowledge base {args.name}: {res}")
+    return 1 if res.problems and not res.indexed_sources and not res.reused_sources else 0
+
+
+def cmd_search(args) -> int:
+    kb = retrieval.open_kb(args.name)
+    hits = kb.search(args.query, k=args.k, mode=args.mode)
+    if not hits:
+        print("no hits")
+    for rank, h in enumerate(hits, 1):
+        print(f"#{rank}  score {h.score:.4f}  {Path(h.source).name} · {h.doc_id} · {h.position}")
+        print("    " + h.text.strip().replace("\n", "\n    ")[:800])
+        print()
+    return 0
+
+
+def cmd_list(args) -> int:
+    rows = retrieval.list_kbs()
+    if not rows:
+        print("no knowledge bases yet: `sft-studio kb build PATH... --name NAME`")
+    for r in rows:
+        print(f"{r['name']:24s} docs {r['n_docs']:6d}  chunks {r['n_chunks']:6d}  embedder {r['embedder']}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from sft_core import data
+    kb = retrieval.open_kb(args.name)
+    recs = data.load_split(args.dataset, args.split)
+    res = retrieval.evaluate_retrieval(kb, recs)
+    print(f"retrieval on {args.dataset}/{args.split} ({next(iter(res.values()))['n']} questions) against kb {args.name}")
+    print(f"{'mode':8s} {'recall@1':>9s} {'recall@5':>9s} {'recall@10':>10s} {'MRR':>7s}")
+    for mode, m in res.items():
+        print(f"{mode:8s} {m['recall@1']:9.3f} {m['recall@5']:9.3f} {m['recall@10']:10.3f} {m['mrr']:7.3f}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("kb", help="knowledge bases for retrieval-augmented generation")
+    s = p.add_subparsers(dest="kb_cmd", metavar="ACTION", required=True)
+    b = s.add_parser("build", help="index files/folders (.txt .md .html .pdf .jsonl); unchanged files are reused")
+    b.add_argument("paths", nargs="+")
+    b.add_argument("--name", required=True)
+    b.add_argument("--config", help="YAML file with retrieval options")
+    add_arguments(b, RetrievalConfig)
+    b.set_defaults(func=cmd_build)
+    q = s.add_parser("search", help="search a knowledge base")
+    q.add_argument("name")
+    q.add_argument("query")
+    q.add_argument("-k", type=int, default=5)
+    q.add_argument("--mode", choices=retrieval.MODES, default="hybrid")
+    q.set_defaults(func=cmd_search)
+    s.add_parser("list", help="list knowledge bases").set_defaults(func=cmd_list)
+    e = s.add_parser("eval", help="recall@1/5/10 and MRR of bm25, dense and hybrid on a dataset with meta.source")
+    e.add_argument("name")
+    e.add_argument("--dataset", required=True)
+    e.add_argument("--split", default="test")
+    e.set_defaults(func=cmd_eval)
