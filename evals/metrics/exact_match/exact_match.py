@@ -1,0 +1,17 @@
+"""SQuAD-style exact match after answer normalisation. Local `evaluate` module (loaded by path, no hub)."""
+import datasets
+import evaluate
+
+from evals.metrics import core
+
+
+class ExactMatch(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description="SQuAD-style exact match after answer normalisation.", citation="", inputs_description="predictions, references",
+            features=datasets.Features({"predictions": datasets.Value("string"),
+                                         "references": datasets.Value("string")}))
+
+    def _compute(self, predictions, references):
+        scores = core.exact_match(predictions, references)
+        return {"exact_match": sum(scores) / len(scores) if scores else 0.0, "scores": scores}

@@ -1,0 +1,120 @@
+"""Systems under comparison, registered by name; each turns a test row into a generation request.
+
+    prompt            base model, system prompt, optional k few-shot examples from the train split
+    rag               base model + passages retrieved from a knowledge base
+    sft:<run>         the run's adapter
+    sft+rag:<run>     the run's adapter + retrieved passages
+    openai:<model>    an external OpenAI-compatible endpoint (SFT_STUDIO_OPENAI_BASE_URL, OPENAI_API_KEY)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from sft_core import StudioError
+from sft_core.records import prompt_messages
+
+DEFAULT_SYSTEM_PROMPT = "You are a concise, accurate assistant. Answer in one or two sentences."
+KINDS = ("prompt", "rag", "sft", "sft+rag", "openai")
+
+
+class SystemError_(StudioError):
+    pass
+
+
+@dataclass
+class System:
+    name: str            # as given: "sft+rag:run-1"
+    kind: str            # prompt | rag | sft | sft+rag | openai
+    run: str | None = None
+    model: str | None = None
+
+    @property
+    def uses_kb(self) -> bool:
+        return self.kind in ("rag", "sft+rag")
+
+    @property
+    def adapter(self) -> str | None:
+        return self.run if self.kind in ("sft", "sft+rag") else None
+
+
+def parse_system(name: str) -> System:
+    name = name.strip()
+    kind, _, arg = name.partition(":")
+    if kind not in KINDS:
+        raise SystemError_(f"unknown system {name!r}; use prompt, rag, sft:RUN, sft+rag:RUN or openai:MODEL", "systems")
+    if kind in ("prompt", "rag") and arg:
+        raise SystemError_(f"system {kind!r} takes no argument (got {name!r})", "systems")
+    if kind in ("sft", "sft+rag", "openai") and not arg:
+        raise SystemError_(f"system {kind!r} needs a name: {kind}:NAME", "systems")
+    if kind == "openai":
+        return System(name, kind, model=arg)
+    return System(name, kind, run=arg or None)
+
+
+def check_systems(names: list[str], store, kb: str | None) -> list[System]:
+    """Parse and check every system before anything runs (finished runs, a KB where needed, endpoints)."""
+    if not names:
+        raise SystemError_("choose at least one system", "systems")
+    systems = [parse_system(n) for n in names]
+    if len({s.name for s in systems}) != len(systems):
+        raise SystemError_("a system is listed twice", "systems")
+    for s in systems:
+        if s.adapter:
+            run = store.query_one("SELECT status FROM runs WHERE id=?", (s.adapter,))
+            if run is None:
+                raise SystemError_(f"unknown run {s.adapter!r} in {s.name}", "systems")
+            if run["status"] != "succeeded":
+                raise SystemError_(f"run {s.adapter} is {run['status']}, not finished: its adapter is not ready", "systems")
+        if s.uses_kb and not kb:
+            raise SystemError_(f"{s.name} needs a knowledge base (--kb NAME)", "kb")
+        if s.kind == "openai" and not os.environ.get("SFT_STUDIO_OPENAI_BASE_URL"):
+            raise SystemError_("set SFT_STUDIO_OPENAI_BASE_URL (and OPENAI_API_KEY) for openai:* systems", "systems")
+    return systems
+
+
+@dataclass
+class Context:
+    """What building a request needs: the KB, a tokenizer for the context budget, few-shot rows."""
+    kb: object | None = None
+    tokenizer: object | None = None
+    top_k: int = 3
+    max_context_tokens: int = 1024
+    few_shot: list[dict] = field(default_factory=list)
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+
+
+def build_messages(system: System, record: dict, ctx: Context) -> tuple[list[dict], list]:
+    """(chat messages, passages used) for one record under one system."""
+    from sft_core.retrieval import build_rag_messages
+    if system.uses_kb:
+        if ctx.kb is None:
+            raise SystemError_(f"{system.name} needs a knowledge base", "kb")
+        hits = ctx.kb.search(record["instruction"], k=ctx.top_k)
+        msgs, used = build_rag_messages(record["instruction"], hits, ctx.tokenizer, ctx.max_context_tokens,
+                                        system=ctx.system_prompt)
+        return msgs, used
+    msgs = [{"role": "system", "content": ctx.system_prompt}]
+    if system.kind in ("prompt", "openai"):
+        for ex in ctx.few_shot:
+            msgs += prompt_messages(ex) + [{"role": "assistant", "content": ex["response"]}]
+    return msgs + [m for m in prompt_messages(record) if m["role"] != "system"], []
+
+
+def chat_request(system_name: str, message: str, kb: str | None = None, ws=None, store=None,
+                 tokenizer=None) -> dict:
+    """For the Chat tab: one message under one system -> {messages, adapter, passages}."""
+    from sft_core.retrieval import open_kb
+    from sft_core.records import make_record
+    system = parse_system(system_name)
+    if system.uses_kb and not kb:
+        raise SystemError_(f"{system.name} needs a knowledge base: choose one above", "knowledge base")
+    ctx = Context(kb=open_kb(kb, ws) if system.uses_kb else None,
+                  tokenizer=tokenizer or (_embed_tokenizer() if system.uses_kb else None))
+    msgs, used = build_messages(system, make_record(message, "-"), ctx)
+    return {"messages": msgs, "adapter": system.adapter, "passages": used}
+
+
+def _embed_tokenizer():
+    from sft_core.retrieval import embedder
+    return embedder("all-minilm-l6-v2").tokenizer
