@@ -92,6 +92,54 @@ CREATE TABLE IF NOT EXISTS kbs (
 );
 """
 
+# Blind human rating (evals/rating.py): one vote per rater per task; history of changed votes.
+SCHEMAS["ratings"] = """
+CREATE TABLE IF NOT EXISTS campaigns (
+    id          TEXT PRIMARY KEY,
+    eval_id     TEXT NOT NULL,
+    systems     TEXT NOT NULL,
+    show_reference INTEGER NOT NULL DEFAULT 1,
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rating_tasks (
+    id          TEXT PRIMARY KEY,
+    campaign_id TEXT NOT NULL REFERENCES campaigns(id),
+    row_id      TEXT NOT NULL,
+    system_left TEXT NOT NULL,
+    system_right TEXT NOT NULL,
+    prompt      TEXT NOT NULL,
+    reference   TEXT,
+    output_left TEXT NOT NULL,
+    output_right TEXT NOT NULL,
+    UNIQUE (campaign_id, row_id, system_left, system_right)
+);
+CREATE TABLE IF NOT EXISTS rating_assignments (
+    task_id     TEXT NOT NULL REFERENCES rating_tasks(id),
+    rater       TEXT NOT NULL,
+    assigned_at REAL NOT NULL,
+    PRIMARY KEY (task_id, rater)
+);
+CREATE TABLE IF NOT EXISTS votes (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    campaign_id TEXT NOT NULL REFERENCES campaigns(id),
+    task_id     TEXT NOT NULL REFERENCES rating_tasks(id),
+    rater       TEXT NOT NULL,
+    choice      TEXT NOT NULL CHECK (choice IN ('left','right','tie','both_bad')),
+    comment     TEXT NOT NULL DEFAULT '' CHECK (length(comment) <= 2000),
+    created_at  REAL NOT NULL,
+    updated_at  REAL NOT NULL,
+    UNIQUE (task_id, rater)
+);
+CREATE TABLE IF NOT EXISTS vote_history (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    vote_id     INTEGER NOT NULL REFERENCES votes(id),
+    choice      TEXT NOT NULL,
+    comment     TEXT NOT NULL,
+    changed_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS votes_campaign ON votes(campaign_id);
+"""
+
 
 class StoreError(StudioError):
     pass
