@@ -167,8 +167,12 @@ def data_import(file, fmt, mapping, name, is_admin):
 def datasets_table():
     from sft_core import data
     rows = data.list_datasets(STUDIO.ws, STUDIO.store)
-    return pd.DataFrame([{k: r.get(k) for k in ("name", "version", "n_rows", "splits", "source")} for r in rows],
-                        columns=["name", "version", "n_rows", "splits", "source"])
+    out = []
+    for r in rows:
+        splits = ", ".join(f"{k} {v}" for k, v in (r.get("splits") or {}).items())
+        out.append({"name": r["name"], "version": r["version"], "rows": r["n_rows"], "splits": splits,
+                    "source": r.get("source")})
+    return pd.DataFrame(out, columns=["name", "version", "rows", "splits", "source"])
 
 
 def _path(file) -> str:
@@ -212,7 +216,7 @@ def _hits_markdown(hits) -> str:
     out = []
     for i, h in enumerate(hits, 1):
         text = h.text if len(h.text) < 700 else h.text[:700] + " …"
-        out.append(f"**{i}.** `{Path(str(h.source)).name}` · {h.position} · score {h.score:.3f}\n\n> "
+        out.append(f"**{i}.** `{Path(str(h.source)).name}` · **{h.doc_id}** · {h.position} · score {h.score:.3f}\n\n> "
                    + text.replace("\n", "\n> "))
     return "\n\n".join(out)
 
@@ -325,8 +329,14 @@ def train_poll(run_id):
 def _system_messages(system: str, message: str, kb: str | None):
     """Messages + adapter + passages for one chat system."""
     from evals import systems as evsys
-    return evsys.chat_request(system, message, kb=kb, ws=STUDIO.ws, store=STUDIO.store,
-                              tokenizer_path=None)
+    return evsys.chat_request(system, message, kb=kb, ws=STUDIO.ws, store=STUDIO.store, tokenizer=_gen_tokenizer())
+
+
+@functools.lru_cache(maxsize=1)
+def _gen_tokenizer():
+    """The generator's tokenizer (the RAG context budget is counted in its tokens)."""
+    from sft_core import models
+    return models.load_tokenizer(models.resolve_model(STUDIO.settings.base_model, STUDIO.ws))
 
 
 @ui_errors
@@ -393,9 +403,18 @@ def eval_start(dataset, split, systems, kb, limit, metrics, judge, is_admin):
     needs_kb = any(s == "rag" or s.startswith("sft+rag:") for s in systems)
     if needs_kb and not kb:
         raise StudioError("RAG systems need a knowledge base", "knowledge base")
-    eval_id = runner.submit_eval(dataset=dataset, split=split or "test", systems=list(systems), kb=kb or None,
+    eval_id = runner.create_eval(dataset, list(systems), split=split or "test", kb=kb or None,
                                  limit=int(limit) if limit else None, metrics=list(metrics or []) or None,
-                                 judge=bool(judge), ws=STUDIO.ws, store=STUDIO.store)
+                                 judge=bool(judge), base_model=STUDIO.settings.base_model, ws=STUDIO.ws,
+                                 store=STUDIO.store)
+
+    def work(task):
+        def progress(done, total):
+            task.message = f"{done}/{total} answers"
+        runner.run_eval(eval_id, STUDIO.ws, STUDIO.store, engine=STUDIO.engine(), progress=progress)
+        task.message = "report ready"
+
+    STUDIO.run_task(f"eval {eval_id}", work)
     return f"Queued eval **{eval_id}**.", gr.update(choices=eval_choices(), value=eval_id)
 
 
@@ -532,7 +551,7 @@ def build_demo() -> gr.Blocks:
             login_msg = gr.Markdown()
             login_btn.click(login, pw, [is_admin, login_msg])
 
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             # -- Data ------------------------------------------------------------------------
             with gr.Tab("Data", id="data"):
                 gr.Markdown("Upload an instruction dataset (JSONL, JSON, CSV, Parquet) — alpaca, "
@@ -550,7 +569,8 @@ def build_demo() -> gr.Blocks:
                     d_save = gr.Button("Save as dataset version", variant="primary", elem_id="data-save")
                 d_msg = gr.Markdown(elem_id="data-msg")
                 d_report = gr.Markdown(elem_id="data-report")
-                d_errors = gr.Dataframe(label="Row-level problems", interactive=False, elem_id="data-errors")
+                d_errors = gr.Dataframe(pd.DataFrame(columns=["file", "line", "field", "problem"]),
+                                        label="Row-level problems", interactive=False, elem_id="data-errors")
                 d_table = gr.Dataframe(datasets_table, label="Dataset versions", interactive=False,
                                        elem_id="data-versions")
 
@@ -563,7 +583,7 @@ def build_demo() -> gr.Blocks:
                         k_build = gr.Button("Build / update index", variant="primary")
                 k_msg = gr.Markdown()
                 with gr.Row():
-                    k_pick = gr.Dropdown(kb_choices(), label="Knowledge base", elem_id="kb-pick")
+                    k_pick = gr.Dropdown(kb_choices(), allow_custom_value=True, label="Knowledge base", elem_id="kb-pick")
                     k_mode = gr.Radio(["hybrid", "bm25", "dense"], value="hybrid", label="Retriever")
                     k_k = gr.Slider(1, 20, value=5, step=1, label="Top k")
                 k_query = gr.Textbox(label="Search", elem_id="kb-query")
@@ -572,7 +592,7 @@ def build_demo() -> gr.Blocks:
             # -- Train -----------------------------------------------------------------------
             with gr.Tab("Train", id="train"):
                 with gr.Row():
-                    t_dataset = gr.Dropdown(dataset_choices(), label="Dataset", elem_id="train-dataset")
+                    t_dataset = gr.Dropdown(dataset_choices(), allow_custom_value=True, label="Dataset", elem_id="train-dataset")
                     t_base = gr.Textbox(value=STUDIO.settings.base_model, label="Base model",
                                         info="embedded name, local model directory or hub id")
                 train_fields = [f for f in fields_for_form(_train_config_cls()) if f["name"] not in TRAIN_FORM_SKIP]
@@ -584,7 +604,7 @@ def build_demo() -> gr.Blocks:
                                 t_inputs.append(_form_component(f))
                 with gr.Row():
                     t_start = gr.Button("Start training", variant="primary", elem_id="train-start")
-                    t_run = gr.Dropdown(all_runs(), label="Run", elem_id="train-run")
+                    t_run = gr.Dropdown(all_runs(), allow_custom_value=True, label="Run", elem_id="train-run")
                     t_cancel = gr.Button("Cancel", elem_id="train-cancel")
                     t_resume = gr.Button("Resume", elem_id="train-resume")
                 t_msg = gr.Markdown(elem_id="train-msg")
@@ -598,10 +618,10 @@ def build_demo() -> gr.Blocks:
             # -- Chat ------------------------------------------------------------------------
             with gr.Tab("Chat", id="chat"):
                 with gr.Row():
-                    c_sys = [gr.Dropdown(system_choices(), value=v, label=f"System {i + 1}", elem_id=f"chat-sys-{i}")
+                    c_sys = [gr.Dropdown(system_choices(), allow_custom_value=True, value=v, label=f"System {i + 1}", elem_id=f"chat-sys-{i}")
                              for i, v in enumerate(["prompt", "rag", None, None])]
                 with gr.Row():
-                    c_kb = gr.Dropdown(kb_choices(), value=EXAMPLE_NAME if EXAMPLE_NAME in kb_choices() else None,
+                    c_kb = gr.Dropdown(kb_choices(), allow_custom_value=True, value=EXAMPLE_NAME if EXAMPLE_NAME in kb_choices() else None,
                                        label="Knowledge base (for RAG)", elem_id="chat-kb")
                     c_temp = gr.Slider(0, 1.5, value=0.0, step=0.05, label="Temperature")
                     c_max = gr.Slider(16, 1024, value=128, step=16, label="Max new tokens")
@@ -617,9 +637,9 @@ def build_demo() -> gr.Blocks:
             # -- Evaluate --------------------------------------------------------------------
             with gr.Tab("Evaluate", id="evaluate"):
                 with gr.Row():
-                    e_dataset = gr.Dropdown(dataset_choices(), label="Dataset", elem_id="eval-dataset")
+                    e_dataset = gr.Dropdown(dataset_choices(), allow_custom_value=True, label="Dataset", elem_id="eval-dataset")
                     e_split = gr.Dropdown(["test", "test_seen", "eval"], value="test", label="Split")
-                    e_kb = gr.Dropdown(kb_choices(), label="Knowledge base", elem_id="eval-kb")
+                    e_kb = gr.Dropdown(kb_choices(), allow_custom_value=True, label="Knowledge base", elem_id="eval-kb")
                     e_limit = gr.Number(value=20, precision=0, label="Rows (limit)")
                 e_systems = gr.CheckboxGroup(system_choices(), value=["prompt", "rag"], label="Systems",
                                              elem_id="eval-systems")
@@ -629,7 +649,7 @@ def build_demo() -> gr.Blocks:
                 e_judge = gr.Checkbox(False, label="LLM-as-judge (pairwise, position-swapped)")
                 with gr.Row():
                     e_start = gr.Button("Run evaluation", variant="primary", elem_id="eval-start")
-                    e_pick = gr.Dropdown(eval_choices(), label="Eval", elem_id="eval-pick")
+                    e_pick = gr.Dropdown(eval_choices(), allow_custom_value=True, label="Eval", elem_id="eval-pick")
                 e_msg = gr.Markdown(elem_id="eval-msg")
                 e_summary = gr.Markdown(elem_id="eval-summary")
                 e_table = gr.Dataframe(label="Scores (mean, 95% CI)", interactive=False, elem_id="eval-table")
@@ -642,7 +662,7 @@ def build_demo() -> gr.Blocks:
                 gr.Markdown("Blind pairwise rating: which answer is better? System names stay hidden. "
                             "Keys: **1** left · **2** right · **3** tie · **4** both bad.")
                 with gr.Row():
-                    r_campaign = gr.Dropdown(campaign_choices(), label="Campaign", elem_id="rate-campaign")
+                    r_campaign = gr.Dropdown(campaign_choices(), allow_custom_value=True, label="Campaign", elem_id="rate-campaign")
                     r_rater = gr.Textbox(label="Your name", elem_id="rate-rater")
                     r_next = gr.Button("Next", elem_id="rate-next")
                 r_task = gr.State(None)
@@ -658,15 +678,15 @@ def build_demo() -> gr.Blocks:
                         ("tie", "Tie (3)", "vote-tie"), ("both_bad", "Both bad (4)", "vote-bad")]}
                 with gr.Accordion("New campaign (admin)", open=False):
                     with gr.Row():
-                        rc_eval = gr.Dropdown(eval_choices(), label="From eval")
+                        rc_eval = gr.Dropdown(eval_choices(), allow_custom_value=True, label="From eval", elem_id="rate-new-eval")
                         rc_systems = gr.CheckboxGroup([], label="Systems")
-                        rc_create = gr.Button("Create campaign")
+                        rc_create = gr.Button("Create campaign", elem_id="rate-create")
                     rc_msg = gr.Markdown()
 
             # -- Results ---------------------------------------------------------------------
             with gr.Tab("Results", id="results"):
                 with gr.Row():
-                    res_campaign = gr.Dropdown(campaign_choices(), label="Campaign", elem_id="results-campaign")
+                    res_campaign = gr.Dropdown(campaign_choices(), allow_custom_value=True, label="Campaign", elem_id="results-campaign")
                     res_refresh = gr.Button("Refresh", elem_id="results-refresh")
                 res_summary = gr.Markdown(elem_id="results-summary")
                 res_board = gr.Dataframe(label="Human leaderboard (Bradley-Terry, 95% CI)", interactive=False,
@@ -712,7 +732,9 @@ def build_demo() -> gr.Blocks:
                        "evals": eval_choices(), "campaigns": campaign_choices(), "runs": all_runs()}
             return {c: gr.update(choices=choices[k]) for k, comps in fresh.items() for c in comps}
 
-        demo.load(refresh, None, [c for comps in fresh.values() for c in comps])
+        fresh_outputs = [c for comps in fresh.values() for c in comps]
+        demo.load(refresh, None, fresh_outputs)
+        tabs.select(refresh, None, fresh_outputs)  # new datasets, runs, evals, campaigns show up on every tab switch
     return demo
 
 

@@ -34,9 +34,8 @@ class Task:
 
     def line(self) -> str:
         took = f" ({(self.ended or time.time()) - self.started:.0f}s)" if self.started else ""
-        icon = {"pending": "…", "running": "⏳", "done": "✅", "failed": "❌"}[self.status]
         text = self.error if self.status == "failed" else self.message
-        return f"{icon} {self.name}{took}: {text}"
+        return f"[{self.status}] {self.name}{took}: {text}"
 
 
 @dataclass
