@@ -260,7 +260,7 @@ def test_admin_password_gates_writes_not_chat_or_rating(tmp_path_factory, tiny_m
         page.get_by_text("admin login").first.wait_for(timeout=30000)
         assert (home / "runs").exists() is False
         # chat stays public in demo mode: the gate does not fire (an engine answer or engine error, not a login error)
-        out = client.predict("hello", "prompt", None, None, None, None, 0.0, 8, [], [], [], [],
+        out = client.predict("hello", "prompt", None, None, None, None, 0.0, 16, [], [], [], [],
                              api_name="/chat_send")
         assert "admin login" not in json.dumps(out)
         # rating stays public: an anonymous rater gets a clear campaign error, not a login error

@@ -358,20 +358,6 @@ def test_scaling_doc_covers_the_ways_out_of_one_machine():
 # ------------------------------------------------------------------------------------------------
 # The image's start command, run on the host
 # ------------------------------------------------------------------------------------------------
-def _missing_app_modules() -> list[str]:
-    """sft_core/evals modules app.py imports that are not written yet."""
-    tree = ast.parse((REPO / "app.py").read_text())
-    wanted = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in ("sft_core", "evals"):
-            wanted.add(node.module)
-            wanted |= {f"{node.module}.{a.name}" for a in node.names
-                       if node.module in ("sft_core", "evals") and a.name[0].islower()}
-        elif isinstance(node, ast.Import):
-            wanted |= {a.name for a in node.names if a.name.split(".")[0] in ("sft_core", "evals")}
-    return sorted(m for m in wanted if importlib.util.find_spec(m) is None)
-
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -387,12 +373,6 @@ def _host_path(container_path: str, workdir: str, tmp: Path) -> str:
 
 @pytest.mark.slow
 def test_start_command_becomes_healthy(instrs, tmp_path, request):
-    # TEMPORARY (lead: remove both skips once the web app and the modules it imports have landed).
-    if not (REPO / "app.py").exists():
-        pytest.skip("app.py is not written yet (web app issue)")
-    missing = _missing_app_modules()
-    if missing:
-        pytest.skip(f"app.py imports modules that are not written yet: {', '.join(missing)}")
     tiny_model_dir = request.getfixturevalue("tiny_model_dir")
 
     stage = final_stage(instrs)
