@@ -85,15 +85,21 @@ class Context:
 
 
 def build_messages(system: System, record: dict, ctx: Context) -> tuple[list[dict], list]:
-    """(chat messages, passages used) for one record under one system."""
+    """(chat messages, passages used) for one record under one system.
+
+    Base-model systems get the instruction-style system prompt; adapters are prompted exactly as
+    they were trained (the record's own system message, if any), so SFT is measured in its format."""
     from sft_core.retrieval import build_rag_messages
+    system_prompt = record.get("system") if system.adapter else ctx.system_prompt
     if system.uses_kb:
         if ctx.kb is None:
             raise SystemError_(f"{system.name} needs a knowledge base", "kb")
         hits = ctx.kb.search(record["instruction"], k=ctx.top_k)
         msgs, used = build_rag_messages(record["instruction"], hits, ctx.tokenizer, ctx.max_context_tokens,
-                                        system=ctx.system_prompt)
+                                        system=system_prompt)
         return msgs, used
+    if system.adapter:
+        return prompt_messages(record), []
     msgs = [{"role": "system", "content": ctx.system_prompt}]
     if system.kind in ("prompt", "openai"):
         for ex in ctx.few_shot:

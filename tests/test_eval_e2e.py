@@ -1,0 +1,117 @@
+"""End to end: train an adapter, evaluate four systems through the real vLLM CPU engine, resume, report."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from evals import runner
+from sft_core import jobs, retrieval, train
+from sft_core.config import ServeConfig
+from tests.test_train import ANSWER, make_dataset, tiny_cfg
+
+pytestmark = pytest.mark.vllm
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_model_dir):
+    import os
+    from sft_core.store import Store
+    from sft_core.workspace import Workspace
+    home = tmp_path_factory.mktemp("eval-home")
+    old = os.environ.get("SFT_STUDIO_HOME")
+    os.environ["SFT_STUDIO_HOME"] = str(home)
+    ws = Workspace.at(home)
+    store = Store(ws.db_url)
+    make_dataset(ws, store, home)
+    (home / "docs").mkdir()
+    (home / "docs" / "zorbia.md").write_text("# Zorbia\n\nZorbia is a small country. Its capital is Quuxville.")
+    (home / "docs" / "other.md").write_text("# Other\n\nBananas are yellow fruit.")
+    retrieval.build_kb([home / "docs"], "zkb", ws=ws, store=store)
+    run_id = jobs.submit_train(tiny_cfg(tiny_model_dir, run_name="zrun"), ws, store)
+    assert train.run(ws.runs_dir(run_id), store=store) == 0
+    store.execute("UPDATE runs SET status='succeeded' WHERE id=?", (run_id,))
+    from sft_core.serving.vllm_engine import VLLMEngine
+    engine = VLLMEngine(str(tiny_model_dir), ws, store, cfg=ServeConfig(dtype="float32", max_model_len=1024))
+    yield ws, store, engine, str(tiny_model_dir)
+    engine.close()
+    if old is None:
+        os.environ.pop("SFT_STUDIO_HOME", None)
+    else:
+        os.environ["SFT_STUDIO_HOME"] = old
+
+
+SYSTEMS = ["prompt", "rag", "sft:zrun", "sft+rag:zrun"]
+
+
+def test_four_systems_resume_and_reports(setup):
+    ws, store, engine, base = setup
+    eval_id = runner.create_eval("zorbia", SYSTEMS, split="train", kb="zkb", limit=3, base_model=base,
+                                 max_new_tokens=24, ws=ws, store=store)
+    calls = []
+    real = engine.generate_batch
+
+    def counting(reqs):
+        calls.append(len(reqs))
+        return real(reqs)
+
+    engine.generate_batch = counting
+
+    def interrupt(done, total):
+        raise KeyboardInterrupt  # the eval is stopped after its first batch
+
+    with pytest.raises(KeyboardInterrupt):
+        runner.run_eval(eval_id, ws, store, engine=engine, progress=interrupt)
+    path = ws.evals_dir(eval_id)
+    first = [json.loads(line) for line in (path / "outputs.jsonl").read_text().splitlines()]
+    assert len(first) == 3 and store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "interrupted"
+
+    runner.run_eval(eval_id, ws, store, engine=engine)
+    engine.generate_batch = real
+    outs = [json.loads(line) for line in (path / "outputs.jsonl").read_text().splitlines()]
+    keys = [(o["set"], o["row_id"], o["system"]) for o in outs]
+    assert len(keys) == len(set(keys)) == (3 + 3) * 4  # 3 domain + 3 general rows x 4 systems, none twice
+    assert sum(calls) == len(keys)  # the rerun generated only what was missing
+    assert outs[:3] == first
+
+    by = {(o["row_id"], o["system"]): o for o in outs if o["set"] == "domain"}
+    rid = next(iter({o["row_id"] for o in outs if o["set"] == "domain"}))
+    assert "Quuxville" in by[(rid, "sft:zrun")]["output"]          # the adapter learned the answer
+    assert by[(rid, "prompt")]["output"] != by[(rid, "sft:zrun")]["output"]
+    assert by[(rid, "rag")]["passages"] and not by[(rid, "prompt")]["passages"]
+    assert all(o["latency_s"] > 0 and o["completion_tokens"] > 0 for o in outs)
+
+    scores = json.loads((path / "scores.json").read_text())
+    summ = scores["sets"]["domain"]["summary"]
+    assert set(summ["systems"]) == set(SYSTEMS)
+    assert summ["systems"]["sft:zrun"]["token_f1"]["mean"] > summ["systems"]["prompt"]["token_f1"]["mean"]
+    assert "groundedness" in summ["systems"]["rag"] and "groundedness" not in summ["systems"]["prompt"]
+    html, md = (path / "report.html").read_text(), (path / "report.md").read_text()
+    assert "Recommendation: sft" in md and "<svg" in html and "Quuxville" in html
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["config"]["systems"] == SYSTEMS and manifest["config"]["dataset_version"]
+    assert ANSWER
+
+
+def test_bad_inputs_store_nothing(setup, monkeypatch):
+    ws, store, engine, base = setup
+    before = sorted(p.name for p in ws.evals_dir().iterdir()) if ws.evals_dir().exists() else []
+    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
+                  "VALUES ('half', 'zorbia', 'v', ?, 'running', 0, '/nowhere')", (base,))
+    cases = [(["prompt", "magic"], {}, "unknown system"), (["sft:half"], {}, "not finished"),
+             (["sft:nope"], {}, "unknown run"), (["rag"], {"kb": None}, "knowledge base"),
+             (["prompt"], {"split": "validation"}, "no 'validation' split")]
+    for systems, kw, needle in cases:
+        args = {"split": "train", "kb": "zkb", **kw}
+        with pytest.raises(Exception, match=needle):
+            runner.create_eval("zorbia", systems, base_model=base, ws=ws, store=store, **args)
+    after = sorted(p.name for p in ws.evals_dir().iterdir()) if ws.evals_dir().exists() else []
+    assert after == before
+
+    # an external endpoint that is down: a clear error, the eval marked failed, no answer recorded for it
+    monkeypatch.setenv("SFT_STUDIO_OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    eval_id = runner.create_eval("zorbia", ["openai:ref"], split="train", limit=2, base_model=base, ws=ws, store=store)
+    with pytest.raises(runner.EvalError, match="failed"):
+        runner.run_eval(eval_id, ws, store, engine=engine)
+    assert store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "failed"
+    assert not (ws.evals_dir(eval_id) / "outputs.jsonl").exists()
