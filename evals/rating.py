@@ -106,6 +106,15 @@ def _check_rater(rater: str) -> str:
     return rater
 
 
+def _check_vote(choice: str, comment: str | None) -> str:
+    if choice not in CHOICES:
+        raise RatingError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}", "choice")
+    comment = comment or ""
+    if len(comment) > MAX_COMMENT:
+        raise RatingError(f"comment is {len(comment)} characters; the limit is {MAX_COMMENT}", "comment")
+    return comment
+
+
 def next_task(campaign_id: str, rater: str, ws: Workspace | None = None, store: Store | None = None) -> dict | None:
     """A blind task for this rater: a pending assignment if one exists, else the least-covered task
     (fewest votes, then the least-covered system pair and prompt) the rater has not seen."""
@@ -146,12 +155,7 @@ def next_task(campaign_id: str, rater: str, ws: Workspace | None = None, store: 
 def vote(campaign_id: str, task_id: str, rater: str, choice: str, comment: str = "",
          ws: Workspace | None = None, store: Store | None = None) -> None:
     ws, store = _ctx(ws, store)
-    rater = _check_rater(rater)
-    if choice not in CHOICES:
-        raise RatingError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}", "choice")
-    comment = comment or ""
-    if len(comment) > MAX_COMMENT:
-        raise RatingError(f"comment is {len(comment)} characters; the limit is {MAX_COMMENT}", "comment")
+    rater, comment = _check_rater(rater), _check_vote(choice, comment)
     _campaign(store, campaign_id)
     with store.tx() as con:
         task = con.execute("SELECT id FROM rating_tasks WHERE id=? AND campaign_id=?", (task_id, campaign_id)).fetchone()
@@ -170,11 +174,7 @@ def change_vote(campaign_id: str, task_id: str, rater: str, choice: str, comment
                 ws: Workspace | None = None, store: Store | None = None) -> None:
     """Replace a rater's vote; the previous one is kept in vote_history."""
     ws, store = _ctx(ws, store)
-    rater = _check_rater(rater)
-    if choice not in CHOICES:
-        raise RatingError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}", "choice")
-    if len(comment or "") > MAX_COMMENT:
-        raise RatingError(f"comment is {len(comment)} characters; the limit is {MAX_COMMENT}", "comment")
+    rater, comment = _check_rater(rater), _check_vote(choice, comment)
     with store.tx() as con:
         old = con.execute("SELECT * FROM votes WHERE task_id=? AND rater=? AND campaign_id=?",
                           (task_id, rater, campaign_id)).fetchone()
@@ -183,7 +183,7 @@ def change_vote(campaign_id: str, task_id: str, rater: str, choice: str, comment
         con.execute("INSERT INTO vote_history (vote_id, choice, comment, changed_at) VALUES (?,?,?,?)",
                     (old["id"], old["choice"], old["comment"], time.time()))
         con.execute("UPDATE votes SET choice=?, comment=?, updated_at=? WHERE id=?",
-                    (choice, comment or "", time.time(), old["id"]))
+                    (choice, comment, time.time(), old["id"]))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 
+@pytest.fixture(scope="module")
+def module_home(tmp_path_factory):
+    """(Workspace, Store) shared by one test module, with SFT_STUDIO_HOME pointing at it meanwhile."""
+    from sft_core.store import Store
+    from sft_core.workspace import Workspace
+    home = tmp_path_factory.mktemp("module-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SFT_STUDIO_HOME", str(home))
+        ws = Workspace.at(home)
+        store = Store(ws.db_url)
+        yield ws, store
+        store.close()
+
+
 @pytest.fixture
 def ws(tmp_path, monkeypatch):
     """A fresh workspace (SFT_STUDIO_HOME) for one test."""

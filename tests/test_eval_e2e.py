@@ -14,15 +14,9 @@ pytestmark = pytest.mark.vllm
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_model_dir):
-    import os
-    from sft_core.store import Store
-    from sft_core.workspace import Workspace
-    home = tmp_path_factory.mktemp("eval-home")
-    old = os.environ.get("SFT_STUDIO_HOME")
-    os.environ["SFT_STUDIO_HOME"] = str(home)
-    ws = Workspace.at(home)
-    store = Store(ws.db_url)
+def setup(module_home, tiny_model_dir):
+    ws, store = module_home
+    home = ws.root
     make_dataset(ws, store, home)
     (home / "docs").mkdir()
     (home / "docs" / "zorbia.md").write_text("# Zorbia\n\nZorbia is a small country. Its capital is Quuxville.")
@@ -35,10 +29,6 @@ def setup(tmp_path_factory, tiny_model_dir):
     engine = VLLMEngine(str(tiny_model_dir), ws, store, cfg=ServeConfig(dtype="float32", max_model_len=1024))
     yield ws, store, engine, str(tiny_model_dir)
     engine.close()
-    if old is None:
-        os.environ.pop("SFT_STUDIO_HOME", None)
-    else:
-        os.environ["SFT_STUDIO_HOME"] = old
 
 
 SYSTEMS = ["prompt", "rag", "sft:zrun", "sft+rag:zrun"]

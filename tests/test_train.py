@@ -43,22 +43,13 @@ def greedy(model, tok, question: str, max_new_tokens: int = 12) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, tiny_model_dir):
+def trained(module_home, tiny_model_dir):
     """One real training run, in-process (the worker's `run` function), shared by the tests below."""
-    import os
-    home = tmp_path_factory.mktemp("train-home")
-    old = os.environ.get("SFT_STUDIO_HOME")
-    os.environ["SFT_STUDIO_HOME"] = str(home)
-    ws = Workspace.at(home)
-    store = Store(ws.db_url)
-    make_dataset(ws, store, home)
+    ws, store = module_home
+    make_dataset(ws, store, ws.root)
     run_id = jobs.submit_train(tiny_cfg(tiny_model_dir, run_name="mem"), ws, store)
     assert train.run(ws.runs_dir(run_id), store=store) == 0
-    yield ws, store, ws.runs_dir(run_id)
-    if old is None:
-        os.environ.pop("SFT_STUDIO_HOME", None)
-    else:
-        os.environ["SFT_STUDIO_HOME"] = old
+    return ws, store, ws.runs_dir(run_id)
 
 
 def test_base_frozen_adapter_moved_loss_fell(trained, tiny_model_dir):
