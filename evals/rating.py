@@ -6,9 +6,10 @@ with the prompt and the two texts only — no system names, no ids that encode t
 ``left | right | tie | both_bad``; one per rater per task (UNIQUE), changes keep history.
 
 Bradley-Terry: maximum likelihood with ties counted as half a win for each side (the common
-"ties as half-wins" treatment, e.g. as in Chatbot Arena's analysis); both_bad votes carry no
-preference and are left out of the fit. Fitted by Newton's method on the log-strengths with a
-tiny ridge (1e-6) for identifiability; CIs from a seeded bootstrap over votes.
+"ties as half-wins" treatment, as in Chatbot Arena's analysis; not Rao-Kupper); both_bad votes
+carry no preference and are left out of the fit. Fitted by Newton's method on the log-strengths
+(mean 0) with a tiny ridge (1e-6) that only matters when one system wins everything. 95% CIs: a
+seeded percentile bootstrap over votes, all resamples fitted at once (batched Newton).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import io
 import itertools
 import json
 import random
+import sqlite3
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -39,7 +41,22 @@ class RatingError(StudioError):
 
 def _ctx(ws, store):
     ws = ws or Workspace.from_env()
-    return ws, store or open_store(ws.db_url)
+    store = store or open_store(ws.db_url)
+    if not getattr(store, "_ratings_columns_ok", False):
+        _add_missing_columns(store)
+        store._ratings_columns_ok = True
+    return ws, store
+
+
+def _add_missing_columns(store: Store) -> None:
+    """Databases made before campaigns had a name get the column (SCHEMAS only creates new tables)."""
+    cols = {r["name"] for r in store.query("PRAGMA table_info(campaigns)")}
+    if "name" not in cols:
+        try:
+            store.execute("ALTER TABLE campaigns ADD COLUMN name TEXT NOT NULL DEFAULT ''")
+        except sqlite3.OperationalError as e:  # another process added it first
+            if "duplicate column" not in str(e):
+                raise
 
 
 def _campaign(store: Store, campaign_id: str) -> dict:
@@ -50,9 +67,16 @@ def _campaign(store: Store, campaign_id: str) -> dict:
 
 
 def create_campaign(eval_id: str, systems: list[str] | None = None, ws: Workspace | None = None,
-                    store: Store | None = None, show_reference: bool = True, seed: int = 0) -> str:
-    """Tasks for every domain row and every pair of the chosen systems, left/right randomised."""
+                    store: Store | None = None, name: str | None = None, show_reference: bool = True,
+                    seed: int | None = None) -> str:
+    """Tasks for every domain row and every pair of the chosen systems, left/right drawn at random.
+
+    The order is recorded per task. ``seed=None`` (the default) draws it from the OS so nobody can
+    replay the draw from the code; pass an int only for reproducible tests."""
     ws, store = _ctx(ws, store)
+    name = (name or "").strip()
+    if len(name) > 200 or any(ord(c) < 32 for c in name):
+        raise RatingError("campaign names are up to 200 printable characters", "name")
     ev = store.query_one("SELECT * FROM evals WHERE id=?", (eval_id,))
     if ev is None:
         raise RatingError(f"unknown eval {eval_id!r}", "eval")
@@ -61,13 +85,15 @@ def create_campaign(eval_id: str, systems: list[str] | None = None, ws: Workspac
     unknown = [s for s in systems if s not in have]
     if unknown:
         raise RatingError(f"system(s) {', '.join(unknown)} are not in eval {eval_id} (it has {', '.join(have)})", "systems")
+    if len(set(systems)) != len(systems):
+        raise RatingError(f"systems are listed twice: {', '.join(systems)}", "systems")
     if len(systems) < 2:
         raise RatingError("a campaign compares at least two systems", "systems")
     outputs = [o for o in read_jsonl(Path(ev["path"]) / "outputs.jsonl") if o.get("set", "domain") == "domain"]
     by_row: dict[str, dict] = defaultdict(dict)
     for o in outputs:
         by_row[o["row_id"]][o["system"]] = o
-    rng = random.Random(seed)
+    rng = random.SystemRandom() if seed is None else random.Random(seed)
     cid = f"camp-{uuid.uuid4().hex[:8]}"
     tasks = []
     for rid in sorted(by_row):
@@ -83,8 +109,9 @@ def create_campaign(eval_id: str, systems: list[str] | None = None, ws: Workspac
     if not tasks:
         raise RatingError(f"eval {eval_id} has no rows answered by all of {', '.join(systems)}", "eval")
     with store.tx() as con:
-        con.execute("INSERT INTO campaigns (id, eval_id, systems, show_reference, created_at) VALUES (?,?,?,?,?)",
-                    (cid, eval_id, dumps(systems), int(show_reference), time.time()))
+        con.execute("INSERT INTO campaigns (id, eval_id, systems, show_reference, created_at, name)"
+                    " VALUES (?,?,?,?,?,?)", (cid, eval_id, dumps(systems), int(show_reference), time.time(),
+                                              name or f"{eval_id}: {' vs '.join(systems)}"))
         con.executemany("INSERT INTO rating_tasks (id, campaign_id, row_id, system_left, system_right, prompt, reference,"
                         " output_left, output_right) VALUES (?,?,?,?,?,?,?,?,?)", tasks)
     return cid
@@ -116,8 +143,12 @@ def _check_vote(choice: str, comment: str | None) -> str:
 
 
 def next_task(campaign_id: str, rater: str, ws: Workspace | None = None, store: Store | None = None) -> dict | None:
-    """A blind task for this rater: a pending assignment if one exists, else the least-covered task
-    (fewest votes, then the least-covered system pair and prompt) the rater has not seen."""
+    """A blind task for this rater, or None when they have seen every task of the campaign.
+
+    A task handed out but not yet voted on comes back first (a page reload must not skip it). Else
+    the rater gets the unseen task with the fewest assignments so far (assignments, not votes, so
+    raters working at the same time spread out), then the least-covered system pair, then the
+    least-covered prompt; the choice and the assignment are one transaction."""
     ws, store = _ctx(ws, store)
     rater = _check_rater(rater)
     camp = _campaign(store, campaign_id)
@@ -129,23 +160,25 @@ def next_task(campaign_id: str, rater: str, ws: Workspace | None = None, store: 
         task = dict(pending) if pending else None
         if task is None:
             rows = con.execute(
-                "SELECT t.*, (SELECT COUNT(*) FROM votes v WHERE v.task_id=t.id) AS n_votes FROM rating_tasks t "
-                "WHERE t.campaign_id=? AND t.id NOT IN (SELECT task_id FROM rating_assignments WHERE rater=?)",
-                (campaign_id, rater)).fetchall()
-            if not rows:
-                return None
+                "SELECT t.id, t.row_id, t.system_left, t.system_right, COUNT(a.rater) AS n_assigned,"
+                " SUM(a.rater = ?) AS mine FROM rating_tasks t LEFT JOIN rating_assignments a ON a.task_id=t.id"
+                " WHERE t.campaign_id=? GROUP BY t.id", (rater, campaign_id)).fetchall()
             pair_cov, row_cov = Counter(), Counter()
-            for r in con.execute("SELECT t.system_left, t.system_right, t.row_id FROM votes v JOIN rating_tasks t "
-                                 "ON t.id=v.task_id WHERE v.campaign_id=?", (campaign_id,)):
-                pair_cov[frozenset((r[0], r[1]))] += 1
-                row_cov[r[2]] += 1
-            rng = random.Random(f"{campaign_id}:{rater}:{len(rows)}")
-            task = dict(min(rows, key=lambda r: (r["n_votes"], pair_cov[frozenset((r["system_left"], r["system_right"]))],
-                                                 row_cov[r["row_id"]], rng.random())))
+            for r in rows:
+                pair_cov[frozenset((r["system_left"], r["system_right"]))] += r["n_assigned"]
+                row_cov[r["row_id"]] += r["n_assigned"]
+            unseen = [r for r in rows if not r["mine"]]
+            if not unseen:
+                return None
+            rng = random.Random(f"{campaign_id}:{rater}:{len(unseen)}")  # breaks exact ties only
+            best = min(unseen, key=lambda r: (r["n_assigned"], pair_cov[frozenset((r["system_left"], r["system_right"]))],
+                                              row_cov[r["row_id"]], rng.random()))
+            task = dict(con.execute("SELECT * FROM rating_tasks WHERE id=?", (best["id"],)).fetchone())
             con.execute("INSERT INTO rating_assignments (task_id, rater, assigned_at) VALUES (?,?,?)",
                         (task["id"], rater, time.time()))
         done = con.execute("SELECT COUNT(*) FROM votes WHERE campaign_id=? AND rater=?", (campaign_id, rater)).fetchone()[0]
         total = con.execute("SELECT COUNT(*) FROM rating_tasks WHERE campaign_id=?", (campaign_id,)).fetchone()[0]
+    # Only what the rater needs: the task id is a random uuid, the order is fixed per task.
     return {"task_id": task["id"], "prompt": task["prompt"],
             "reference": task["reference"] if camp["show_reference"] else None,
             "left": task["output_left"], "right": task["output_right"],
@@ -175,11 +208,12 @@ def change_vote(campaign_id: str, task_id: str, rater: str, choice: str, comment
     """Replace a rater's vote; the previous one is kept in vote_history."""
     ws, store = _ctx(ws, store)
     rater, comment = _check_rater(rater), _check_vote(choice, comment)
+    _campaign(store, campaign_id)
     with store.tx() as con:
         old = con.execute("SELECT * FROM votes WHERE task_id=? AND rater=? AND campaign_id=?",
                           (task_id, rater, campaign_id)).fetchone()
         if old is None:
-            raise RatingError("no earlier vote to change", "task")
+            raise RatingError(f"you have no vote on task {task_id!r} to change; use vote", "task")
         con.execute("INSERT INTO vote_history (vote_id, choice, comment, changed_at) VALUES (?,?,?,?)",
                     (old["id"], old["choice"], old["comment"], time.time()))
         con.execute("UPDATE votes SET choice=?, comment=?, updated_at=? WHERE id=?",
@@ -189,30 +223,84 @@ def change_vote(campaign_id: str, task_id: str, rater: str, choice: str, comment
 # ------------------------------------------------------------------------------------------------
 # Statistics
 # ------------------------------------------------------------------------------------------------
-def fit_bradley_terry(n_items: int, i_idx, j_idx, w_ij, ridge: float = 1e-6, iters: int = 100) -> np.ndarray:
-    """MLE of log-strengths theta (mean 0) for comparisons i vs j where i won with weight w (1, 0, or 0.5).
+def _pair_design(n_items: int, i_idx, j_idx, w_ij):
+    """Collapse comparisons into categories (pair a<b, score of a in {0, 0.5, 1}).
 
-    Log-likelihood: sum w*log s(ti-tj) + (1-w)*log s(tj-ti), Newton steps on the full Hessian."""
-    i_idx, j_idx, w = np.asarray(i_idx), np.asarray(j_idx), np.asarray(w_ij, dtype=float)
-    theta = np.zeros(n_items)
+    Returns (pairs (P,2), category->pair index (C,), category score (C,), category counts (C,))."""
+    i_idx, j_idx, w = np.asarray(i_idx, dtype=int), np.asarray(j_idx, dtype=int), np.asarray(w_ij, dtype=float)
+    if np.any(i_idx == j_idx):
+        raise RatingError("a comparison needs two different systems", "votes")
+    a, b = np.minimum(i_idx, j_idx), np.maximum(i_idx, j_idx)
+    score = np.where(i_idx == a, w, 1.0 - w)  # a's score in each comparison
+    cats, counts = np.unique(np.stack([a, b, score]), axis=1, return_counts=True)
+    pairs, pair_of_cat = np.unique(cats[:2].T.astype(int), axis=0, return_inverse=True)
+    return pairs, pair_of_cat.reshape(-1), cats[2], counts
+
+
+def _newton_bt(n_items: int, pairs, games, wins, ridge: float, iters: int) -> np.ndarray:
+    """Batched Newton on B independent problems: games/wins (B,P) -> log-strengths (B,K), mean 0."""
+    d_mat = np.zeros((len(pairs), n_items))
+    d_mat[np.arange(len(pairs)), pairs[:, 0]] = 1.0
+    d_mat[np.arange(len(pairs)), pairs[:, 1]] = -1.0
+    theta = np.zeros((games.shape[0], n_items))
+    eye = ridge * np.eye(n_items)
     for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(theta[i_idx] - theta[j_idx])))
-        g = np.zeros(n_items)
-        np.add.at(g, i_idx, w - p)
-        np.add.at(g, j_idx, p - w)
-        g -= ridge * theta
-        h = np.zeros((n_items, n_items))
-        q = p * (1 - p)
-        np.add.at(h, (i_idx, i_idx), q)
-        np.add.at(h, (j_idx, j_idx), q)
-        np.add.at(h, (i_idx, j_idx), -q)
-        np.add.at(h, (j_idx, i_idx), -q)
-        h += ridge * np.eye(n_items)
-        step = np.linalg.solve(h, g)
+        p = 0.5 * (1.0 + np.tanh(0.5 * (theta @ d_mat.T)))  # sigmoid without overflow
+        grad = (wins - games * p) @ d_mat - ridge * theta
+        hess = np.einsum("pk,bp,pl->bkl", d_mat, games * p * (1 - p), d_mat) + eye
+        step = np.linalg.solve(hess, grad[..., None])[..., 0]
         theta += step
-        if np.max(np.abs(step)) < 1e-10:
+        if np.max(np.abs(step)) < 1e-11:
             break
-    return theta - theta.mean()
+    return theta - theta.mean(axis=1, keepdims=True)
+
+
+def fit_bradley_terry(n_items: int, i_idx, j_idx, w_ij, ridge: float = 1e-6, iters: int = 200) -> np.ndarray:
+    """MLE of log-strengths theta (mean 0) for comparisons i vs j where i scored w (1 win, 0 loss, 0.5 tie).
+
+    Log-likelihood sum w*log s(ti-tj) + (1-w)*log s(tj-ti) - ridge/2*|theta|^2; the tiny ridge only
+    pins the scale when one system wins everything (then the plain MLE is infinite)."""
+    pairs, pair_of_cat, score, counts = _pair_design(n_items, i_idx, j_idx, w_ij)
+    games = np.bincount(pair_of_cat, weights=counts, minlength=len(pairs))[None]
+    wins = np.bincount(pair_of_cat, weights=counts * score, minlength=len(pairs))[None]
+    return _newton_bt(n_items, pairs, games, wins, ridge, iters)[0]
+
+
+def bootstrap_bradley_terry(n_items: int, i_idx, j_idx, w_ij, n_boot: int = 1000, seed: int = 0,
+                            ridge: float = 1e-6, iters: int = 200) -> np.ndarray:
+    """(n_boot, n_items) log-strengths refitted on votes resampled with replacement, all fits at once.
+
+    Resampling N votes with replacement is a multinomial draw over the vote categories
+    (pair, outcome), so each replicate is summarised by per-pair games and wins."""
+    pairs, pair_of_cat, score, counts = _pair_design(n_items, i_idx, j_idx, w_ij)
+    n = int(counts.sum())
+    draws = np.random.default_rng(seed).multinomial(n, counts / n, size=n_boot).astype(float)  # (B, C)
+    onehot = np.zeros((len(score), len(pairs)))
+    onehot[np.arange(len(score)), pair_of_cat] = 1.0
+    return _newton_bt(n_items, pairs, draws @ onehot, draws @ (onehot * score[:, None]), ridge, iters)
+
+
+def mle_exists(n_items: int, matches: list[tuple[int, int, float]]) -> bool:
+    """Zermelo/Ford condition: the graph "a scored against b" is strongly connected."""
+    beat = defaultdict(set)
+    for i, j, w in matches:
+        if w > 0:
+            beat[i].add(j)
+        if w < 1:
+            beat[j].add(i)
+    back = defaultdict(set)
+    for a, bs in beat.items():
+        for b in bs:
+            back[b].add(a)
+
+    def reach(graph) -> set:
+        seen, todo = {0}, [0]
+        while todo:
+            for nxt in graph[todo.pop()] - seen:
+                seen.add(nxt)
+                todo.append(nxt)
+        return seen
+    return len(reach(beat)) == n_items and len(reach(back)) == n_items
 
 
 def elo(matches: list[tuple[int, int, float]], n_items: int, k: float = 16.0, seed: int = 0) -> np.ndarray:
@@ -267,28 +355,34 @@ def _matches(votes: list[dict], systems: list[str]) -> list[tuple[int, int, floa
     return out
 
 
-def results(campaign_id: str, ws: Workspace | None = None, store: Store | None = None, n_boot: int = 500,
+def results(campaign_id: str, ws: Workspace | None = None, store: Store | None = None, n_boot: int = 1000,
             seed: int = 0) -> dict:
+    """Leaderboard (Bradley-Terry + bootstrap CIs, Elo), win-rate matrix, votes per system, agreement."""
     ws, store = _ctx(ws, store)
     camp = _campaign(store, campaign_id)
+    if n_boot < 1:
+        raise RatingError(f"n_boot must be at least 1, got {n_boot}", "n_boot")
     systems = loads(camp["systems"])
     votes = store.query("SELECT v.*, t.system_left, t.system_right, t.row_id FROM votes v JOIN rating_tasks t "
                         "ON t.id=v.task_id WHERE v.campaign_id=? ORDER BY v.id", (campaign_id,))
     matches = _matches(votes, systems)
     n = len(systems)
-    board = []
+    votes_per_system = {s: sum(1 for v in votes if s in (v["system_left"], v["system_right"])) for s in systems}
+    board, warnings = [], []
     if matches:
         i, j, w = (np.array(x) for x in zip(*matches))
         theta = fit_bradley_terry(n, i, j, w)
-        rng = np.random.default_rng(seed)
-        boots = np.array([fit_bradley_terry(n, i[s], j[s], w[s]) for s in
-                          (rng.integers(0, len(i), len(i)) for _ in range(n_boot))])
-        lo, hi = np.quantile(boots, [0.025, 0.975], axis=0)
+        lo, hi = np.quantile(bootstrap_bradley_terry(n, i, j, w, n_boot=n_boot, seed=seed), [0.025, 0.975], axis=0)
         el = elo(matches, n, seed=seed)
         for k, s in enumerate(systems):
             board.append({"system": s, "bt_score": float(theta[k]), "ci_low": float(lo[k]), "ci_high": float(hi[k]),
-                          "elo": float(el[k]), "votes": int(sum(1 for v in votes if s in (v["system_left"], v["system_right"])))})
+                          "bt_rating": float(1000 + 400 / np.log(10) * theta[k]),  # Elo scale, for comparison
+                          "elo": float(el[k]), "votes": votes_per_system[s]})
         board.sort(key=lambda r: -r["bt_score"])
+        if not mle_exists(n, matches):
+            warnings.append("some system won (or lost) every comparison it was in, or some systems were never "
+                            "compared: the plain maximum-likelihood scores are unbounded, shown here with a 1e-6 "
+                            "ridge; collect more votes before trusting the gaps")
     wins = defaultdict(lambda: defaultdict(float))
     games = defaultdict(lambda: defaultdict(int))
     for a, b, w in matches:
@@ -315,9 +409,11 @@ def results(campaign_id: str, ws: Workspace | None = None, store: Store | None =
     judge = _judge_agreement(store, camp, votes)
     if judge is not None:
         agreement["judge_vs_human"] = judge
-    return {"campaign": campaign_id, "systems": systems, "n_votes": len(votes), "n_raters": len(raters),
-            "leaderboard": board, "win_rate": win_rate, "agreement": agreement,
-            "method": "Bradley-Terry MLE, ties = half a win each, both_bad excluded; 95% bootstrap CIs"}
+    return {"campaign": campaign_id, "name": camp["name"], "systems": systems, "n_votes": len(votes),
+            "n_raters": len(raters), "leaderboard": board, "votes_per_system": votes_per_system,
+            "win_rate": win_rate, "agreement": agreement, "warnings": warnings,
+            "method": f"Bradley-Terry MLE on log-strengths (mean 0), ties = half a win each, both_bad excluded; "
+                      f"95% percentile bootstrap CIs over votes ({n_boot} resamples); Elo k=16 for comparison"}
 
 
 def _judge_agreement(store: Store, camp: dict, votes: list[dict]) -> float | None:

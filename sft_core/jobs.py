@@ -31,7 +31,8 @@ from sft_core.workspace import Workspace, atomic_write_json, safe_name
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_STALE_S = 120.0
+HEARTBEAT_STALE_S = 120.0  # the train worker beats every 5 s from a thread; the watching parent too
+PID_GRACE_S = 30.0
 FINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -43,14 +44,19 @@ class JobError(StudioError):
 class JobKind:
     build_command: Callable[[dict, Workspace, Store], list[str]]
     on_finish: Callable[[dict, str, Workspace, Store], None] | None = None
+    outcome: Callable[[dict, Workspace, Store], tuple[str, str | None] | None] | None = None
 
 
 JOB_KINDS: dict[str, JobKind] = {}
 
 
-def register_job_kind(kind: str, build_command, on_finish=None) -> None:
-    """A job kind: ``build_command(job, ws, store) -> argv``; ``on_finish(job, status, ws, store)``."""
-    JOB_KINDS[kind] = JobKind(build_command, on_finish)
+def register_job_kind(kind: str, build_command, on_finish=None, outcome=None) -> None:
+    """A job kind.
+
+    ``build_command(job, ws, store) -> argv`` (the worker process); ``on_finish(job, status, ws, store)``
+    after the job's final state is stored; ``outcome(job, ws, store) -> (status, error) | None`` tells how
+    a worker that ended while nobody watched it finished (e.g. from a file it wrote), else it is failed."""
+    JOB_KINDS[kind] = JobKind(build_command, on_finish, outcome)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -91,7 +97,28 @@ def _train_finish(job: dict, status: str, ws: Workspace, store: Store) -> None:
         con.execute("UPDATE runs SET status=? WHERE id=?", (status, job["ref"]))
 
 
-register_job_kind("train", _train_build, _train_finish)
+def _train_outcome(job: dict, ws: Workspace, store: Store) -> tuple[str, str | None] | None:
+    """The worker's own exit record (``exit.json``), if this job's worker wrote one."""
+    from sft_core.train import EXIT_CANCELLED, EXIT_FILE
+    run = store.query_one("SELECT path FROM runs WHERE id=?", (job["ref"],))
+    p = Path(run["path"]) / EXIT_FILE if run else None
+    if p is None or not p.exists():
+        return None
+    try:
+        rec = loads(p.read_text(), {})
+    except OSError:
+        return None
+    if rec.get("job_id") != job["id"]:
+        return None  # left by an earlier attempt of the same run
+    code = rec.get("code")
+    if code == 0:
+        return "succeeded", None
+    if code == EXIT_CANCELLED:
+        return "cancelled", None
+    return "failed", rec.get("error") or f"worker exited with code {code}"
+
+
+register_job_kind("train", _train_build, _train_finish, _train_outcome)
 
 
 def new_run_id(cfg: TrainConfig) -> str:
@@ -182,7 +209,7 @@ def resume(run_id: str, ws: Workspace | None = None, store: Store | None = None)
     from sft_core.train import last_checkpoint
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
-    reconcile(store)
+    reconcile(store, ws=ws)
     run = store.query_one("SELECT * FROM runs WHERE id=?", (run_id,))
     if run is None:
         raise JobError(f"unknown run {run_id!r}", "run")
@@ -209,33 +236,48 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def reconcile(store: Store, watched: set[str] | None = None) -> list[str]:
-    """Mark running jobs whose worker vanished as failed (kill -9, OOM, restart). Returns their ids."""
-    failed = []
+def reconcile(store: Store, watched: set[str] | None = None, ws: Workspace | None = None) -> list[str]:
+    """Settle running jobs that nobody is watching any more. Returns the ids whose state changed.
+
+    A worker that ended while its watcher was gone (app restart, closed terminal) gets the status it
+    recorded itself (the kind's ``outcome``); one that vanished (kill -9, out of memory, machine
+    restart) or stopped heartbeating (hung, or its pid now belongs to another process) is failed."""
+    ws = ws or Workspace.from_env()
+    settled = []
     for job in store.query("SELECT * FROM jobs WHERE status='running'"):
         if watched and job["id"] in watched:
             continue
         beat = job["heartbeat_at"] or job["started_at"] or 0
-        gone = not job["pid"] or not _alive(job["pid"])
-        stale = time.time() - beat > HEARTBEAT_STALE_S
-        if gone or stale:
-            reason = ("worker process disappeared (killed, out of memory, or machine restart)" if gone
-                      else f"worker stopped reporting for {time.time() - beat:.0f}s")
-            _finish(store, job, "failed", reason)
-            failed.append(job["id"])
-    return failed
+        silent = time.time() - beat
+        if job["pid"]:
+            gone = not _alive(job["pid"])
+        else:  # claimed, process not started yet: give the starter a moment
+            gone = silent > PID_GRACE_S
+        if not gone and silent <= HEARTBEAT_STALE_S:
+            continue
+        kind = JOB_KINDS.get(job["kind"])
+        recorded = kind.outcome(job, ws, store) if (gone and kind and kind.outcome) else None
+        if recorded:
+            status, error = recorded
+        elif gone:
+            status, error = "failed", "worker process disappeared (killed, out of memory, or machine restart)"
+        else:
+            status, error = "failed", f"worker stopped reporting for {silent:.0f}s"
+        if _finish(store, job, status, error, ws):
+            settled.append(job["id"])
+    return settled
 
 
-def _finish(store: Store, job: dict, status: str, error: str | None = None) -> None:
+def _finish(store: Store, job: dict, status: str, error: str | None = None, ws: Workspace | None = None) -> bool:
     with store.tx() as con:
         cur = con.execute("UPDATE jobs SET status=?, ended_at=?, error=? WHERE id=? AND status='running'",
                           (status, time.time(), error, job["id"]))
         if cur.rowcount == 0:
-            return
+            return False  # someone else settled it first
     kind = JOB_KINDS.get(job["kind"])
-    ws = Workspace.from_env()
     if kind and kind.on_finish:
-        kind.on_finish(job, status, ws, store)
+        kind.on_finish(job, status, ws or Workspace.from_env(), store)
+    return True
 
 
 def claim(store: Store, job_id: str | None = None) -> dict | None:
@@ -268,7 +310,7 @@ def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], N
     try:
         argv = kind.build_command(job, ws, store)
     except StudioError as e:
-        _finish(store, job, "failed", str(e))
+        _finish(store, job, "failed", str(e), ws)
         return "failed"
     log_path = _log_path(job, ws, store)
     log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,9 +319,12 @@ def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], N
         proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     with store.tx() as con:
         con.execute("UPDATE jobs SET pid=?, heartbeat_at=? WHERE id=?", (proc.pid, time.time(), job["id"]))
-    sent_term = False
+    sent_term, last_beat = False, time.time()
     while proc.poll() is None:
         time.sleep(0.5)
+        if time.time() - last_beat > 5 and _alive(proc.pid):  # kinds whose worker does not beat itself
+            last_beat = time.time()
+            store.execute("UPDATE jobs SET heartbeat_at=? WHERE id=?", (last_beat, job["id"]))
         row = store.query_one("SELECT cancel_requested FROM jobs WHERE id=?", (job["id"],))
         if row and row["cancel_requested"] and not sent_term:
             sent_term = True
@@ -296,7 +341,7 @@ def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], N
         status, err = "cancelled", None
     else:
         status, err = "failed", _error_reason(job, ws, store) or _describe_exit(code)
-    _finish(store, job, status, err)
+    _finish(store, job, status, err, ws)
     return status
 
 
@@ -326,7 +371,7 @@ _DISPATCHERS: dict[str, threading.Thread] = {}
 def dispatch_forever(ws: Workspace, store: Store, poll_s: float = 1.0, stop: threading.Event | None = None) -> None:
     while not (stop and stop.is_set()):
         try:
-            reconcile(store)
+            reconcile(store, ws=ws)
             job = claim(store)
             if job:
                 run_job(job, ws, store)
@@ -349,7 +394,7 @@ def start_dispatcher(ws: Workspace, store: Store) -> threading.Thread:
 def run_in_foreground(job_id: str, ws: Workspace, store: Store, on_wait: Callable[[], None] | None = None) -> str:
     """Wait for our turn in the queue, then run the job here (CLI)."""
     while True:
-        reconcile(store)
+        reconcile(store, ws=ws)
         job = store.query_one("SELECT * FROM jobs WHERE id=?", (job_id,))
         if job["status"] in FINAL:
             return job["status"]

@@ -97,9 +97,10 @@ SCHEMAS["ratings"] = """
 CREATE TABLE IF NOT EXISTS campaigns (
     id          TEXT PRIMARY KEY,
     eval_id     TEXT NOT NULL,
-    systems     TEXT NOT NULL,
-    show_reference INTEGER NOT NULL DEFAULT 1,
-    created_at  REAL NOT NULL
+    systems     TEXT NOT NULL,          -- JSON list
+    show_reference INTEGER NOT NULL DEFAULT 1 CHECK (show_reference IN (0, 1)),
+    created_at  REAL NOT NULL,
+    name        TEXT NOT NULL DEFAULT '' -- added later: rating.py adds it to older databases
 );
 CREATE TABLE IF NOT EXISTS rating_tasks (
     id          TEXT PRIMARY KEY,
@@ -111,6 +112,7 @@ CREATE TABLE IF NOT EXISTS rating_tasks (
     reference   TEXT,
     output_left TEXT NOT NULL,
     output_right TEXT NOT NULL,
+    CHECK (system_left <> system_right),
     UNIQUE (campaign_id, row_id, system_left, system_right)
 );
 CREATE TABLE IF NOT EXISTS rating_assignments (
@@ -128,7 +130,8 @@ CREATE TABLE IF NOT EXISTS votes (
     comment     TEXT NOT NULL DEFAULT '' CHECK (length(comment) <= 2000),
     created_at  REAL NOT NULL,
     updated_at  REAL NOT NULL,
-    UNIQUE (task_id, rater)
+    UNIQUE (task_id, rater),
+    FOREIGN KEY (task_id, rater) REFERENCES rating_assignments(task_id, rater)  -- only assigned tasks
 );
 CREATE TABLE IF NOT EXISTS vote_history (
     id          INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -138,6 +141,10 @@ CREATE TABLE IF NOT EXISTS vote_history (
     changed_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS votes_campaign ON votes(campaign_id);
+CREATE INDEX IF NOT EXISTS rating_assignments_rater ON rating_assignments(rater);
+-- one task per unordered system pair and row, whichever side each system is shown on
+CREATE UNIQUE INDEX IF NOT EXISTS rating_tasks_pair ON rating_tasks(
+    campaign_id, row_id, min(system_left, system_right), max(system_left, system_right));
 """
 
 
