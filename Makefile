@@ -54,5 +54,10 @@ bench: setup
 	$(PY) bench/serve_throughput.py
 	$(PY) bench/retrieval_latency.py
 
+# The embedded model end to end (example domain, retrieval table, one training epoch, four-system
+# eval with its decision report): tens of minutes on a 2-core CPU, so not part of `make test`.
+e2e: setup
+	bash bench/e2e_embedded.sh 2>&1 | tee e2e.log
+
 clean:
-	rm -rf $(VENV) workspace .pytest_cache
+	rm -rf $(VENV) workspace workspace-e2e .pytest_cache

@@ -214,7 +214,7 @@ class KnowledgeBase:
         self.cfg = RetrievalConfig(**manifest["config"])
         self.bm25 = bm25s.BM25()
         self.bm25.index([lexical_tokens(c["title"] + " " + c["text"]) or ["_"] for c in chunks], show_progress=False)
-        self._reranker = None
+        self._rerankers: dict[str, object] = {}
 
     @classmethod
     def load(cls, name: str, ws: Workspace | None = None) -> "KnowledgeBase":
@@ -239,10 +239,13 @@ class KnowledgeBase:
         top = top[np.argsort(-sims[top])]
         return [(int(i), float(sims[i])) for i in top]
 
-    def search(self, query: str, k: int | None = None, mode: str = "hybrid") -> list[Hit]:
+    def search(self, query: str, k: int | None = None, mode: str = "hybrid", reranker: str | None = None) -> list[Hit]:
+        """Top-k passages. ``reranker`` (a cross-encoder dir or hub id; "" for none) overrides the
+        knowledge base's own setting for this query; reranking applies to the hybrid mode."""
         if mode not in MODES:
             raise RetrievalError(f"unknown mode {mode!r}; choose {', '.join(MODES)}", "mode")
         k = k or self.cfg.top_k
+        reranker = self.cfg.reranker if reranker is None else reranker
         if mode == "bm25":
             ranked = self._bm25(query, k)
         elif mode == "dense":
@@ -253,19 +256,20 @@ class KnowledgeBase:
             for ranking in (self._bm25(query, depth), self._dense(query, depth)):
                 for rank, (i, _) in enumerate(ranking, 1):
                     fused[i] = fused.get(i, 0.0) + 1.0 / (self.cfg.rrf_k + rank)
-            ranked = sorted(fused.items(), key=lambda x: -x[1])[:max(k, 20) if self.cfg.reranker else k]
-            if self.cfg.reranker:
-                ranked = self._rerank(query, ranked)[:k]
+            ranked = sorted(fused.items(), key=lambda x: -x[1])[:max(k, 20) if reranker else k]
+            if reranker:
+                ranked = self._rerank(query, ranked, reranker)[:k]
         return [self._hit(i, s) for i, s in ranked[:k]]
 
-    def _rerank(self, query: str, ranked: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    def _rerank(self, query: str, ranked: list[tuple[int, float]], name: str) -> list[tuple[int, float]]:
         from sentence_transformers import CrossEncoder
-        if self._reranker is None:
+        if name not in self._rerankers:
             try:
-                self._reranker = CrossEncoder(self.cfg.reranker, device="cpu")
+                self._rerankers[name] = CrossEncoder(name, device="cpu")
             except Exception as e:
-                raise RetrievalError(f"cannot load reranker {self.cfg.reranker!r} ({type(e).__name__})", "reranker") from None
-        scores = self._reranker.predict([(query, self.chunks[i]["text"]) for i, _ in ranked])
+                raise RetrievalError(f"cannot load reranker {name!r} ({type(e).__name__}); offline, give a local "
+                                     "cross-encoder directory", "reranker") from None
+        scores = self._rerankers[name].predict([(query, self.chunks[i]["text"]) for i, _ in ranked])
         return sorted(((i, float(s)) for (i, _), s in zip(ranked, scores)), key=lambda x: -x[1])
 
     def _hit(self, i: int, score: float) -> Hit:
@@ -277,6 +281,8 @@ class KnowledgeBase:
     def n_docs(self) -> int:
         return len({c["doc_id"] for c in self.chunks})
 
+
+INDEX_FIELDS = ("chunk_tokens", "chunk_overlap", "embedder", "text_field")  # RetrievalConfig fields stored in the index
 
 _KBS: dict[str, tuple[float, KnowledgeBase]] = {}
 
@@ -317,7 +323,9 @@ def build_kb(paths: list[str | Path], name: str, cfg: RetrievalConfig | None = N
     cfg.validate()
     files, problems = collect_files(paths)
     old_chunks, old_emb = [], None
-    compatible = bool(old_manifest) and old_manifest["config"] == asdict(cfg)
+    # only what shapes the stored chunks and vectors decides whether they can be reused; search-time
+    # options (top_k, rrf_k, reranker) change without re-embedding anything
+    compatible = bool(old_manifest) and all(old_manifest["config"].get(f) == getattr(cfg, f) for f in INDEX_FIELDS)
     if old_manifest and compatible:
         old_chunks = [json.loads(line) for line in (final / "chunks.jsonl").read_text(encoding="utf-8").splitlines() if line]
         old_emb = np.load(final / "embeddings.npy") if old_chunks else None

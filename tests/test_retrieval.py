@@ -139,10 +139,11 @@ def test_unknown_kb_and_cli(ws, store, docs, capsys):
     assert cli.main(["kb", "search", "cli", "green tea", "-k", "2"]) == 0
     out = capsys.readouterr().out
     assert "#1" in out and "tea.html" in out and "score" in out and "chars" in out
+    assert "finely ground powder of green tea" in out  # the passage itself, under its citation
     assert cli.main(["kb", "list"]) == 0 and "cli" in capsys.readouterr().out
 
 
-def test_example_domain_retrieval_quality(ws, store):
+def test_example_domain_retrieval_quality(ws, store, capsys):
     from sft_core import data
     from sft_core.example import build_example
     ex = build_example(ws, store)
@@ -151,3 +152,52 @@ def test_example_domain_retrieval_quality(ws, store):
     best_single = max(res["bm25"]["recall@5"], res["dense"]["recall@5"])
     assert res["hybrid"]["recall@5"] >= 0.8
     assert res["hybrid"]["recall@5"] >= best_single - 0.02, res
+    # the CLI prints the same numbers as a table
+    assert cli.main(["kb", "eval", "pydocs", "--dataset", "pydocs"]) == 0
+    out = capsys.readouterr().out
+    assert f"({res['hybrid']['n']} questions)" in out
+    for mode in ("bm25", "dense", "hybrid"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(mode))
+        assert line.split()[1:] == [f"{res[mode][k]:.3f}" for k in ("recall@1", "recall@5", "recall@10", "mrr")]
+    assert cli.main(["kb", "eval", "pydocs", "--dataset", "nope"]) == 1
+    assert "nope" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_cross_encoder(tmp_path_factory):
+    """A random 1-layer BERT cross-encoder (one relevance logit) with MiniLM's tokenizer, built here:
+    no cross-encoder ships in a package, and the hub cannot be reached."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+    from sft_core.models import embedder_path
+    out = tmp_path_factory.mktemp("cross-encoder")
+    tok = AutoTokenizer.from_pretrained(embedder_path())
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=1))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+def test_cross_encoder_rerank(ws, store, docs, tiny_cross_encoder, capsys):
+    from sentence_transformers import CrossEncoder
+    retrieval.build_kb([docs], "rr", ws=ws, store=store)
+    kb = retrieval.open_kb("rr", ws)
+    query = "green tea powder"
+    plain = kb.search(query, k=6)
+    reranked = kb.search(query, k=6, reranker=tiny_cross_encoder)
+    assert {h.chunk_id for h in reranked} == {h.chunk_id for h in plain}  # same candidates (all 6 chunks here)
+    expected = CrossEncoder(tiny_cross_encoder, device="cpu").predict([(query, h.text) for h in reranked])
+    assert [h.score for h in reranked] == pytest.approx(sorted(expected.tolist(), reverse=True), abs=1e-5)
+    assert [h.score for h in reranked] != [h.score for h in plain]
+    with pytest.raises(retrieval.RetrievalError, match="reranker"):
+        kb.search(query, reranker=str(ws.root / "no-such-model"))
+    # a reranker stored in the kb's config applies by default; changing only it re-embeds nothing
+    res = retrieval.build_kb([docs], "rr", RetrievalConfig(reranker=tiny_cross_encoder), ws=ws, store=store)
+    assert res.indexed_sources == [] and res.embedded_chunks == 0 and res.reused_sources == 5, res
+    kb = retrieval.open_kb("rr", ws)
+    assert [h.chunk_id for h in kb.search(query, k=6)] == [h.chunk_id for h in reranked]
+    assert cli.main(["kb", "search", "rr", query, "--reranker", ""]) == 0  # turned off for one query
+    assert [ln.split()[2] for ln in capsys.readouterr().out.splitlines() if ln.startswith("#")] == \
+        [f"{h.score:.4f}" for h in plain[:5]]

@@ -17,7 +17,7 @@ def cmd_build(args) -> int:
 
 def cmd_search(args) -> int:
     kb = retrieval.open_kb(args.name)
-    hits = kb.search(args.query, k=args.k, mode=args.mode)
+    hits = kb.search(args.query, k=args.k, mode=args.mode, reranker=args.reranker)
     if not hits:
         print("no hits")
     for rank, h in enumerate(hits, 1):
@@ -62,6 +62,8 @@ def register(sub) -> None:
     q.add_argument("query")
     q.add_argument("-k", type=int, default=5)
     q.add_argument("--mode", choices=retrieval.MODES, default="hybrid")
+    q.add_argument("--reranker", default=None, metavar="MODEL",
+                   help="cross-encoder (local dir or hub id) to rerank the hybrid candidates; default: the kb's setting")
     q.set_defaults(func=cmd_search)
     s.add_parser("list", help="list knowledge bases").set_defaults(func=cmd_list)
     e = s.add_parser("eval", help="recall@1/5/10 and MRR of bm25, dense and hybrid on a dataset with meta.source")
