@@ -292,18 +292,18 @@ class TrainConfig:
     batch_size: int = opt(8, "Sequences per device per step.")
     grad_accum: int = opt(1, "Gradient accumulation steps.")
     max_length: int = opt(512, "Longest tokenised example (prompt + answer); longer ones are truncated.")
-    packing: bool = opt(False, "Pack several examples into each sequence (padding-free; best with FlashAttention on CUDA).")
+    packing: bool = opt(False, "Pack several examples into each sequence (padding-free). For CUDA with FlashAttention; on CPU it is slower (dense block mask, see bench/train_throughput.py).")
     group_by_length: bool = opt(True, "Batch examples of similar length together (less padding, same result in expectation).")
     completion_only_loss: bool = opt(True, "Loss on the answer only (prompt tokens masked).")
     seed: int = opt(42, "Random seed (data order, LoRA init, dropout).")
-    eval_steps: int = opt(0, "Evaluate on the eval split every N steps (0 = at the end of each epoch).")
+    eval_steps: int = opt(0, "Evaluate on the eval split every N steps (0 = at the end of each epoch, or at every checkpoint with early stopping).")
     save_steps: int = opt(50, "Save a checkpoint every N steps (resume starts from the last one).")
-    early_stopping_patience: int = opt(0, "Stop after this many evaluations without eval-loss improvement (0 = off).")
+    early_stopping_patience: int = opt(0, "Stop after this many evaluations without eval-loss improvement, then keep the best checkpoint (0 = off; needs an eval split; save_steps moves down to a multiple of eval_steps).")
     logging_steps: int = opt(1, "Log train loss every N steps.")
     load_in_4bit: bool = opt(False, "CUDA only: QLoRA, base weights in 4-bit NF4 (bitsandbytes).")
     gradient_checkpointing: bool = opt(True, "CUDA only: recompute activations to save memory.")
     num_gpus: int = opt(0, "GPUs for one run: 0 = all visible; more than one launches with `accelerate launch`.")
-    report_to: str = opt("none", "Extra loggers: none or tensorboard (writes under the run dir).", choices=["none", "tensorboard"])
+    report_to: str = opt("none", "Extra loggers: none or tensorboard (event files in runs/<id>/tensorboard).", choices=["none", "tensorboard"])
 
     def validate(self) -> None:
         """Checks that need no model or data; train.validate_train_config adds those."""

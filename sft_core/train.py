@@ -19,6 +19,7 @@ import math
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +58,14 @@ def validate_train_config(cfg: TrainConfig, ws: Workspace | None = None, store=N
         raise ConfigError(e.message, "dataset") from None
     if dv.splits.get("train", 0) == 0:
         raise ConfigError(f"dataset {dv.name}@{dv.version} has no training rows", "dataset")
+    if cfg.early_stopping_patience > 0 and dv.splits.get("eval", 0) == 0:
+        raise ConfigError(f"early stopping watches the eval loss, but dataset {dv.name}@{dv.version} has no eval "
+                          "rows (import it with eval_fraction > 0, or set early_stopping_patience 0)",
+                          "early_stopping_patience")
+    if cfg.report_to == "tensorboard":
+        import importlib.util
+        if importlib.util.find_spec("tensorboard") is None:
+            raise ConfigError("the tensorboard package is not installed (pip install tensorboard)", "report_to")
     try:
         model_dir = models.resolve_model(cfg.base_model, ws)
     except StudioError as e:
@@ -105,36 +114,65 @@ def _on_sigterm(signum, frame):  # cancel: finish the current step, save a check
     _STOP["requested"] = True
 
 
+HEARTBEAT_EVERY_S = 5.0
+EXIT_FILE = "exit.json"
+
+
+def start_heartbeat(store, job_id: str, every_s: float = HEARTBEAT_EVERY_S) -> threading.Event:
+    """A thread that stamps ``jobs.heartbeat_at`` and picks up the cancel flag, independent of step length
+    (model loading, a long evaluation or a checkpoint write never look like a hung worker)."""
+    stop = threading.Event()
+
+    def beat():
+        while True:
+            try:
+                with store.tx() as con:
+                    con.execute("UPDATE jobs SET heartbeat_at=? WHERE id=?", (time.time(), job_id))
+                    row = con.execute("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,)).fetchone()
+                if row and row[0]:
+                    _STOP["requested"] = True
+            except Exception as e:  # a busy or briefly missing database must not kill training
+                print(f"heartbeat: {type(e).__name__}: {e}", file=sys.stderr)
+            if stop.wait(every_s):
+                return
+
+    threading.Thread(target=beat, name="heartbeat", daemon=True).start()
+    return stop
+
+
+def _stop_everywhere(args) -> bool:
+    """The stop decision, made the same on every rank (multi-GPU), so no rank waits for the others forever."""
+    stop = _STOP["requested"]
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        import torch
+        flag = torch.tensor([1.0 if stop else 0.0], device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag.item())
+        _STOP["requested"] = stop
+    return stop
+
+
 def make_callback(run_dir: Path, job_id: str | None, store):
     from transformers import TrainerCallback
 
     class EventsCallback(TrainerCallback):
-        """Appends one JSON line per log to events.jsonl; heartbeats and cancel checks via the store."""
+        """Appends one JSON line per log to events.jsonl (main process only); stops cleanly on cancel."""
 
         def __init__(self):
             self.t0 = time.time()
             self.last_tokens = None
             self.last_t = None
-            self.last_beat = 0.0
-
-        def _beat(self):
-            if store is None or job_id is None or time.time() - self.last_beat < 2:
-                return
-            self.last_beat = time.time()
-            with store.tx() as con:
-                con.execute("UPDATE jobs SET heartbeat_at=? WHERE id=?", (time.time(), job_id))
-                row = con.execute("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if row and row[0]:
-                _STOP["requested"] = True
 
         def on_step_end(self, args, state, control, **kw):
-            self._beat()
-            if _STOP["requested"]:
+            if _stop_everywhere(args):
                 control.should_training_stop = True
                 control.should_save = True
             return control
 
         def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero:
+                return
             logs = logs or {}
             now = time.time()
             ev = {"time": now, "step": state.global_step, "max_steps": state.max_steps,
@@ -161,6 +199,8 @@ def make_callback(run_dir: Path, job_id: str | None, store):
 
         def on_train_begin(self, args, state, control, **kw):
             self.start_step = state.global_step
+            if not state.is_world_process_zero:
+                return
             append_jsonl(run_dir / "events.jsonl", {"time": time.time(), "event": "train_begin",
                                                     "step": state.global_step, "max_steps": state.max_steps})
 
@@ -174,6 +214,17 @@ def last_checkpoint(run_dir: Path) -> Path | None:
     ckpts = sorted((run_dir / CHECKPOINTS).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     done = [c for c in ckpts if (c / "trainer_state.json").exists()]
     return done[-1] if done else None
+
+
+def cpu_threads() -> int:
+    """CPU training threads: OMP_NUM_THREADS when set, else the cores this process may run on."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def device_info() -> dict:
@@ -195,12 +246,34 @@ def package_versions() -> dict:
     return out
 
 
+def schedule(cfg: TrainConfig, has_eval: bool) -> dict:
+    """When to evaluate and save, consistent in every combination (transformers refuses
+    ``load_best_model_at_end`` unless eval and save run on the same schedule, saves a multiple of evals).
+
+    * no eval split: no evaluation, a checkpoint every ``save_steps``;
+    * eval split, no early stopping: eval every ``eval_steps`` (0 = each epoch), save every ``save_steps``;
+    * early stopping: eval every ``eval_steps``, or at every checkpoint when 0 (so the patience counts
+      evaluations that exist even in a one-epoch run, and checkpoints stay as frequent for resume);
+      ``save_steps`` moves down to a multiple of ``eval_steps`` (at least ``eval_steps``), so each
+      checkpoint has its eval loss, and the best one is loaded at the end."""
+    if not has_eval:
+        return {"eval_strategy": "no", "eval_steps": None, "save_strategy": "steps", "save_steps": cfg.save_steps,
+                "load_best_model_at_end": False}
+    if cfg.early_stopping_patience <= 0:
+        return {"eval_strategy": "steps" if cfg.eval_steps else "epoch", "eval_steps": cfg.eval_steps or None,
+                "save_strategy": "steps", "save_steps": cfg.save_steps, "load_best_model_at_end": False}
+    every = cfg.eval_steps or cfg.save_steps
+    save_steps = cfg.save_steps
+    if save_steps % every:  # the largest multiple not above it: never fewer checkpoints than asked for
+        save_steps = max(1, save_steps // every) * every
+    return {"eval_strategy": "steps", "eval_steps": every, "save_strategy": "steps", "save_steps": save_steps,
+            "load_best_model_at_end": True}
+
+
 def build_sft_config(cfg: TrainConfig, run_dir: Path, cuda: bool, has_eval: bool):
     from trl import SFTConfig
-    eval_strategy = "no"
-    if has_eval:
-        eval_strategy = "steps" if cfg.eval_steps else "epoch"
-    early = cfg.early_stopping_patience > 0 and has_eval
+    plan = schedule(cfg, has_eval)
+    early = plan["load_best_model_at_end"]
     kwargs = dict(
         output_dir=str(run_dir / CHECKPOINTS),
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
@@ -208,22 +281,25 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, cuda: bool, has_eval: bool
         lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_ratio,
         num_train_epochs=cfg.epochs, max_steps=cfg.max_steps if cfg.max_steps > 0 else -1,
         logging_steps=cfg.logging_steps, logging_first_step=True,
-        eval_strategy=eval_strategy, eval_steps=cfg.eval_steps or None,
-        save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2,
+        **plan, save_total_limit=2,
         seed=cfg.seed, data_seed=cfg.seed, max_length=cfg.max_length, packing=cfg.packing,
         completion_only_loss=cfg.completion_only_loss,
         train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
-        report_to=[] if cfg.report_to == "none" else [cfg.report_to],
+        report_to=[],  # tensorboard: run() adds the callback with its directory under the run dir
         bf16=bool(cuda and _bf16_ok()), use_cpu=not cuda,
         gradient_checkpointing=bool(cuda and cfg.gradient_checkpointing),
         dataloader_num_workers=0, disable_tqdm=True, save_only_model=False,
-        load_best_model_at_end=early, metric_for_best_model="eval_loss" if early else None, greater_is_better=False,
+        metric_for_best_model="eval_loss" if early else None, greater_is_better=False,
     )
-    if cfg.report_to == "tensorboard":
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run_dir / "tensorboard"))
-    if early and cfg.eval_steps:
-        kwargs["save_steps"] = cfg.eval_steps  # best-model tracking needs aligned eval/save
     return SFTConfig(**kwargs)
+
+
+def tensorboard_callback(run_dir: Path):
+    """transformers' TensorBoard logger writing to ``<run>/tensorboard`` (rank 0 only, created on train begin)."""
+    from transformers.integrations import TensorBoardCallback
+    cb = TensorBoardCallback()
+    cb.logging_dir = str(run_dir / "tensorboard")
+    return cb
 
 
 def _bf16_ok() -> bool:
@@ -276,7 +352,7 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
     ws = Workspace.at(spec["workspace"])
     cuda = torch.cuda.is_available()
     if not cuda:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        torch.set_num_threads(cpu_threads())
     torch.manual_seed(cfg.seed)
 
     train_rows = data.load_split(cfg.dataset, "train", spec["dataset_version"], ws, store)
@@ -298,9 +374,16 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
         "device": device_info(), "started_at": started, "ended_at": None, "resumed": resume,
         "train_rows": len(train_rows), "eval_rows": len(eval_rows), "command": sys.argv,
     }
-    atomic_write_json(run_dir / "manifest.json", manifest)
+    if resume and (run_dir / "manifest.json").exists():
+        before = json.loads((run_dir / "manifest.json").read_text())
+        manifest["first_started_at"] = before.get("first_started_at") or before.get("started_at")
+    main_process = _is_main_process()  # multi-GPU: rank 0 writes the run's files
+    if main_process:
+        atomic_write_json(run_dir / "manifest.json", manifest)
 
     callbacks = [make_callback(run_dir, job_id, store)]
+    if cfg.report_to == "tensorboard":
+        callbacks.append(tensorboard_callback(run_dir))
     if cfg.early_stopping_patience and eval_ds is not None:
         from transformers import EarlyStoppingCallback
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
@@ -314,13 +397,17 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
 
     if _STOP["requested"]:
         # the callback set should_save with should_training_stop: the Trainer saved a full checkpoint
-        append_jsonl(run_dir / "events.jsonl", {"time": time.time(), "event": "cancelled",
-                                                "step": trainer.state.global_step})
+        if main_process:
+            append_jsonl(run_dir / "events.jsonl", {"time": time.time(), "event": "cancelled",
+                                                    "step": trainer.state.global_step})
         return EXIT_CANCELLED
 
     eval_loss = None
     if eval_ds is not None:
         eval_loss = trainer.evaluate().get("eval_loss")
+    if not main_process:
+        return 0
+    if eval_ds is not None:
         append_jsonl(run_dir / "events.jsonl", {"time": time.time(), "step": trainer.state.global_step,
                                                 "eval_loss": eval_loss, "max_steps": trainer.state.max_steps})
     with atomic_dir(run_dir / "adapter", exist_ok=False) as tmp:
@@ -342,6 +429,20 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
     return 0
 
 
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _record_exit(run_dir: Path, job_id: str | None, code: int, error: str | None) -> None:
+    """``exit.json``: how this worker ended, for a queue that was not watching (its parent died or restarted)."""
+    if not _is_main_process():
+        return
+    try:
+        atomic_write_json(run_dir / EXIT_FILE, {"job_id": job_id, "code": code, "error": error, "time": time.time()})
+    except OSError as e:
+        print(f"could not write {EXIT_FILE}: {e}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sft_core.train")
     parser.add_argument("--run-dir", required=True)
@@ -350,21 +451,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db-url", default=None)
     args = parser.parse_args(argv)
     run_dir = Path(args.run_dir).resolve()
-    store = None
+    store = heartbeat = None
     if args.db_url:
         from sft_core.store import Store
         store = Store(args.db_url)
+        if args.job_id:
+            heartbeat = start_heartbeat(store, args.job_id)
+    code, error = 1, None
     try:
-        return run(run_dir, resume=args.resume, job_id=args.job_id, store=store)
+        code = run(run_dir, resume=args.resume, job_id=args.job_id, store=store)
     except StudioError as e:
-        atomic_write_text(run_dir / "error.txt", str(e))
+        error = str(e)
         print(f"error: {e}", file=sys.stderr)
-        return 1
     except Exception as e:  # the reason is kept for the UI; the traceback goes to the log
         import traceback
-        atomic_write_text(run_dir / "error.txt", f"{type(e).__name__}: {e}")
+        error = f"{type(e).__name__}: {e}"
         traceback.print_exc()
-        return 1
+    finally:
+        if heartbeat is not None:
+            heartbeat.set()
+    if error is not None:
+        atomic_write_text(run_dir / "error.txt", error)
+    _record_exit(run_dir, args.job_id, code, error)
+    return code
 
 
 if __name__ == "__main__":

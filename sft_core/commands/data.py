@@ -48,6 +48,8 @@ def cmd_example(args) -> int:
     v = ex["dataset"]
     print(f"example domain: {ex['n_objects']} documented objects -> corpus {ex['corpus']}")
     print(f"dataset {v.name}@{v.version}: " + ", ".join(f"{k} {n}" for k, n in v.splits.items()))
+    from sft_core import retrieval  # the same knowledge base the app builds on first start
+    print(f"knowledge base {v.name}: {retrieval.build_kb([ex['corpus']], v.name)}")
     return 0
 
 
@@ -69,4 +71,4 @@ def register(sub) -> None:
     s.add_parser("list", help="list dataset versions").set_defaults(func=cmd_list)
     e = sub.add_parser("example", help="the built-in example domain (Python stdlib docs)")
     es = e.add_subparsers(dest="example_cmd", metavar="ACTION", required=True)
-    es.add_parser("build", help="build the example corpus and dataset").set_defaults(func=cmd_example)
+    es.add_parser("build", help="build the example corpus, dataset and knowledge base").set_defaults(func=cmd_example)

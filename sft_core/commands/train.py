@@ -50,9 +50,45 @@ class Progress:
         self.seen = len(events)
 
 
+def _hub_token() -> str | None:
+    import os
+    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+
+
+def check_push(repo_id: str) -> None:
+    """Everything a push needs that can be checked without the network, before any training starts."""
+    import os
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise StudioError(f"not a hub repo id ({e})", "push_to_hub") from None
+    if "/" not in repo_id:
+        raise StudioError(f"give the repo as OWNER/NAME, got {repo_id!r}", "push_to_hub")
+    if not _hub_token():
+        raise StudioError("set HF_TOKEN (a token with write access) to push to the hub", "push_to_hub")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        raise StudioError("HF_HUB_OFFLINE is set: the hub cannot be reached; unset it to push", "push_to_hub")
+
+
+def push_folder(folder: Path, repo_id: str) -> None:
+    """Upload a folder as a model repo (created private when missing); a failure is a message, not a traceback."""
+    check_push(repo_id)
+    from huggingface_hub import HfApi
+    api = HfApi(token=_hub_token())
+    try:
+        api.create_repo(repo_id, repo_type="model", private=True, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model")
+    except Exception as e:  # offline, bad token, no rights: one line for the user
+        raise StudioError(f"push to {repo_id} failed ({type(e).__name__}: {e})", "push_to_hub") from None
+    print(f"pushed to https://huggingface.co/{repo_id}")
+
+
 def cmd_train(args) -> int:
     ws, store = _ctx()
     cfg = load_config(TrainConfig, args.config, overrides_from_args(args, TrainConfig))
+    if args.push_to_hub:
+        check_push(args.push_to_hub)  # refused before the run is queued, not after an hour of training
     run_id = jobs.submit_train(cfg, ws, store)
     print(f"run {run_id} queued ({ws.runs_dir(run_id)})")
     job = jobs.latest_job(run_id, store)
@@ -86,15 +122,34 @@ def cmd_train(args) -> int:
     print(file=sys.stderr)
     row = store.query_one("SELECT * FROM jobs WHERE id=?", (job["id"],))
     print(f"run {run_id}: {status}" + (f" — {row['error']}" if row.get("error") else ""))
-    if status == "succeeded":
-        m = json.loads((ws.runs_dir(run_id) / "metrics.json").read_text())
-        print(json.dumps(m, indent=2))
-    return 0 if status == "succeeded" else 1
+    if status != "succeeded":
+        return 1
+    m = json.loads((ws.runs_dir(run_id) / "metrics.json").read_text())
+    print(json.dumps(m, indent=2))
+    if args.push_to_hub:
+        import tempfile
+        with tempfile.TemporaryDirectory() as tmp:  # the adapter (loadable with PeftModel) + its manifest
+            staged = Path(tmp) / "push"
+            _stage_for_hub(ws.runs_dir(run_id), staged)
+            try:
+                push_folder(staged, args.push_to_hub)
+            except StudioError as e:
+                raise StudioError(f"run {run_id} succeeded, but {e.message}; retry with "
+                                  f"`sft-studio export {run_id} --out DIR --push-to-hub {args.push_to_hub}`",
+                                  "push_to_hub") from None
+    return 0
+
+
+def _stage_for_hub(run_dir: Path, out: Path) -> None:
+    shutil.copytree(run_dir / "adapter", out)
+    for f in ("manifest.json", "metrics.json"):
+        if (run_dir / f).exists():
+            shutil.copy2(run_dir / f, out / f)
 
 
 def cmd_list(args) -> int:
     ws, store = _ctx()
-    jobs.reconcile(store)
+    jobs.reconcile(store, ws=ws)
     rows = store.query("SELECT * FROM runs ORDER BY created_at DESC")
     if not rows:
         print("no runs yet: `sft-studio train --dataset NAME`")
@@ -108,7 +163,7 @@ def cmd_list(args) -> int:
 
 def cmd_show(args) -> int:
     ws, store = _ctx()
-    jobs.reconcile(store)
+    jobs.reconcile(store, ws=ws)
     run = _run(store, args.run_id)
     job = jobs.latest_job(args.run_id, store) or {}
     out = {"run": {k: run[k] for k in ("id", "status", "dataset", "dataset_version", "base_model", "path")},
@@ -164,6 +219,8 @@ def cmd_merge(args) -> int:
 def cmd_export(args) -> int:
     ws, store = _ctx()
     run = _finished(store, args.run_id)
+    if args.push_to_hub:
+        check_push(args.push_to_hub)
     src = Path(run["path"])
     with atomic_dir(Path(args.out)) as tmp:
         shutil.copytree(src / "adapter", tmp / "adapter")
@@ -172,15 +229,7 @@ def cmd_export(args) -> int:
                 shutil.copy2(src / f, tmp / f)
     print(f"adapter + manifest exported to {args.out}")
     if args.push_to_hub:
-        import os
-        if not (os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")):
-            raise StudioError("set HF_TOKEN to push to the hub", "push_to_hub")
-        from huggingface_hub import HfApi
-        try:
-            HfApi().upload_folder(folder_path=args.out, repo_id=args.push_to_hub, repo_type="model")
-        except Exception as e:
-            raise StudioError(f"push failed ({type(e).__name__}: {e})", "push_to_hub") from None
-        print(f"pushed to {args.push_to_hub}")
+        push_folder(Path(args.out), args.push_to_hub)
     return 0
 
 
@@ -188,6 +237,8 @@ def register(sub) -> None:
     p = sub.add_parser("train", help="train a LoRA adapter (queued; one training job at a time)")
     p.add_argument("--config", help="YAML file with training options (flags override it)")
     add_arguments(p, TrainConfig)
+    p.add_argument("--push-to-hub", default=None, metavar="REPO",
+                   help="when the run succeeds, upload its adapter + manifest to this hub repo (needs HF_TOKEN)")
     p.set_defaults(func=cmd_train)
 
     r = sub.add_parser("runs", help="list, inspect, cancel and resume training runs")
