@@ -12,6 +12,8 @@ from pathlib import Path
 from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, atomic_write_text, read_jsonl
 
+from evals.judge import summarize_judge
+
 PRIMARY = ("token_f1", "rouge_l", "semantic_similarity", "chrf", "exact_match")
 LOWER_IS_BETTER = ("latency_s", "completion_tokens", "answer_length")
 
@@ -86,6 +88,45 @@ def _table(summary: dict) -> tuple[list[str], list[list[str]]]:
     return ["system"] + metrics, rows
 
 
+def _judge_section(judged: dict, cfg: dict) -> tuple[list[str], str]:
+    """LLM judge: pairwise wins/ties/inconsistent (both orders) and the mean 1-5 rubric per system."""
+    where = cfg.get("judge")
+    if where in (True, "local"):
+        where = "the local engine (base model)"
+    elif where:
+        where = f"{where}" + (f" (model {cfg['judge_model']})" if cfg.get("judge_model") else "")
+    else:
+        where = "an LLM"
+    md = ["## LLM judge", "", f"Judge: {where}.", ""]
+    parts = [f"<h2>LLM judge</h2><p>Judge: {html.escape(str(where))}.</p>"]
+    pw = judged.get("pairwise") or {}
+    if pw.get("n"):
+        wins = ", ".join(f"{s} {n}" for s, n in pw["wins"].items())
+        line = (f"Pairwise, both orders (position swap): {pw['n']} comparisons; wins: {wins}; ties {pw['ties']}; "
+                f"inconsistent after the swap {pw['inconsistent']}.")
+        md += [line, "", "| A | B | A wins | B wins | ties | inconsistent |", "|---|---|---|---|---|---|"]
+        md += [f"| {p['a']} | {p['b']} | {p['a_wins']} | {p['b_wins']} | {p['ties']} | {p['inconsistent']} |"
+               for p in pw["pairs"]]
+        md.append("")
+        parts.append(f"<p>{html.escape(line)}</p><table><tr><th>A</th><th>B</th><th>A wins</th><th>B wins</th>"
+                     "<th>ties</th><th>inconsistent</th></tr>" + "".join(
+                         f"<tr><td>{html.escape(p['a'])}</td><td>{html.escape(p['b'])}</td><td>{p['a_wins']}</td>"
+                         f"<td>{p['b_wins']}</td><td>{p['ties']}</td><td>{p['inconsistent']}</td></tr>"
+                         for p in pw["pairs"]) + "</table>")
+    rub = judged.get("rubric") or {}
+    if rub:
+        def fmt(v):
+            return "–" if v["mean"] is None else f"{v['mean']:.2f} [{v['low']:.2f}, {v['high']:.2f}]"
+        md += ["Rubric score (1-5, mean with 95% CI):", "", "| system | mean rubric | n | unparsed |", "|---|---|---|---|"]
+        md += [f"| {s} | {fmt(v)} | {v['n']} | {v['unparsed']} |" for s, v in rub.items()]
+        md.append("")
+        parts.append("<h3>Rubric score (1-5)</h3><table><tr><th>system</th><th>mean rubric [95% CI]</th><th>n</th>"
+                     "<th>unparsed</th></tr>" + "".join(
+                         f"<tr><td>{html.escape(s)}</td><td>{fmt(v)}</td><td>{v['n']}</td><td>{v['unparsed']}</td></tr>"
+                         for s, v in rub.items()) + "</table>")
+    return md, "".join(parts)
+
+
 def write_report(eval_id: str, ws: Workspace | None = None, store: Store | None = None,
                  out_dir: str | Path | None = None) -> tuple[Path, Path]:
     ws = ws or Workspace.from_env()
@@ -95,7 +136,6 @@ def write_report(eval_id: str, ws: Workspace | None = None, store: Store | None 
     cfg = loads(row["config"])
     scores = json.loads((path / "scores.json").read_text())
     outputs = read_jsonl(path / "outputs.jsonl")
-    judge = read_jsonl(path / "judge.jsonl")
     out = Path(out_dir) if out_dir else path
     rec = recommendation(scores)
 
@@ -129,20 +169,11 @@ def write_report(eval_id: str, ws: Workspace | None = None, store: Store | None 
                             f"<td>{p['p_value']:.3f}</td><td>{p['effect_size']:.2f}</td></tr>"
                             for p in summary["pairs"][metric]) + "</table>")
         md.append("")
-    if judge:
-        from collections import Counter
-        wins = Counter()
-        for j in judge:
-            if j["winner"] == "a":
-                wins[j["system_a"]] += 1
-            elif j["winner"] == "b":
-                wins[j["system_b"]] += 1
-        inconsistent = sum(j["winner"] == "inconsistent" for j in judge)
-        ties = sum(j["winner"] == "tie" for j in judge)
-        line = (f"LLM judge (pairwise, both orders): wins {dict(wins)}, ties {ties}, "
-                f"inconsistent after position swap {inconsistent} of {len(judge)}.")
-        md += ["## LLM judge", "", line, ""]
-        body.append(f"<h2>LLM judge</h2><p>{html.escape(line)}</p>")
+    judged = scores.get("judge") or summarize_judge(path, cfg["systems"])
+    if judged:
+        jmd, jhtml = _judge_section(judged, cfg)
+        md += jmd
+        body.append(jhtml)
     # per-example side by side
     by_row: dict[str, dict] = {}
     for o in outputs:

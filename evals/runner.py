@@ -3,6 +3,8 @@
     evals/<eval_id>/manifest.json   everything needed to reproduce the eval
     evals/<eval_id>/outputs.jsonl   one line per (row, system), appended as answers arrive
     evals/<eval_id>/scores.json     per-row metric values + summary with CIs and paired tests
+                                    (+ "judge": pairwise counts and mean rubric per system)
+    evals/<eval_id>/judge.jsonl, judge_rubric.jsonl   the optional LLM judge (evals/judge.py)
     evals/<eval_id>/report.html|md  the decision report
 
 Resumable: a rerun of the same eval id skips (row, system) pairs already in outputs.jsonl.
@@ -35,15 +37,27 @@ class EvalError(StudioError):
 
 
 def create_eval(dataset: str, systems: list[str], split: str = "test", kb: str | None = None,
-                limit: int | None = None, metrics: list[str] | None = None, judge: bool = False,
+                limit: int | None = None, metrics: list[str] | None = None, judge: bool | str | None = None,
                 few_shot: int = 0, max_new_tokens: int = 128, base_model: str | None = None,
-                general: bool = True, ws: Workspace | None = None, store: Store | None = None) -> str:
-    """Check everything, then create the eval's directory, manifest and row (nothing runs yet)."""
+                general: bool = True, ws: Workspace | None = None, store: Store | None = None,
+                judge_model: str | None = None) -> str:
+    """Check everything, then create the eval's directory, manifest and row (nothing runs yet).
+
+    ``judge``: None/False (no judge), True or "local" (the local engine), or the URL of an
+    OpenAI-compatible endpoint (model ``judge_model``; key from SFT_STUDIO_JUDGE_API_KEY or
+    OPENAI_API_KEY at run time, never stored). External endpoints (``openai:*`` systems, a judge
+    URL) get a pre-flight request last, right before anything is written: a dead one stores nothing."""
+    from evals import judge as J
     from sft_core import data
     from sft_core.config import StudioSettings
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
-    checked = S.check_systems(systems, store, kb)
+    checked = S.check_systems(systems, store, kb, check_endpoints=False)
+    judge_to = J.judge_target(judge)
+    if judge_model and not judge_to:
+        raise EvalError("--judge-model needs --judge", "judge")
+    if few_shot < 0:
+        raise EvalError("few-shot must be 0 or more", "few_shot")
     bad = [m for m in (metrics or []) if m not in M.METRICS]
     if bad:
         raise EvalError(f"unknown metric(s) {', '.join(bad)}; choose from {', '.join(M.METRICS)}", "metrics")
@@ -60,11 +74,17 @@ def create_eval(dataset: str, systems: list[str], split: str = "test", kb: str |
             run = store.query_one("SELECT base_model FROM runs WHERE id=?", (s.adapter,))
             if run["base_model"] != base:
                 raise EvalError(f"run {s.adapter} was trained on {run['base_model']}, not on {base}", "systems")
+    if few_shot:
+        data.load_split(dataset, "train", dv.version, ws, store)  # few-shot examples come from train
+    S.preflight(checked)  # network last: every local check has passed
+    if judge_to and judge_to != "local":
+        J.check_endpoint_for_judge(judge_to)
     eval_id = f"eval-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
     path = ws.evals_dir(eval_id)
     path.mkdir(parents=True)
     cfg = {"dataset": dataset, "dataset_version": dv.version, "split": split, "systems": [s.name for s in checked],
-           "kb": kb, "limit": limit, "metrics": list(metrics or M.DEFAULT_METRICS), "judge": judge,
+           "kb": kb, "limit": limit, "metrics": list(metrics or M.DEFAULT_METRICS), "judge": judge_to,
+           "judge_model": judge_model,
            "few_shot": few_shot, "base_model": base, "general": general,
            "decoding": asdict(DecodingConfig(temperature=0.0, max_new_tokens=max_new_tokens)), "seed": 0}
     manifest = {"eval_id": eval_id, "created_at": time.time(), "config": cfg, "packages": _versions()}
@@ -87,10 +107,9 @@ def _set_status(store: Store, eval_id: str, status: str) -> None:
 
 
 def _openai_batch(model: str, reqs: list[list[dict]], decoding: DecodingConfig) -> list[dict]:
-    import os
     from openai import OpenAI
-    client = OpenAI(base_url=os.environ["SFT_STUDIO_OPENAI_BASE_URL"], api_key=os.environ.get("OPENAI_API_KEY", "none"),
-                    timeout=120)
+    base, key = S.openai_endpoint()
+    client = OpenAI(base_url=base, api_key=key, timeout=120)
     out = []
     for msgs in reqs:
         t = time.time()
@@ -101,17 +120,56 @@ def _openai_batch(model: str, reqs: list[list[dict]], decoding: DecodingConfig) 
                         "prompt_tokens": r.usage.prompt_tokens if r.usage else 0,
                         "completion_tokens": r.usage.completion_tokens if r.usage else 0})
         except Exception as e:
-            raise EvalError(f"endpoint {os.environ['SFT_STUDIO_OPENAI_BASE_URL']} failed: {type(e).__name__}: {e}",
+            raise EvalError(f"openai:{model}: endpoint {base} failed: {type(e).__name__}: {e}",
                             "systems") from None
     return out
 
 
-def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = None, engine=None,
-             progress=None) -> dict:
-    """Generate the missing outputs, score, and write the report. Returns the scores summary."""
+def eval_sets(cfg: dict, ws: Workspace, store: Store) -> dict[str, list[dict]]:
+    """The rows an eval answers: {"domain": the split (first ``limit``), "general": the general set}."""
+    from sft_core import data
+    rows = data.load_split(cfg["dataset"], cfg["split"], cfg["dataset_version"], ws, store)
+    if cfg.get("limit"):
+        rows = rows[: int(cfg["limit"])]
+    sets = {"domain": rows}
+    if cfg.get("general") and GENERAL_SET.exists():
+        gen = read_jsonl(GENERAL_SET)
+        sets["general"] = gen[: int(cfg["limit"])] if cfg.get("limit") else gen
+    return sets
+
+
+def eval_context(cfg: dict, ws: Workspace, store: Store, systems: list[S.System] | None = None) -> S.Context:
+    """What ``S.build_messages`` needs for this eval: the KB and the base model's tokenizer (only
+    when a system retrieves), and the few-shot rows: the first ``few_shot`` rows of the train split
+    of the same dataset version (deterministic: the same examples, in the same order, every time)."""
     from sft_core import data, models
     from sft_core.retrieval import open_kb
+    systems = systems if systems is not None else [S.parse_system(n) for n in cfg["systems"]]
+    ctx = S.Context()
+    if any(s.uses_kb for s in systems):
+        ctx.kb = open_kb(cfg["kb"], ws) if cfg.get("kb") else None
+        ctx.tokenizer = models.load_tokenizer(models.resolve_model(cfg["base_model"], ws))
+    if cfg.get("few_shot"):
+        ctx.few_shot = data.load_split(cfg["dataset"], "train", cfg["dataset_version"], ws, store)[: int(cfg["few_shot"])]
+    return ctx
+
+
+def _start_engine(cfg: dict, ws: Workspace, store: Store):
+    """The engine for the eval's base model, as the app starts it (SFT_STUDIO_ENGINE, SFT_STUDIO_ENGINE_URL)."""
+    from sft_core.config import StudioSettings
+    from sft_core.serving import get_engine
+    settings = StudioSettings.from_env()
+    return get_engine(cfg["base_model"], ws, store, engine=settings.engine, url=settings.engine_url or None)
+
+
+def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = None, engine=None,
+             progress=None) -> dict:
+    """Generate the missing outputs, score, judge (if asked) and write the report. Returns the scores.
+
+    An engine passed in is the caller's; one this function had to start (no ``engine`` given and a
+    system, or the local judge, needs it) is closed before it returns."""
     from sft_core.serving.base import GenRequest
+    from evals import judge as J
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     row = store.query_one("SELECT * FROM evals WHERE id=?", (eval_id,))
@@ -120,24 +178,17 @@ def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = No
     cfg = loads(row["config"])
     path = Path(row["path"])
     decoding = DecodingConfig(**cfg["decoding"])
-    rows = data.load_split(cfg["dataset"], cfg["split"], cfg["dataset_version"], ws, store)
-    if cfg.get("limit"):
-        rows = rows[: int(cfg["limit"])]
-    sets = {"domain": rows}
-    if cfg.get("general") and GENERAL_SET.exists():
-        gen = read_jsonl(GENERAL_SET)
-        sets["general"] = gen[: int(cfg["limit"])] if cfg.get("limit") else gen
+    sets = eval_sets(cfg, ws, store)
     systems = [S.parse_system(n) for n in cfg["systems"]]
+    judge_to = J.judge_target(cfg.get("judge"))
     _set_status(store, eval_id, "running")
     out_path = path / "outputs.jsonl"
     done = {(o["set"], o["row_id"], o["system"]) for o in read_jsonl(out_path)}
-    base_dir = models.resolve_model(cfg["base_model"], ws)
-    ctx = S.Context(kb=open_kb(cfg["kb"], ws) if cfg.get("kb") else None, tokenizer=models.load_tokenizer(base_dir))
-    if cfg.get("few_shot"):
-        ctx.few_shot = data.load_split(cfg["dataset"], "train", cfg["dataset_version"], ws, store)[: int(cfg["few_shot"])]
     total = sum(len(r) for r in sets.values()) * len(systems)
     count = len(done)
+    owned = None
     try:
+        ctx = eval_context(cfg, ws, store, systems)
         for set_name, set_rows in sets.items():
             for system in systems:
                 todo = [r for r in set_rows if (set_name, r["id"], system.name) not in done]
@@ -148,8 +199,7 @@ def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = No
                         results = _openai_batch(system.model, [b[0] for b in built], decoding)
                     else:
                         if engine is None:
-                            from sft_core.serving import get_engine
-                            engine = get_engine(cfg["base_model"], ws, store)
+                            engine = owned = _start_engine(cfg, ws, store)
                         gens = engine.generate_batch([GenRequest(b[0], system.adapter, decoding) for b in built])
                         bad = next((g for g in gens if g.error), None)
                         if bad:
@@ -166,14 +216,24 @@ def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = No
                     if progress:
                         progress(count, total)
         summary = score_eval(eval_id, ws, store)
-        if cfg.get("judge"):
-            from evals import judge
-            judge.judge_eval(eval_id, engine=engine, ws=ws, store=store)
+        if judge_to == "local":
+            if engine is None:  # every system was external: start the local engine for the judge
+                engine = owned = _start_engine(cfg, ws, store)
+            J.judge_eval(eval_id, engine=engine, ws=ws, store=store)
+        elif judge_to:
+            J.judge_eval(eval_id, url=judge_to, model=cfg.get("judge_model"), api_key=J.judge_api_key(),
+                         ws=ws, store=store)
+        if judge_to:
+            summary["judge"] = J.summarize_judge(path, cfg["systems"])
+            atomic_write_json(path / "scores.json", summary)
         from evals import report
         report.write_report(eval_id, ws, store)
     except BaseException as e:
         _set_status(store, eval_id, "failed" if not isinstance(e, KeyboardInterrupt) else "interrupted")
         raise
+    finally:
+        if owned is not None:
+            owned.close()
     _set_status(store, eval_id, "succeeded")
     return summary
 
@@ -204,6 +264,10 @@ def score_eval(eval_id: str, ws: Workspace, store: Store) -> dict:
             per_sys[system] = sc
         result["sets"][set_name] = {"summary": stats.summarize(per_sys), "rows": per_sys,
                                     "row_ids": sorted({o["row_id"] for o in outputs if o["set"] == set_name})}
+    from evals import judge as J
+    judged = J.summarize_judge(path, cfg["systems"])
+    if judged:
+        result["judge"] = judged
     atomic_write_json(path / "scores.json", result)
     return result
 
@@ -226,6 +290,9 @@ def eval_status(eval_id: str, ws: Workspace | None = None, store: Store | None =
                 entry = {"set": set_name, "system": system}
                 for m, v in ms.items():
                     entry[m] = f"{v['mean']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+                rub = (scores.get("judge") or {}).get("rubric", {}).get(system) if set_name == "domain" else None
+                if rub and rub["mean"] is not None:
+                    entry["judge_rubric"] = f"{rub['mean']:.2f} [{rub['low']:.2f}, {rub['high']:.2f}]"
                 out["table"].append(entry)
     for o in outputs[:200]:
         out["examples"].append({"system": o["system"], "question": o["instruction"], "answer": o["output"],

@@ -5,6 +5,10 @@
     sft:<run>         the run's adapter
     sft+rag:<run>     the run's adapter + retrieved passages
     openai:<model>    an external OpenAI-compatible endpoint (SFT_STUDIO_OPENAI_BASE_URL, OPENAI_API_KEY)
+
+``check_systems`` checks every system before an eval is created; for ``openai:*`` systems that
+includes a pre-flight ``GET {base}/models`` (short timeout), so a dead endpoint or a rejected key
+is reported before anything is stored.
 """
 from __future__ import annotations
 
@@ -52,7 +56,54 @@ def parse_system(name: str) -> System:
     return System(name, kind, run=arg or None)
 
 
-def check_systems(names: list[str], store, kb: str | None) -> list[System]:
+def openai_endpoint() -> tuple[str, str]:
+    """(base URL, API key) of the external endpoint the ``openai:*`` systems use."""
+    return (os.environ.get("SFT_STUDIO_OPENAI_BASE_URL", "").rstrip("/"),
+            os.environ.get("OPENAI_API_KEY", "") or "none")
+
+
+def check_endpoint(base_url: str, api_key: str | None, what: str, timeout: float = 5.0) -> list[str]:
+    """Pre-flight: ``GET {base_url}/models``. Returns the model ids it lists ([] if it has no list).
+
+    Unreachable (refused, DNS, timeout), a rejected key (401/403) or a server error raises a
+    ``StudioError`` that names ``what`` (the system or "the judge") and the URL. A 404 is accepted:
+    some OpenAI-compatible servers serve chat completions without listing models."""
+    import httpx
+    url = f"{base_url.rstrip('/')}/models"
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key and api_key != "none" else {}
+    try:
+        r = httpx.get(url, headers=headers, timeout=timeout)
+    except httpx.TimeoutException:
+        raise SystemError_(f"{what}: the endpoint {base_url} did not answer GET /models within {timeout:g}s",
+                           "systems") from None
+    except (httpx.HTTPError, ValueError) as e:
+        raise SystemError_(f"{what}: cannot reach the endpoint {base_url} ({type(e).__name__}: {e})",
+                           "systems") from None
+    if r.status_code in (401, 403):
+        raise SystemError_(f"{what}: the endpoint {base_url} rejected the API key (HTTP {r.status_code})", "systems")
+    if r.status_code == 404:
+        return []
+    if r.status_code >= 400:
+        raise SystemError_(f"{what}: the endpoint {base_url} answered GET /models with HTTP {r.status_code}",
+                           "systems")
+    try:
+        return [str(m["id"]) for m in r.json().get("data", [])]
+    except Exception:
+        return []
+
+
+def preflight(systems: list[System]) -> None:
+    """Check that the external endpoint of every ``openai:*`` system answers (one call per URL)."""
+    ext = [s for s in systems if s.kind == "openai"]
+    if not ext:
+        return
+    base, key = openai_endpoint()
+    if not base:
+        raise SystemError_("set SFT_STUDIO_OPENAI_BASE_URL (and OPENAI_API_KEY) for openai:* systems", "systems")
+    check_endpoint(base, key, ", ".join(s.name for s in ext))
+
+
+def check_systems(names: list[str], store, kb: str | None, check_endpoints: bool = True) -> list[System]:
     """Parse and check every system before anything runs (finished runs, a KB where needed, endpoints)."""
     if not names:
         raise SystemError_("choose at least one system", "systems")
@@ -70,6 +121,8 @@ def check_systems(names: list[str], store, kb: str | None) -> list[System]:
             raise SystemError_(f"{s.name} needs a knowledge base (--kb NAME)", "kb")
         if s.kind == "openai" and not os.environ.get("SFT_STUDIO_OPENAI_BASE_URL"):
             raise SystemError_("set SFT_STUDIO_OPENAI_BASE_URL (and OPENAI_API_KEY) for openai:* systems", "systems")
+    if check_endpoints:
+        preflight(systems)
     return systems
 
 
@@ -102,8 +155,9 @@ def build_messages(system: System, record: dict, ctx: Context) -> tuple[list[dic
         return prompt_messages(record), []
     msgs = [{"role": "system", "content": ctx.system_prompt}]
     if system.kind in ("prompt", "openai"):
-        for ex in ctx.few_shot:
-            msgs += prompt_messages(ex) + [{"role": "assistant", "content": ex["response"]}]
+        for ex in ctx.few_shot:  # each example as a user/assistant exchange (its own system turn dropped)
+            msgs += [m for m in prompt_messages(ex) if m["role"] != "system"]
+            msgs.append({"role": "assistant", "content": ex["response"]})
     return msgs + [m for m in prompt_messages(record) if m["role"] != "system"], []
 
 

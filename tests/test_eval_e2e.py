@@ -98,10 +98,19 @@ def test_bad_inputs_store_nothing(setup, monkeypatch):
     after = sorted(p.name for p in ws.evals_dir().iterdir()) if ws.evals_dir().exists() else []
     assert after == before
 
-    # an external endpoint that is down: a clear error, the eval marked failed, no answer recorded for it
+    # an external endpoint that is down at creation: refused by the pre-flight, nothing stored
     monkeypatch.setenv("SFT_STUDIO_OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    with pytest.raises(Exception, match="openai:ref: cannot reach the endpoint http://127.0.0.1:9/v1"):
+        runner.create_eval("zorbia", ["openai:ref"], split="train", limit=2, base_model=base, ws=ws, store=store)
+    assert (sorted(p.name for p in ws.evals_dir().iterdir()) if ws.evals_dir().exists() else []) == before
+
+    # one that goes down after the eval was created: a clear error, the eval marked failed, no answer recorded
+    from tests.test_judge import ScriptedOpenAI
+    srv = ScriptedOpenAI()
+    monkeypatch.setenv("SFT_STUDIO_OPENAI_BASE_URL", srv.url)
     eval_id = runner.create_eval("zorbia", ["openai:ref"], split="train", limit=2, base_model=base, ws=ws, store=store)
-    with pytest.raises(runner.EvalError, match="failed"):
+    srv.close()
+    with pytest.raises(runner.EvalError, match="openai:ref: endpoint .* failed"):
         runner.run_eval(eval_id, ws, store, engine=engine)
     assert store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "failed"
     assert not (ws.evals_dir(eval_id) / "outputs.jsonl").exists()

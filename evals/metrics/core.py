@@ -22,6 +22,14 @@ def normalize_answer(s: str) -> str:
 
 
 def token_f1(predictions: list[str], references: list[str]) -> list[float]:
+    """SQuAD token F1 per example: harmonic mean of token precision and recall after
+    ``normalize_answer`` (lower-case, ASCII punctuation and the articles a/an/the removed, whitespace
+    collapsed), tokens split on whitespace, counted with multiplicity.
+
+    Empty answers (after normalisation): one side empty -> 0.0; **both empty -> 1.0**. This is the
+    SQuAD v2.0 script's rule; the v1.1 script returns 0.0 for empty-vs-empty (no common token), which
+    would score a correct "no answer" as wrong and disagree with ``exact_match`` (1.0 there). On every
+    other input the score equals the v1.1 script's ``f1_score``."""
     out = []
     for p, r in zip(predictions, references):
         pt, rt = normalize_answer(p).split(), normalize_answer(r).split()
@@ -38,6 +46,8 @@ def token_f1(predictions: list[str], references: list[str]) -> list[float]:
 
 
 def exact_match(predictions: list[str], references: list[str]) -> list[float]:
+    """1.0 when ``normalize_answer(prediction) == normalize_answer(reference)``, else 0.0 (the SQuAD
+    v1.1 script's ``exact_match_score``). Empty-vs-empty (after normalisation) is 1.0; one empty is 0.0."""
     return [float(normalize_answer(p) == normalize_answer(r)) for p, r in zip(predictions, references)]
 
 

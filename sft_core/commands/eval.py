@@ -12,14 +12,16 @@ def cmd_eval(args) -> int:
     from evals import runner
     if not args.dataset and not args.resume:
         raise StudioError("give --dataset NAME (or --resume EVAL_ID)", "dataset")
+    if args.resume and (args.judge or args.judge_model):
+        raise StudioError("--judge is fixed when an eval is created; --resume keeps its setting", "judge")
     ws = Workspace.from_env()
     store = open_store(ws.db_url)
     systems = [s for s in args.systems.split(",") if s.strip()]
     metrics = [m for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     eval_id = args.resume or runner.create_eval(
         args.dataset, systems, split=args.split, kb=args.kb, limit=args.limit, metrics=metrics,
-        judge=bool(args.judge), few_shot=args.few_shot, max_new_tokens=args.max_new_tokens,
-        base_model=args.base, ws=ws, store=store)
+        judge=args.judge, judge_model=args.judge_model, few_shot=args.few_shot,
+        max_new_tokens=args.max_new_tokens, base_model=args.base, ws=ws, store=store)
     print(f"eval {eval_id}: {ws.evals_dir(eval_id)}")
 
     def progress(done, total):
@@ -70,7 +72,12 @@ def register(sub) -> None:
     p.add_argument("--kb", default=None)
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--metrics", default=None, help="comma-separated; default: all that apply")
-    p.add_argument("--judge", action="store_true", help="also run the LLM judge (the local engine)")
+    p.add_argument("--judge", nargs="?", const="local", default=None, metavar="ENDPOINT",
+                   help="also run the LLM judge (pairwise, position-swapped, + a 1-5 rubric): with no value the "
+                        "local engine on the base model; with a URL any OpenAI-compatible endpoint "
+                        "(key from SFT_STUDIO_JUDGE_API_KEY or OPENAI_API_KEY)")
+    p.add_argument("--judge-model", default=None,
+                   help="model name at the judge endpoint (default: the first one it lists)")
     p.add_argument("--few-shot", type=int, default=0)
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--base", default=None, help="base model (default: the app's)")

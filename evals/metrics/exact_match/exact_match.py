@@ -1,4 +1,7 @@
-"""SQuAD-style exact match after answer normalisation. Local `evaluate` module (loaded by path, no hub)."""
+"""SQuAD-style exact match after answer normalisation. Local `evaluate` module (loaded by path, no hub).
+
+Empty-vs-empty (after normalisation) scores 1.0; one side empty scores 0.0. See core.exact_match.
+"""
 import datasets
 import evaluate
 

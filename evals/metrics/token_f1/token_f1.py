@@ -1,4 +1,8 @@
-"""SQuAD-style token F1 after answer normalisation. Local `evaluate` module (loaded by path, no hub)."""
+"""SQuAD-style token F1 after answer normalisation. Local `evaluate` module (loaded by path, no hub).
+
+Empty-vs-empty (after normalisation) scores 1.0 (the SQuAD v2.0 rule; the v1.1 script gives 0.0);
+one side empty scores 0.0. See core.token_f1.
+"""
 import datasets
 import evaluate
 
