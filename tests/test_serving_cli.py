@@ -1,4 +1,4 @@
-"""`sft-studio serve`: bad options are clear errors; the transformers engine serves an OpenAI API."""
+"""`sft-studio serve`: bad options are clear errors; the OpenAI-compatible front serves every engine."""
 from __future__ import annotations
 
 import json
@@ -7,12 +7,14 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 
 import pytest
 
 from sft_core.cli import main
+from sft_core.serving.base import EngineError, GenResult
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -68,3 +70,116 @@ def test_serve_hf_engine_answers_with_every_adapter(serving_ws, tiny_model_dir):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in out
+
+
+def _get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+class FakeVLLM:
+    """Stands in for VLLMEngine (no vLLM start): resolves adapter names with the real registry."""
+    name = "vllm"
+
+    def __init__(self, registry):
+        self.registry = registry
+        self.served_name = "tiny"
+        self.url = "http://127.0.0.1:9"  # the internal vLLM URL: must never be handed to clients
+        self.down = False
+        self.stopped = threading.Event()
+        self.closed = False
+
+    def list_adapters(self):
+        return []
+
+    def load_adapter(self, name):
+        self.registry.resolve(name)
+
+    def _check(self, adapter):
+        if self.down:
+            raise EngineError("engine restarting (vLLM process died); try again in a few seconds", "vllm")
+        if adapter is not None:
+            self.registry.resolve(adapter)
+
+    def chat(self, messages, adapter=None, decoding=None):
+        self._check(adapter)
+        yield "hel"
+        yield "lo"
+
+    def generate_batch(self, requests):
+        out = []
+        for r in requests:
+            try:
+                self._check(r.adapter)
+                out.append(GenResult("hello", 3, 2, finish_reason="stop"))
+            except EngineError as e:
+                out.append(GenResult("", error=str(e)))
+        return out
+
+    def health(self):
+        state = "closed" if self.stopped.is_set() else "ready"
+        return {"ok": state == "ready", "state": state}
+
+    def close(self):
+        self.closed = True
+
+
+def test_serve_vllm_fronts_the_engine_on_port_and_hides_lora_routes(ws, store, monkeypatch, capsys):
+    """`serve --engine vllm --port P`: vLLM gets an internal port, clients get the front on P only."""
+    import sft_core.commands.serve as serve_mod
+    from sft_core.serving.adapters import AdapterRegistry
+    from sft_core.serving.vllm_engine import free_port
+
+    fake, seen = FakeVLLM(AdapterRegistry(ws, store)), {}
+
+    def fake_get_engine(base, ws_, store_, cfg):
+        seen["cfg"] = cfg
+        return fake
+
+    monkeypatch.setattr(serve_mod, "get_engine", fake_get_engine)
+    port = free_port()
+    result = {}
+    t = threading.Thread(target=lambda: result.setdefault("rc", main(["serve", "--engine", "vllm", "--port", str(port)])))
+    t.start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                code, body = _get(f"{url}/health")
+                break
+            except OSError:
+                time.sleep(0.1)
+        assert code == 200 and json.loads(body)["ok"]
+        assert seen["cfg"].engine == "vllm" and seen["cfg"].port == 0  # vLLM itself: an internal free port
+        assert json.loads(_get(f"{url}/v1/models")[1])["data"][0]["id"] == "tiny"
+        msgs = [{"role": "user", "content": "hi"}]
+        code, body = _post(f"{url}/v1/chat/completions", {"model": "tiny", "messages": msgs})
+        assert code == 200 and json.loads(body)["choices"][0]["message"]["content"] == "hello"
+        code, body = _post(f"{url}/v1/chat/completions", {"model": "tiny", "messages": msgs, "stream": True})
+        assert code == 200 and '"hel"' in body and body.rstrip().endswith("data: [DONE]")
+        for bad, msg in [("../x", "looks like a path"), ("/tmp/x", "looks like a path"), ("ghost", "unknown adapter 'ghost'")]:
+            for stream in (False, True):
+                code, body = _post(f"{url}/v1/chat/completions", {"model": bad, "messages": msgs, "stream": stream})
+                assert code == 400 and msg in json.loads(body)["error"]["message"], (bad, stream, body)
+        code, body = _post(f"{url}/v1/chat/completions", {"model": "tiny"})
+        assert code == 400 and "messages" in body
+        for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            code, body = _post(f"{url}{route}", {"lora_name": "evil", "lora_path": "/tmp/evil"})
+            assert code == 404, (route, code, body)
+        fake.down = True
+        code, body = _post(f"{url}/v1/chat/completions", {"model": "tiny", "messages": msgs})
+        assert code == 503 and "engine restarting" in body
+        fake.down = False
+    finally:
+        fake.stopped.set()  # the serve loop sees state 'closed' and exits
+        t.join(timeout=30)
+    assert not t.is_alive() and result["rc"] == 1 and fake.closed
+    out = capsys.readouterr().out
+    assert f"at http://127.0.0.1:{port}" in out and f"curl http://127.0.0.1:{port}/v1/chat/completions" in out
+    assert f'base_url="http://127.0.0.1:{port}/v1"' in out and fake.url not in out
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)  # the front is shut down

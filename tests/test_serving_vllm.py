@@ -3,15 +3,21 @@ trained in the test session (tests/conftest.py: serving_ws), and parity with tra
 from __future__ import annotations
 
 import importlib.util
+import json
+import logging
 import os
 import signal
+import socket
 import time
+import urllib.error
+import urllib.request
 
 import pytest
 
 from sft_core.config import DecodingConfig, ServeConfig
-from sft_core.serving import GenRequest, get_engine
+from sft_core.serving import GenRequest, get_engine, load_all_adapters
 from sft_core.serving.base import EngineError
+from sft_core.serving.vllm_engine import VLLMEngine, free_port
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm is not installed")]
@@ -30,8 +36,9 @@ def user(text):
 @pytest.fixture(scope="module")
 def vllm(serving_ws, tiny_model_dir):
     ws, st = serving_ws
+    # a fixed port: the restart test checks the server comes back on it
     cfg = ServeConfig(engine="vllm", max_loras=2, max_lora_rank=8, max_model_len=512, dtype="float32",
-                      startup_timeout_s=400)
+                      startup_timeout_s=400, port=free_port())
     eng = get_engine(str(tiny_model_dir), ws, st, cfg=cfg)
     yield eng
     eng.close()
@@ -83,6 +90,101 @@ def test_unknown_and_path_names_never_reach_vllm(vllm):
     assert vllm.list_adapters() == before
 
 
+def _http(url, body=None):
+    """(status, parsed JSON or text) of a GET, or a POST when ``body`` is given."""
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            code, text = r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        code, text = e.code, e.read().decode()
+    try:
+        return code, json.loads(text)
+    except ValueError:
+        return code, text
+
+
+def test_serve_front_over_vllm_serves_registered_adapters_only(vllm, serving_ws, tiny_model_dir):
+    """`sft-studio serve`'s front (the only port clients get) over an engine attached to the running vLLM."""
+    import openai
+
+    from sft_core.commands.serve import banner, start_front
+    ws, st = serving_ws
+    base = str(tiny_model_dir)
+    eng = get_engine(base, ws, st, engine="vllm", url=vllm.url)  # attach: no second vLLM
+    httpd = via_front = None
+    try:
+        loaded, _ = load_all_adapters(eng, base, st)
+        assert loaded == ["run-banana", "run-kiwi"]
+        httpd, url, model = start_front(eng, base)
+        assert model == vllm.served_name and url != vllm.url
+        text = banner(url, model, loaded)
+        assert f"curl {url}/v1/chat/completions" in text and f'base_url="{url}/v1"' in text and vllm.url not in text
+
+        code, h = _http(f"{url}/health")
+        assert code == 200 and h["ok"] and h["mode"] == "attach"
+        code, models = _http(f"{url}/v1/models")
+        ids = [m["id"] for m in models["data"]]
+        assert code == 200 and ids[0] == model and sorted(ids[1:]) == ["run-banana", "run-kiwi"]
+
+        q = user("What is the secret?")
+        direct = vllm.generate_batch([GenRequest(q, "run-banana", GREEDY)])[0].text
+        assert "banana" in direct
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="EMPTY", max_retries=0, timeout=120)
+        r = client.chat.completions.create(model="run-banana", messages=q, temperature=0, max_tokens=12)
+        assert r.choices[0].message.content == direct and r.usage.completion_tokens > 0
+        chunks = client.chat.completions.create(model="run-banana", messages=q, temperature=0, max_tokens=12,
+                                                stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == direct
+        r = client.chat.completions.create(model=model, messages=q, temperature=0, max_tokens=12)
+        assert r.choices[0].message.content == vllm.generate_batch([GenRequest(q, None, GREEDY)])[0].text
+
+        before = sorted(vllm.list_adapters())
+        for bad, msg in [("../x", "looks like a path"), ("/tmp/x", "looks like a path"),
+                         ("ghost", "unknown adapter 'ghost'"), ("run-pending", "only succeeded runs")]:
+            for stream in (False, True):
+                code, body = _http(f"{url}/v1/chat/completions", {"model": bad, "messages": q, "stream": stream})
+                assert code == 400 and msg in body["error"]["message"], (bad, stream, code, body)
+        for route in ("/v1/load_lora_adapter", "/v1/unload_lora_adapter"):
+            code, _ = _http(f"{url}{route}", {"lora_name": "evil", "lora_path": "/tmp/evil"})
+            assert code in (404, 405), route
+        assert sorted(vllm.list_adapters()) == before  # nothing reached vLLM
+
+        # studio/evals can attach to the front like to vLLM: adapters are addressed by run id there
+        via_front = get_engine(base, ws, st, engine="vllm", url=url)
+        assert via_front.served_name == model
+        via_front.load_adapter("run-banana")
+        assert via_front.generate_batch([GenRequest(q, "run-banana", GREEDY)])[0].text == direct
+    finally:
+        if via_front is not None:
+            via_front.close()
+        if httpd is not None:
+            httpd.shutdown()
+            httpd.server_close()
+        eng.close()
+    assert vllm.health()["ok"]
+
+
+def test_restart_port_falls_back_only_when_the_configured_port_is_taken(caplog, monkeypatch):
+    eng = VLLMEngine.__new__(VLLMEngine)  # only the port choice; no server
+    monkeypatch.setattr(time, "sleep", lambda s: None)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        eng.cfg, eng.restarts = ServeConfig(port=taken), 1
+        with caplog.at_level(logging.WARNING, logger="sft_core.serving.vllm_engine"):
+            other = eng._pick_port()
+        assert other != taken and f"port {taken} is still taken" in caplog.text
+        eng.restarts = 0
+        assert eng._pick_port() == taken  # at start-up the user's choice stands
+    eng.restarts = 2
+    assert eng._pick_port() == taken  # free again: reused after a restart
+    eng.cfg = ServeConfig(port=0)
+    assert eng._pick_port() != 0
+
+
 def parity(vllm_out, reference) -> list[str]:
     """Problems found comparing vLLM's greedy tokens/log-probs with the teacher-forced reference."""
     problems = []
@@ -118,7 +220,8 @@ def test_killed_server_restarts_with_adapters_and_outage_errors_fast(vllm):
     vllm.load_adapter("run-banana")
     vllm.load_adapter("run-kiwi")
     expected = vllm.generate_batch([GenRequest(user("hi"), "run-kiwi", GREEDY)])[0].text
-    old_pid, restarts = vllm.pid(), vllm.restarts
+    old_pid, restarts, old_url = vllm.pid(), vllm.restarts, vllm.url
+    assert old_url.endswith(f":{vllm.cfg.port}")
     os.kill(old_pid, signal.SIGKILL)
     # a request during the outage fails at once with a clear message, whether or not the watchdog saw it yet
     t0 = time.time()
@@ -133,6 +236,7 @@ def test_killed_server_restarts_with_adapters_and_outage_errors_fast(vllm):
         assert vllm.state != "failed", vllm.error
         time.sleep(1)
     assert vllm.state == "ready" and vllm.restarts == restarts + 1 and vllm.pid() != old_pid
+    assert vllm.url == old_url  # back on the configured port, not a random one
     assert sorted(vllm.list_adapters()) == ["run-banana", "run-kiwi"]  # reloaded on the new server
     assert vllm.generate_batch([GenRequest(user("hi"), "run-kiwi", GREEDY)])[0].text == expected
     with pytest.raises(ProcessLookupError):

@@ -4,7 +4,8 @@ Two modes:
 
 * **managed** (default): start the server as a subprocess on a free localhost port, wait for
   ``/health``, load adapters through ``/v1/load_lora_adapter``. A watchdog thread notices when the
-  process dies and restarts it (on a fresh port), then reloads every adapter that was loaded.
+  process dies and restarts it (on the configured port when one was set and is free again, else a
+  fresh one), then reloads every adapter that was loaded.
   While it restarts, requests fail at once with ``EngineError("engine restarting ...")`` rather
   than hang. The server's whole process group (API server, engine core, workers) is stopped with
   the engine (``close()``, registered with ``atexit``).
@@ -44,6 +45,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a server could listen on ``host:port`` now (SO_REUSEADDR, as uvicorn binds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
 
 
 def is_cuda_build() -> bool:
@@ -229,7 +241,7 @@ class VLLMEngine:
         """Start a server process and wait until it answers /health (caller holds the lock)."""
         import httpx
         import openai
-        port = self.cfg.port if (self.cfg.port and self.restarts == 0) else free_port()
+        port = self._pick_port()
         cmd = server_command(self.model_dir, self.served_name, port, self.cfg, self.cuda)
         log.info("starting vLLM: %s", " ".join(cmd))
         server = self._server = _Server(cmd, server_env(self.cfg, self.cuda), port, self.log_path)
@@ -257,6 +269,22 @@ class VLLMEngine:
         self.url = base
         self._client = openai.OpenAI(base_url=f"{base}/v1", api_key="EMPTY", max_retries=0,
                                      timeout=httpx.Timeout(self.cfg.request_timeout_s, connect=5.0))
+
+    def _pick_port(self) -> int:
+        """The configured port (also after a restart); a free one when none is set, or when the
+        configured one is still taken after a crash (e.g. by a survivor of the old process group)."""
+        if not self.cfg.port:
+            return free_port()
+        if self.restarts == 0:
+            return self.cfg.port  # the user chose it: if it is taken, vLLM exits and start() shows its log
+        for _ in range(20):  # the old group was just stopped; give the kernel a moment to release it
+            if port_is_free(self.cfg.port):
+                return self.cfg.port
+            time.sleep(0.25)
+        port = free_port()
+        log.warning("configured vLLM port %d is still taken after the crash; restarting on port %d",
+                    self.cfg.port, port)
+        return port
 
     def _watch(self) -> None:
         while not self._stop.wait(0.5):
@@ -430,6 +458,11 @@ class VLLMEngine:
                                 json={"lora_name": info.name, "lora_path": str(info.path)}, timeout=120)
         except Exception as e:
             raise self._request_error(e) from None
+        if r.status_code in (404, 405) and not self.managed:
+            # no runtime LoRA routes there (an `sft-studio serve` front, which resolves run ids with its own
+            # registry and hot-loads them; or vLLM started with --lora-modules): address the adapter by name
+            log.info("%s has no /v1/load_lora_adapter; using adapter %r by name", self.url, info.name)
+            return
         if r.status_code != 200 and "already" not in r.text:
             raise EngineError(f"vLLM could not load adapter {info.name!r}: {r.text[:500]}", str(info.path))
 
