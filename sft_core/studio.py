@@ -7,14 +7,16 @@ state is readable at any time, so the UI can show progress instead of blocking.
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from sft_core import StudioError
 from sft_core.config import StudioSettings
-from sft_core.store import Store, open_store
+from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class Studio:
     tasks: dict[str, Task] = field(default_factory=dict)
     _engine: object | None = None
     _engine_lock: threading.Lock = field(default_factory=threading.Lock)
+    _download_key: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
 
     @classmethod
     def from_env(cls) -> "Studio":
@@ -111,3 +114,104 @@ class Studio:
                 self._engine.close()
             finally:
                 self._engine = None
+
+    # -- downloads -----------------------------------------------------------------------------
+    @property
+    def downloads_dir(self):
+        """The one workspace folder the web server may serve files from (``allowed_paths``).
+
+        Only copies of files the app hands out land here, each under an unguessable folder, so
+        serving this folder exposes nothing else of the workspace (database, runs, eval outputs)."""
+        return self.ws.root / "downloads"
+
+    def stage_download(self, path) -> str:
+        """Copy ``path`` (a file inside the workspace) into ``downloads_dir`` and return the copy.
+
+        The folder name is a keyed hash of the file's path and version, so repeated polls reuse one
+        copy and nobody can derive the URL of a file they were not handed."""
+        import hashlib
+        import hmac
+        import shutil
+        src = Path(path).resolve()
+        if not self.ws.contains(src) or not src.is_file():
+            raise StudioError(f"{src} is not a file in the workspace", "file")
+        st = src.stat()
+        key = hmac.new(self._download_key, f"{src}|{st.st_mtime_ns}|{st.st_size}".encode(), hashlib.sha256)
+        dst = self.downloads_dir / key.hexdigest()[:32] / src.name
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            shutil.copyfile(src, tmp)
+            tmp.replace(dst)
+        return str(dst)
+
+    def clear_downloads(self) -> None:
+        """Drop copies handed out by an earlier process (their folder names were keyed to it)."""
+        import shutil
+        shutil.rmtree(self.downloads_dir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Deleting things (the web app's Data and Train tabs; the library had no delete operations)
+# ------------------------------------------------------------------------------------------------
+ACTIVE_JOB_STATES = ("queued", "running")
+FINISHED_RUN_STATES = ("succeeded", "failed", "cancelled")
+
+
+def delete_dataset(name: str, ws: Workspace, store: Store) -> int:
+    """Delete every version of dataset ``name`` (rows and files). Returns how many versions went.
+
+    Refused while a queued or running training job, or a queued or running eval, uses the dataset.
+    Finished runs and evals keep what they made (adapters, outputs, scores); a failed or cancelled
+    run of the dataset can no longer be resumed."""
+    import shutil
+    from sft_core.workspace import safe_name
+    safe_name(name, "dataset")
+    with store.tx() as con:  # BEGIN IMMEDIATE: no job can be queued between the check and the delete
+        n = con.execute("SELECT COUNT(*) FROM datasets WHERE name=?", (name,)).fetchone()[0]
+        if not n:
+            raise StudioError(f"unknown dataset {name!r}", "dataset")
+        busy = [r[0] for r in con.execute(
+            "SELECT runs.id FROM jobs JOIN runs ON jobs.ref = runs.id WHERE jobs.kind='train' AND runs.dataset=? "
+            f"AND jobs.status IN {ACTIVE_JOB_STATES}", (name,))]
+        busy += [r[0] for r in con.execute(
+            f"SELECT id FROM evals WHERE dataset=? AND status IN {ACTIVE_JOB_STATES}", (name,))]
+        if busy:
+            raise StudioError(f"dataset {name!r} is in use by {', '.join(busy)} (queued or running); "
+                              "cancel or wait for it first", "dataset")
+        paths = [r[0] for r in con.execute("SELECT path FROM datasets WHERE name=?", (name,))]
+        con.execute("DELETE FROM datasets WHERE name=?", (name,))
+    for p in paths + [str(ws.datasets_dir(name))]:
+        if ws.contains(p) and Path(p).resolve() != ws.root:
+            shutil.rmtree(p, ignore_errors=True)
+    return n
+
+
+def delete_run(run_id: str, ws: Workspace, store: Store) -> None:
+    """Delete a finished, failed or cancelled run: its row, its jobs and its directory (adapter too).
+
+    Refused while the run is queued or running (cancel it first), or while a queued or running eval
+    uses its adapter. Finished evals and rating campaigns keep the answers it gave."""
+    import shutil
+    from sft_core.workspace import safe_name
+    safe_name(run_id, "run")
+    with store.tx() as con:
+        run = con.execute("SELECT status, path FROM runs WHERE id=?", (run_id,)).fetchone()
+        if run is None:
+            raise StudioError(f"unknown run {run_id!r}", "run")
+        active = con.execute(f"SELECT status FROM jobs WHERE ref=? AND status IN {ACTIVE_JOB_STATES}",
+                             (run_id,)).fetchone()
+        if run["status"] not in FINISHED_RUN_STATES or active:
+            state = active["status"] if active else run["status"]
+            raise StudioError(f"run {run_id} is {state}; only succeeded, failed or cancelled runs can be deleted "
+                              "(cancel it first)", "run")
+        evals = [r["id"] for r in con.execute(f"SELECT id, systems FROM evals WHERE status IN {ACTIVE_JOB_STATES}")
+                 if any(str(s).split(":", 1)[-1] == run_id for s in loads(r["systems"], []))]
+        if evals:
+            raise StudioError(f"run {run_id} is in use by {', '.join(evals)} (queued or running); "
+                              "wait for it first", "run")
+        con.execute("DELETE FROM jobs WHERE ref=? AND kind='train'", (run_id,))
+        con.execute("DELETE FROM runs WHERE id=?", (run_id,))
+    for p in (run["path"], str(ws.runs_dir(run_id))):
+        if ws.contains(p) and Path(p).resolve() != ws.root:
+            shutil.rmtree(p, ignore_errors=True)
