@@ -237,7 +237,9 @@ class ServeConfig:
     port: int = opt(0, "Port of the managed vLLM server (0 picks a free localhost port).")
     max_loras: int = opt(4, "Adapters vLLM can apply within one batch (--max-loras).")
     max_cpu_loras: int = opt(16, "Adapters vLLM keeps loaded in host memory (--max-cpu-loras).")
-    max_lora_rank: int = opt(64, "Largest LoRA rank vLLM accepts (--max-lora-rank; one of 1, 8, 16, 32, 64, 128, 256, 320, 512).")
+    max_lora_rank: int = opt(0, "Largest LoRA rank vLLM accepts (--max-lora-rank; one of 1, 8, 16, 32, 64, 128, 256, 320, 512). "
+                                "0 = auto: the smallest that fits the adapters (at least 16), raised by a restart when a larger "
+                                "one is loaded; vLLM computes every LoRA at this rank, so a needlessly large one is slow.")
     max_model_len: int = opt(2048, "Longest prompt + answer in tokens (--max-model-len).")
     dtype: str = opt("auto", "Weights dtype in vLLM: auto, float32, bfloat16, float16.", choices=["auto", "float32", "bfloat16", "float16"])
     kv_cache_gib: int = opt(1, "CPU only: GiB of RAM for vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE).")
@@ -254,8 +256,9 @@ class ServeConfig:
             raise ConfigError(f"must start with http:// or https://, got {self.url!r}", "url")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"must be a port number, got {self.port}", "port")
-        if self.max_lora_rank not in LORA_RANKS:
-            raise ConfigError(f"must be one of {', '.join(map(str, LORA_RANKS))}, got {self.max_lora_rank}", "max_lora_rank")
+        if self.max_lora_rank != 0 and self.max_lora_rank not in LORA_RANKS:
+            raise ConfigError(f"must be 0 (auto) or one of {', '.join(map(str, LORA_RANKS))}, got {self.max_lora_rank}",
+                              "max_lora_rank")
         for name in ("max_loras", "max_cpu_loras", "max_model_len", "kv_cache_gib", "max_concurrency"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"must be positive, got {getattr(self, name)}", name)

@@ -19,7 +19,7 @@ from sft_core.serving.base import EngineError, GenResult
 
 @pytest.mark.parametrize("argv, msg", [
     (["serve", "--engine", "tgi"], "engine: must be auto, vllm or hf"),
-    (["serve", "--max-lora-rank", "12"], "max_lora_rank: must be one of"),
+    (["serve", "--max-lora-rank", "12"], "max_lora_rank: must be 0 (auto) or one of"),
     (["serve", "--port", "abc"], "port: cannot read 'abc' as int"),
     (["serve", "--engine", "hf", "--base", "./no/such/model"], "base_model: model directory ./no/such/model does not exist"),
 ])

@@ -37,9 +37,12 @@ def user(text):
 def vllm(serving_ws, tiny_model_dir):
     ws, st = serving_ws
     # a fixed port: the restart test checks the server comes back on it
-    cfg = ServeConfig(engine="vllm", max_loras=2, max_lora_rank=8, max_model_len=512, dtype="float32",
+    # max_lora_rank=0: auto, fitted to the workspace's adapters (rank 8 here -> 16, the auto minimum)
+    cfg = ServeConfig(engine="vllm", max_loras=2, max_lora_rank=0, max_model_len=512, dtype="float32",
                       startup_timeout_s=400, port=free_port())
     eng = get_engine(str(tiny_model_dir), ws, st, cfg=cfg)
+    args = eng._server.proc.args
+    assert eng.cfg.max_lora_rank == 16 and args[args.index("--max-lora-rank") + 1] == "16"
     yield eng
     eng.close()
     assert eng.pid() is None
@@ -257,3 +260,37 @@ def test_attach_mode_uses_an_external_server(vllm, serving_ws, tiny_model_dir):
     assert vllm.health()["ok"]  # closing an attached engine leaves the server alone
     with pytest.raises(EngineError, match="cannot reach vLLM endpoint"):
         get_engine(str(tiny_model_dir), ws, st, engine="vllm", url="http://127.0.0.1:9")
+
+
+def test_auto_lora_rank_restarts_for_a_larger_adapter(monkeypatch):
+    """Auto max_lora_rank: an adapter above the running rank restarts the server with the smallest rank
+    vLLM accepts that fits it; a fixed rank refuses with a clear error. (Engine internals only: the
+    server start is replaced, the real restart path is tested above with a killed server.)"""
+    from sft_core.serving.adapters import AdapterInfo
+    from sft_core.serving.vllm_engine import fit_rank, server_env
+    assert [fit_rank(r) for r in (1, 8, 16, 17, 64, 65)] == [16, 16, 16, 32, 64, 128]
+    eng = VLLMEngine.__new__(VLLMEngine)
+    big = AdapterInfo(name="run-big", path=None, lora_id=3, rank=32, base_model="m")
+
+    class Registry:
+        def resolve(self, name):
+            return big
+    restarts = []
+    eng.registry, eng.managed, eng.served_name, eng._loaded = Registry(), True, "m", {}
+    eng._adapter_lock = __import__("threading").Lock()
+    monkeypatch.setattr(eng, "_restart", lambda reason: restarts.append((reason, eng.cfg.max_lora_rank)), raising=False)
+    monkeypatch.setattr(eng, "_ready", lambda: None, raising=False)
+    monkeypatch.setattr(eng, "_post_load", lambda info: None, raising=False)
+    eng.cfg, eng.auto_rank = ServeConfig(max_lora_rank=16), True
+    eng.load_adapter("run-big")
+    assert restarts == [("adapter 'run-big' has rank 32: --max-lora-rank 32", 32)] and "run-big" in eng._loaded
+    eng.cfg, eng.auto_rank, eng._loaded = ServeConfig(max_lora_rank=16), False, {}
+    with pytest.raises(EngineError, match="rank 32 > max_lora_rank 16"):
+        eng.load_adapter("run-big")
+    assert len(restarts) == 1
+    # small CPU machines compute on every core (vLLM would reserve one for its scheduler)
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert server_env(ServeConfig(), cuda=False)["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)))
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in server_env(ServeConfig(), cuda=False)
