@@ -478,7 +478,12 @@ def eval_start(dataset, split, systems, kb, limit, metrics, judge, is_admin):
     def work(task):
         def progress(done, total):
             task.message = f"{done}/{total} answers"
-        runner.run_eval(eval_id, STUDIO.ws, STUDIO.store, engine=STUDIO.engine(), progress=progress)
+        try:
+            engine = STUDIO.engine()
+        except Exception:  # no engine, no eval: failed with the reason, not stuck 'queued'
+            runner.set_status(STUDIO.store, eval_id, "failed")
+            raise
+        runner.run_eval(eval_id, STUDIO.ws, STUDIO.store, engine=engine, progress=progress)
         task.message = "report ready"
 
     STUDIO.run_task(f"eval {eval_id}", work)

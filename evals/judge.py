@@ -135,8 +135,11 @@ class Judge:
             return []
         if self.url:
             self._endpoint()
-            with ThreadPoolExecutor(max_workers=min(URL_WORKERS, len(prompts))) as pool:
+            pool = ThreadPoolExecutor(max_workers=min(URL_WORKERS, len(prompts)))
+            try:
                 return list(pool.map(self._ask_url, prompts))
+            finally:  # on the first failure, do not wait out every queued request's timeout
+                pool.shutdown(wait=True, cancel_futures=True)
         from sft_core.serving.base import GenRequest
         decoding = DecodingConfig(temperature=0.0, max_new_tokens=MAX_TOKENS)
         out: list[str] = []

@@ -101,7 +101,7 @@ def _versions() -> dict:
     return package_versions()
 
 
-def _set_status(store: Store, eval_id: str, status: str) -> None:
+def set_status(store: Store, eval_id: str, status: str) -> None:
     with store.tx() as con:
         con.execute("UPDATE evals SET status=? WHERE id=?", (status, eval_id))
 
@@ -178,10 +178,14 @@ def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = No
     cfg = loads(row["config"])
     path = Path(row["path"])
     decoding = DecodingConfig(**cfg["decoding"])
-    sets = eval_sets(cfg, ws, store)
-    systems = [S.parse_system(n) for n in cfg["systems"]]
-    judge_to = J.judge_target(cfg.get("judge"))
-    _set_status(store, eval_id, "running")
+    try:
+        sets = eval_sets(cfg, ws, store)
+        systems = [S.parse_system(n) for n in cfg["systems"]]
+        judge_to = J.judge_target(cfg.get("judge"))
+    except Exception as e:  # e.g. the dataset was deleted since: failed, with the reason, not stuck 'queued'
+        set_status(store, eval_id, "failed")
+        raise
+    set_status(store, eval_id, "running")
     out_path = path / "outputs.jsonl"
     done = {(o["set"], o["row_id"], o["system"]) for o in read_jsonl(out_path)}
     total = sum(len(r) for r in sets.values()) * len(systems)
@@ -229,12 +233,12 @@ def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = No
         from evals import report
         report.write_report(eval_id, ws, store)
     except BaseException as e:
-        _set_status(store, eval_id, "failed" if not isinstance(e, KeyboardInterrupt) else "interrupted")
+        set_status(store, eval_id, "failed" if not isinstance(e, KeyboardInterrupt) else "interrupted")
         raise
     finally:
         if owned is not None:
             owned.close()
-    _set_status(store, eval_id, "succeeded")
+    set_status(store, eval_id, "succeeded")
     return summary
 
 

@@ -106,9 +106,9 @@ def _train_outcome(job: dict, ws: Workspace, store: Store) -> tuple[str, str | N
         return None
     try:
         rec = loads(p.read_text(), {})
-    except OSError:
+    except (OSError, ValueError):
         return None
-    if rec.get("job_id") != job["id"]:
+    if not isinstance(rec, dict) or rec.get("job_id") != job["id"]:
         return None  # left by an earlier attempt of the same run
     code = rec.get("code")
     if code == 0:

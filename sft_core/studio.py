@@ -7,6 +7,7 @@ state is readable at any time, so the UI can show progress instead of blocking.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import threading
 import time
@@ -139,10 +140,12 @@ class Studio:
         key = hmac.new(self._download_key, f"{src}|{st.st_mtime_ns}|{st.st_size}".encode(), hashlib.sha256)
         dst = self.downloads_dir / key.hexdigest()[:32] / src.name
         if not dst.exists():
+            import tempfile
             dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.tmp")
+            fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.")  # concurrent polls: own temp each
+            os.close(fd)
             shutil.copyfile(src, tmp)
-            tmp.replace(dst)
+            os.replace(tmp, dst)
         return str(dst)
 
     def clear_downloads(self) -> None:

@@ -106,7 +106,10 @@ def make_http_server(engine, port: int, served_name: str) -> ThreadingHTTPServer
                                         "'model' and load on first use)", "NotFoundError")
             streaming = False
             try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0) or 0)) or b"{}")
+                length = int(self.headers.get("Content-Length", 0) or 0)
+                if length < 0:
+                    raise ValueError("negative Content-Length")
+                body = json.loads(self.rfile.read(length) or b"{}")
                 if not isinstance(body, dict):
                     raise ValueError("request body must be a JSON object")
                 messages = body.get("messages")

@@ -359,8 +359,15 @@ class VLLMEngine:
             self.state = "failed"
 
     def _reload_adapters(self) -> None:
+        """Reload what was loaded; an adapter that no longer loads (its run deleted) is dropped, not fatal."""
         for info in list(self._loaded.values()):
-            self._post_load(info)
+            try:
+                self._post_load(info)
+            except EngineError as e:
+                if not self._server or not self._server.alive():
+                    raise  # the server itself is gone: this restart failed
+                log.warning("adapter %s not reloaded after restart: %s", info.name, e.message)
+                self._loaded.pop(info.name, None)
 
     def close(self) -> None:
         """Stop the managed server (its whole process group); no lock, so it never waits on a restart."""
