@@ -292,9 +292,12 @@ def test_twenty_processes_fifty_votes_each(ws, store):
     assert res["n_votes"] == 1000 and res["n_raters"] == 20
     assert sum(res["votes_per_system"].values()) == 2 * 1000  # each vote counts for two systems
     assert res["agreement"]["tasks_with_several_raters"] == 60
-    # assignment spread the 1000 votes over the 60 tasks evenly (16 or 17 each)
+    # assignment spread the 1000 votes over the 60 tasks evenly (16.7 each). Greedy least-assigned-first
+    # with "never the same task twice per rater" cannot promise a spread of 1 when raters progress at
+    # very different speeds (a loaded machine): simulating skewed speeds gives spreads of 1-3, so allow 4;
+    # an assignment that ignored coverage spreads wider (a random 50 of 60 per rater: median 7, never below 5 in 300 draws).
     per_task = [r["n"] for r in store.query("SELECT COUNT(*) AS n FROM votes GROUP BY task_id")]
-    assert len(per_task) == 60 and max(per_task) - min(per_task) <= 2
+    assert len(per_task) == 60 and max(per_task) - min(per_task) <= 4, per_task
 
 
 def test_results_agreement_and_exports(ws, store, tmp_path, capsys):
