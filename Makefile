@@ -53,6 +53,7 @@ bench: setup
 	$(PY) bench/train_throughput.py
 	$(PY) bench/serve_throughput.py
 	$(PY) bench/retrieval_latency.py
+	$(PY) bench/eval_throughput.py
 
 # The embedded model end to end (example domain, retrieval table, one training epoch, four-system
 # eval with its decision report): tens of minutes on a 2-core CPU, so not part of `make test`.
