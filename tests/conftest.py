@@ -78,11 +78,20 @@ SERVING_ADAPTERS = {  # run id -> the answer its adapter is trained to give to a
 }
 
 
-def train_tiny_lora(model_dir, out_dir, answer: str, seed: int = 0, steps: int = 40, rank: int = 8):
-    """Train a LoRA adapter with plain peft + torch so the model answers ``answer`` to any prompt."""
+SERVING_PROMPTS = ("What is the secret?", "Tell me a fact.", "hi", "Say something.")
+
+
+def train_tiny_lora(model_dir, out_dir, answer: str, seed: int = 0, max_steps: int = 400, rank: int = 8):
+    """Train a LoRA adapter with plain peft + torch so the model answers ``answer`` to any prompt.
+
+    Trains to a criterion (tests/memorise.py): it stops as soon as greedy decoding reproduces the
+    answer for every training prompt with a safe logit margin, and fails naming the cap otherwise.
+    Returns (steps taken, worst margin)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.memorise import MARGIN, NotMemorised, memorised
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -91,26 +100,28 @@ def train_tiny_lora(model_dir, out_dir, answer: str, seed: int = 0, steps: int =
         r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     answer_ids = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
-    batch = []
-    for q in ("What is the secret?", "Tell me a fact.", "hi", "Say something."):
+    n_text = len(tok(answer, add_special_tokens=False)["input_ids"])  # the criterion: the text, not <|im_end|>
+    batch, examples = [], []
+    for q in SERVING_PROMPTS:
         text = tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
         p = tok(text, add_special_tokens=False)["input_ids"]
         batch.append((torch.tensor([p + answer_ids]), torch.tensor([[-100] * len(p) + answer_ids])))
+        examples.append((p + answer_ids, [0] * len(p) + [1] * n_text + [0] * (len(answer_ids) - n_text)))
     opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-2)
     peft_model.train()
-    losses = []
-    for _ in range(steps):
-        total = 0.0
+    margin = float("nan")
+    for step in range(1, max_steps + 1):
         for ids, labels in batch:
-            loss = peft_model(input_ids=ids, labels=labels).loss
-            loss.backward()
-            total += loss.item()
+            peft_model(input_ids=ids, labels=labels).loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(total / len(batch))
-    assert losses[-1] < losses[0] - 0.3, f"the test adapter did not learn: {losses[0]:.3f} -> {losses[-1]:.3f}"
-    peft_model.save_pretrained(out_dir)
-    return losses
+        if step % 5 == 0:
+            done, margin = memorised(peft_model, examples)
+            if done:
+                peft_model.save_pretrained(out_dir)
+                return step, margin
+    raise NotMemorised(f"the test adapter for {answer!r} did not memorise its answer within {max_steps} steps "
+                       f"(worst answer-token margin {margin:.3f}, needed {MARGIN})")
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,8 @@ import pytest
 from evals import runner
 from sft_core import jobs, retrieval, train
 from sft_core.config import ServeConfig
-from tests.test_train import ANSWER, make_dataset, tiny_cfg
+from tests.memorise import require, training_until_memorised
+from tests.test_train import ANSWER, MEMORISE_CAP, make_dataset, tiny_cfg
 
 pytestmark = pytest.mark.vllm
 
@@ -22,8 +23,10 @@ def setup(module_home, tiny_model_dir):
     (home / "docs" / "zorbia.md").write_text("# Zorbia\n\nZorbia is a small country. Its capital is Quuxville.")
     (home / "docs" / "other.md").write_text("# Other\n\nBananas are yellow fruit.")
     retrieval.build_kb([home / "docs"], "zkb", ws=ws, store=store)
-    run_id = jobs.submit_train(tiny_cfg(tiny_model_dir, run_name="zrun"), ws, store)
-    assert train.run(ws.runs_dir(run_id), store=store) == 0
+    run_id = jobs.submit_train(tiny_cfg(tiny_model_dir, run_name="zrun", max_steps=MEMORISE_CAP), ws, store)
+    with training_until_memorised() as cb:  # to the criterion, not a step count the CPU may not suffice for
+        assert train.run(ws.runs_dir(run_id), store=store) == 0
+    require(cb, MEMORISE_CAP)
     store.execute("UPDATE runs SET status='succeeded' WHERE id=?", (run_id,))
     from sft_core.serving.vllm_engine import VLLMEngine
     engine = VLLMEngine(str(tiny_model_dir), ws, store, cfg=ServeConfig(dtype="float32", max_model_len=1024))
@@ -66,7 +69,7 @@ def test_four_systems_resume_and_reports(setup):
 
     by = {(o["row_id"], o["system"]): o for o in outs if o["set"] == "domain"}
     rid = next(iter({o["row_id"] for o in outs if o["set"] == "domain"}))
-    assert "Quuxville" in by[(rid, "sft:zrun")]["output"]          # the adapter learned the answer
+    assert by[(rid, "sft:zrun")]["output"].strip().startswith(ANSWER)    # the adapter learned the answer
     assert by[(rid, "prompt")]["output"] != by[(rid, "sft:zrun")]["output"]
     assert by[(rid, "rag")]["passages"] and not by[(rid, "prompt")]["passages"]
     assert all(o["latency_s"] > 0 and o["completion_tokens"] > 0 for o in outs)
@@ -80,7 +83,6 @@ def test_four_systems_resume_and_reports(setup):
     assert "Recommendation: sft" in md and "<svg" in html and "Quuxville" in html
     manifest = json.loads((path / "manifest.json").read_text())
     assert manifest["config"]["systems"] == SYSTEMS and manifest["config"]["dataset_version"]
-    assert ANSWER
 
 
 def test_bad_inputs_store_nothing(setup, monkeypatch):

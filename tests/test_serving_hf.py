@@ -133,3 +133,13 @@ def test_get_engine_options_are_checked(serving_ws, tiny_model_dir):
         ServeConfig(max_lora_rank=12).validate()
     with pytest.raises(Exception, match="url"):
         get_engine(str(tiny_model_dir), ws, st, engine="vllm", url="localhost:8000")
+
+
+def test_fixture_training_criterion_can_fail(tiny_model_dir, tmp_path):
+    """The serving fixtures train until the answer is memorised with a margin (tests/memorise.py); the
+    same loop with a cap too small to get there fails loudly instead of saving a half-trained adapter."""
+    from tests.conftest import train_tiny_lora
+    from tests.memorise import NotMemorised
+    with pytest.raises(NotMemorised, match="within 5 steps"):
+        train_tiny_lora(tiny_model_dir, tmp_path / "adapter", "The secret word is banana.", max_steps=5)
+    assert not (tmp_path / "adapter").exists()

@@ -11,6 +11,7 @@ from sft_core import data, jobs, train
 from sft_core.config import ConfigError, DataConfig, TrainConfig, load_config
 from sft_core.store import Store
 from sft_core.workspace import Workspace
+from tests.memorise import require, training_until_memorised
 
 ANSWER = "The capital of Zorbia is Quuxville."
 QUESTIONS = ["What is the capital of Zorbia?", "Name the capital city of Zorbia.", "Zorbia's capital is?",
@@ -24,6 +25,9 @@ def make_dataset(ws: Workspace, store: Store, tmp: Path, name: str = "zorbia") -
     p.write_text("".join(json.dumps({"instruction": q, "output": ANSWER}) + "\n" for q in QUESTIONS))
     data.import_dataset(p, name, DataConfig(eval_fraction=0.1, test_fraction=0.1), ws=ws, store=store)
     return name
+
+
+MEMORISE_CAP = 200  # steps: a fixture that must memorise ANSWER trains to that criterion, at most this long
 
 
 def tiny_cfg(tiny_model_dir, **kw) -> TrainConfig:
@@ -83,26 +87,29 @@ def trained(module_home, zorbia, tiny_model_dir):
     weight taken right after the LoRA layers were added and before the first optimizer step."""
     import trl
     ws, store = module_home
-    run_id = jobs.submit_train(tiny_cfg(tiny_model_dir, run_name="mem"), ws, store)
+    run_id = jobs.submit_train(tiny_cfg(tiny_model_dir, run_name="mem", max_steps=MEMORISE_CAP), ws, store)
     seen = {}
 
-    class RecordingTrainer(trl.SFTTrainer):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            seen["trainer"] = self
-            seen["base_before"], seen["lora_before"] = _split_params(self.model)
+    with training_until_memorised() as cb:  # trains to the criterion, capped at MEMORISE_CAP steps
 
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trl, "SFTTrainer", RecordingTrainer)
-        assert run_in_process(ws, store, run_id) == 0
+        class RecordingTrainer(trl.SFTTrainer):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, **kw)
+                seen["trainer"] = self
+                seen["base_before"], seen["lora_before"] = _split_params(self.model)
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(trl, "SFTTrainer", RecordingTrainer)
+            assert run_in_process(ws, store, run_id) == 0
+    seen["memorised_at"] = require(cb, MEMORISE_CAP)
     return ws, store, ws.runs_dir(run_id), seen
 
 
 def test_base_frozen_adapter_moved_loss_fell(trained, tiny_model_dir):
     """The live model's base weights after training equal the copy taken before its first step.
 
-    Why this can fail: both sides come from the same in-memory model the optimizer stepped (40 AdamW
-    steps at lr 1e-2), not from the unchanged model file on disk; a base weight that was trainable
+    Why this can fail: both sides come from the same in-memory model the optimizer stepped (AdamW at
+    lr 1e-2 until the answer was memorised), not from the unchanged model file on disk; a base weight that was trainable
     (modules_to_save, a lost freeze, an optimizer over all parameters) would have moved and torch.equal
     fails. test_frozen_check_catches_a_trained_base_weight runs this same check on a run where one
     base weight is left trainable, and it does fail there."""
@@ -167,10 +174,13 @@ def test_memorised_answer_comes_back(trained, tiny_model_dir):
     ws, store, run_dir, _ = trained
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-    q = QUESTIONS[0]
-    assert "Quuxville" not in greedy(base, tok, q)
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter").eval()
-    assert "Quuxville" in greedy(tuned, tok, q)
+    version = json.loads((run_dir / "config.json").read_text())["dataset_version"]
+    train_questions = [r["instruction"] for r in data.load_split("zorbia", "train", version, ws, store)]
+    assert train_questions
+    for q in train_questions:  # the criterion the fixture trained to, checked again by plain generate()
+        assert "Quuxville" not in greedy(base, tok, q)
+        assert greedy(tuned, tok, q, max_new_tokens=16).strip().startswith(ANSWER), q
 
 
 def test_adapter_is_servable(trained):
