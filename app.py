@@ -5,9 +5,12 @@ SFT_STUDIO_* settings (see sft_core/config.py StudioSettings). ``GET /healthz`` 
 server is up. The module-level ``demo`` can be imported by tests and driven with gradio_client.
 
 With SFT_STUDIO_ADMIN_PASSWORD set, writes other than rating (import, index, train, cancel/resume,
-delete, eval, campaign, export) need the admin login. Eval per-example outputs and the report name
-the system behind each answer, so they are admin-only too (raters stay blind); the aggregate score
-table stays public. Deleting (Data and Train tabs) asks for a confirmation first.
+delete, eval, campaign, invites, publish/close, export) need the admin login. Raters never name
+themselves: an invite link, a signed open-campaign key or (on a Space) a Hugging Face sign-in says
+who they are, and a campaign's results stay hidden from them until it is published or closed.
+Eval per-example outputs and the report name the system behind each answer, so they are admin-only
+too (raters stay blind); the aggregate score table stays public. Deleting (Data and Train tabs)
+asks for a confirmation first.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import pandas as pd
 
 from sft_core import StudioError
 from sft_core.config import DataConfig, DecodingConfig, fields_for_form, load_config
+from sft_core.safety import AdminSessions, safe_markdown
 from sft_core.studio import EXAMPLE_NAME, Studio, delete_dataset, delete_run
 
 STUDIO = Studio.from_env()
@@ -58,22 +62,49 @@ def _is_gen(fn) -> bool:
     return inspect.isgeneratorfunction(fn)
 
 
-def admin_required(is_admin: bool) -> None:
+ADMIN = AdminSessions(STUDIO.settings.admin_password, base_delay_s=STUDIO.settings.login_backoff_s)
+
+
+def admin_ok(token) -> bool:
+    """Whether the session's admin state is a valid signed admin token (always true with no password).
+
+    The session state holds only that token (sft_core.safety.AdminSessions), never the password or a
+    bare boolean."""
+    return not STUDIO.settings.admin_password or ADMIN.valid(token)
+
+
+def admin_required(is_admin) -> None:
     """Writes other than rating need the admin login when an admin password is set."""
-    if STUDIO.settings.admin_password and not is_admin:
+    if not admin_ok(is_admin):
         raise StudioError("this action needs the admin login (Admin panel, top of the page)", "admin")
 
 
-def chat_allowed(is_admin: bool) -> None:
-    if STUDIO.settings.admin_password and not STUDIO.settings.demo_mode and not is_admin:
+def chat_allowed(is_admin) -> None:
+    if STUDIO.settings.admin_password and not STUDIO.settings.demo_mode and not admin_ok(is_admin):
         raise StudioError("chat needs the admin login unless the app runs in demo mode", "admin")
 
 
-def login(password: str):
-    ok = bool(STUDIO.settings.admin_password) and password == STUDIO.settings.admin_password
+def client_id(request) -> str:
+    """Who is calling, for rate limiting: the peer address; on a Hugging Face Space the first
+    X-Forwarded-For hop (the Space's proxy is the peer there and sets that header)."""
+    if request is None:
+        return "local"
+    try:
+        if os.environ.get("SPACE_ID"):
+            fwd = request.headers.get("x-forwarded-for", "")
+            if fwd:
+                return fwd.split(",")[0].strip()
+        return request.client.host if request.client else "unknown"
+    except Exception:  # noqa: BLE001 - a request without headers/client (direct call)
+        return "unknown"
+
+
+def login(password: str, request: gr.Request = None):
+    """(admin token for the session state, message, "" to clear the password box)."""
     if not STUDIO.settings.admin_password:
-        return True, "No admin password is set: everything is open."
-    return ok, ("Logged in as admin." if ok else "Wrong password.")
+        return None, "No admin password is set: everything is open.", ""
+    token, msg = ADMIN.login(password or "", client_id(request))
+    return token, msg, ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,9 +283,9 @@ def kb_search(name, query, k, mode):
 def _hits_markdown(hits) -> str:
     out = []
     for i, h in enumerate(hits, 1):
-        text = h.text if len(h.text) < 700 else h.text[:700] + " …"
-        out.append(f"**{i}.** `{Path(str(h.source)).name}` · **{h.doc_id}** · {h.position} · score {h.score:.3f}\n\n> "
-                   + text.replace("\n", "\n> "))
+        text = safe_markdown(h.text if len(h.text) < 700 else h.text[:700] + " …")  # documents load nothing
+        out.append(f"**{i}.** `{Path(str(h.source)).name}` · **{safe_markdown(str(h.doc_id))}** · {h.position} · "
+                   f"score {h.score:.3f}\n\n> " + text.replace("\n", "\n> "))
     return "\n\n".join(out)
 
 
@@ -416,6 +447,7 @@ def chat_send(message, s1, s2, s3, s4, kb, temperature, max_new_tokens, is_admin
     chosen = [s1, s2, s3, s4]
     hists = [list(h or []) for h in (h1, h2, h3, h4)]
     passages = [""] * 4
+    raw = [""] * 4  # the model's text; the chat shows safe_markdown(raw): no remote image is ever fetched
     q: queue.Queue = queue.Queue()
 
     def worker(i: int, system: str):
@@ -435,7 +467,8 @@ def chat_send(message, s1, s2, s3, s4, kb, temperature, max_new_tokens, is_admin
     live = []
     for i, system in enumerate(chosen):
         if system:
-            hists[i] = hists[i] + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+            hists[i] = hists[i] + [{"role": "user", "content": safe_markdown(message)},
+                                   {"role": "assistant", "content": ""}]
             threading.Thread(target=worker, args=(i, system), daemon=True).start()
             live.append(i)
     pending = set(live)
@@ -449,7 +482,8 @@ def chat_send(message, s1, s2, s3, s4, kb, temperature, max_new_tokens, is_admin
         if delta is None:
             pending.discard(i)
         else:
-            hists[i][-1]["content"] += delta
+            raw[i] += delta
+            hists[i][-1]["content"] = safe_markdown(raw[i])
         if time.time() - last > 0.1 or not pending:
             last = time.time()
             yield (*hists, *passages)
@@ -504,7 +538,7 @@ def eval_poll(eval_id, is_admin=False):
     st = runner.eval_status(eval_id, ws=STUDIO.ws, store=STUDIO.store)
     summary = st.get("summary", "")
     table = pd.DataFrame(st.get("table") or [])
-    if STUDIO.settings.admin_password and not is_admin:
+    if not admin_ok(is_admin):
         return summary + "\n\n" + BLIND_NOTE, table, pd.DataFrame(), None
     examples = pd.DataFrame(st.get("examples") or [])
     report = st.get("report_html")
@@ -514,42 +548,123 @@ def eval_poll(eval_id, is_admin=False):
 # ------------------------------------------------------------------------------------------------
 # Rate and Results
 # ------------------------------------------------------------------------------------------------
-@ui_errors
-def rate_next(campaign, rater):
+def _hf_oauth_available() -> bool:
+    """Hugging Face sign-in is an identity only on a real Space with OAuth configured. Elsewhere
+    Gradio mocks the login with the server owner's account, so the app then shows no LoginButton
+    (no OAuth routes, no session) and ignores any profile."""
+    from gradio.utils import get_space
+    if get_space() is None or not os.environ.get("OAUTH_CLIENT_ID"):
+        return False
+    try:
+        import authlib  # noqa: F401  (gradio[oauth])
+        import itsdangerous  # noqa: F401
+    except ImportError:
+        print("warning: OAuth is configured but gradio[oauth] is not installed: rating uses invites only", flush=True)
+        return False
+    return True
+
+
+HF_OAUTH = _hf_oauth_available()
+MOCK_OAUTH_SUB = "11111111111111111111111"  # gradio.oauth's mocked local profile
+
+
+def _is_admin(is_admin) -> bool:
+    return admin_ok(is_admin)
+
+
+def _query_invite(request) -> str:
+    """The ``invite`` query parameter of the page (the browser sends the page's query with each event)."""
+    try:
+        return (dict(request.query_params).get("invite") or "").strip() if request is not None else ""
+    except Exception:  # noqa: BLE001 - no request (direct call)
+        return ""
+
+
+def _identify(campaign, invite, name, key, request=None, profile=None) -> tuple[str, str, str | None]:
+    """(rater id, display name, open-rating key) for this caller; the id is always server-issued:
+    an invite token, a Hugging Face account (on a Space), or a signed open-rating key. A typed name
+    only names a new rater on an open campaign when the browser holds no valid key yet."""
     from evals import rating
     if not campaign:
         raise StudioError("choose a campaign", "campaign")
-    if not (rater or "").strip():
-        raise StudioError("enter your name to rate", "rater")
-    task = rating.next_task(campaign, rater.strip(), ws=STUDIO.ws, store=STUDIO.store)
-    if task is None:
-        return None, "🎉 Nothing left for you to rate in this campaign. Thank you!", "", "", ""
-    prompt = f"### Prompt\n\n{task['prompt']}"
-    if task.get("reference"):
-        prompt += f"\n\n**Reference answer:** {task['reference']}"
-    prog = task.get("progress") or {}
-    progress = f"{prog.get('done', 0)} rated · {prog.get('remaining', '?')} left" if prog else ""
-    return task["task_id"], prompt, task["left"], task["right"], progress
+    camp = rating.get_campaign(campaign, ws=STUDIO.ws, store=STUDIO.store)
+    token = (invite or "").strip() or _query_invite(request)
+    if token:
+        r = rating.invite_rater(token, ws=STUDIO.ws, store=STUDIO.store)
+        if r is None:
+            raise StudioError("this invite is not valid (mistyped or revoked): ask the organiser for a new link", "invite")
+        if r["campaign_id"] != campaign:
+            raise StudioError(f"your invite is for campaign {r['campaign_id']}, not {campaign}", "invite")
+        return r["id"], r["name"], key
+    if HF_OAUTH and profile is not None and profile.get("sub") != MOCK_OAUTH_SUB and getattr(profile, "username", ""):
+        return rating.hf_rater(profile.username, profile.name, ws=STUDIO.ws, store=STUDIO.store), profile.name, key
+    if camp["open_rating"]:
+        r = rating.open_key_rater(key, ws=STUDIO.ws, store=STUDIO.store) if key else None
+        if r is not None:
+            return r["id"], r["name"], key
+        if not (name or "").strip():
+            raise StudioError("enter your name to rate", "rater")
+        rid, key = rating.open_rater(name, ws=STUDIO.ws, store=STUDIO.store)
+        return rid, name.strip(), key
+    raise StudioError("this campaign is by invitation only: open the invite link the organiser sent you"
+                      + (", or sign in with Hugging Face" if HF_OAUTH else ""), "invite")
 
 
 @ui_errors
-def rate_vote(campaign, rater, task_id, choice, comment):
+def rate_next(campaign, invite, name, key, request: gr.Request = None, profile: gr.OAuthProfile | None = None):
+    """The next blind task for the caller: (task id [session state], prompt, left, right, progress, key)."""
     from evals import rating
+    rater, display, key = _identify(campaign, invite, name, key, request, profile)
+    task = rating.next_task(campaign, rater, ws=STUDIO.ws, store=STUDIO.store)
+    who = f"Rating as **{safe_markdown(display)}**"
+    if task is None:
+        return None, "🎉 Nothing left for you to rate in this campaign. Thank you!", "", "", who, key
+    prompt = f"### Prompt\n\n{safe_markdown(task['prompt'])}"  # dataset and model text load nothing remote
+    if task.get("reference"):
+        prompt += f"\n\n**Reference answer:** {safe_markdown(task['reference'])}"
+    prog = task.get("progress") or {}
+    progress = f"{who} · {prog.get('done', 0)} rated · {prog.get('remaining', '?')} left" if prog else who
+    return task["task_id"], prompt, safe_markdown(task["left"]), safe_markdown(task["right"]), progress, key
+
+
+@ui_errors
+def rate_vote(campaign, invite, name, key, task_id, choice, comment, request: gr.Request = None,
+              profile: gr.OAuthProfile | None = None):
+    from evals import rating
+    rater, _, key = _identify(campaign, invite, name, key, request, profile)
     if not task_id:
         raise StudioError("no task on screen: press Next", "task")
-    rating.vote(campaign, task_id, (rater or "").strip(), choice, comment or "", ws=STUDIO.ws, store=STUDIO.store)
-    return (*rate_next(campaign, rater), "")
+    rating.vote(campaign, task_id, rater, choice, comment or "", ws=STUDIO.ws, store=STUDIO.store)
+    return (*rate_next(campaign, invite, name, key, request, profile), "")
 
 
 @ui_errors
-def create_campaign(eval_id, systems, is_admin):
+def rate_link(request: gr.Request):
+    """Page load: an ``?invite=`` link fills the invite box, picks its campaign and opens the Rate tab."""
+    from evals import rating
+    token = _query_invite(request)
+    if not token:
+        return gr.update(), gr.update(), gr.update(), gr.update()
+    r = rating.invite_rater(token, ws=STUDIO.ws, store=STUDIO.store)
+    if r is None:
+        return token, gr.update(), "⚠️ This invite link is not valid: ask the organiser for a new one.", \
+            gr.Tabs(selected="rate")
+    return token, gr.update(value=r["campaign_id"]), f"Invited as **{safe_markdown(r['name'])}**: press **Next** to start.", \
+        gr.Tabs(selected="rate")
+
+
+@ui_errors
+def create_campaign(eval_id, systems, open_rating, is_admin):
     from evals import rating
     admin_required(is_admin)
     if not eval_id:
         raise StudioError("choose an eval", "eval")
     systems = [s for s in (systems or [])]
-    cid = rating.create_campaign(eval_id, systems or None, ws=STUDIO.ws, store=STUDIO.store)
-    return f"Campaign **{cid}** created.", gr.update(choices=campaign_choices(), value=cid), \
+    cid = rating.create_campaign(eval_id, systems or None, ws=STUDIO.ws, store=STUDIO.store,
+                                 open_rating=bool(open_rating))
+    how = ("anyone may join under a name of their choice" if open_rating else
+           "raters need an invite link (Results tab → Campaign admin)")
+    return f"Campaign **{cid}** created: {how}.", gr.update(choices=campaign_choices(), value=cid), \
         gr.update(choices=campaign_choices(), value=cid)
 
 
@@ -562,11 +677,19 @@ def eval_systems(eval_id):
     return gr.update(choices=systems, value=systems)
 
 
+RESULTS_HIDDEN = ("🔒 The results of this campaign are hidden until the admin publishes them or closes the "
+                  "campaign, so raters stay blind.")
+
+
 @ui_errors
-def results_show(campaign):
+def results_show(campaign, is_admin=False):
+    """Leaderboard and win rates; for anyone but the admin only once published or closed (a vote
+    followed by a look at the counts would name the system behind each side)."""
     from evals import rating
     if not campaign:
         return "_choose a campaign_", pd.DataFrame(), pd.DataFrame()
+    if not _is_admin(is_admin) and not rating.results_visible(campaign, ws=STUDIO.ws, store=STUDIO.store):
+        return RESULTS_HIDDEN, pd.DataFrame(), pd.DataFrame()
     res = rating.results(campaign, ws=STUDIO.ws, store=STUDIO.store)
     board = pd.DataFrame(res.get("leaderboard") or [])
     winrate = pd.DataFrame(res.get("win_rate") or {})
@@ -589,6 +712,58 @@ def results_export(campaign, fmt, is_admin):
     out = STUDIO.ws.root / "exports" / f"{campaign}-{fmt}.{'jsonl' if fmt in ('jsonl', 'dpo') else 'csv'}"
     rating.export_votes(campaign, fmt, out, ws=STUDIO.ws, store=STUDIO.store)
     return STUDIO.stage_download(out)
+
+
+def _base_url(request) -> str:
+    """Where the caller reached the app (for invite links): the page's address without its query
+    (the Referer of the browser's call, so a path prefix behind a proxy stays); '' makes them relative."""
+    from urllib.parse import urlsplit
+    try:
+        h = {k.lower(): v for k, v in dict(request.headers).items()}
+    except Exception:  # noqa: BLE001 - no request
+        return ""
+    page = urlsplit(h.get("referer", ""))
+    if page.scheme in ("http", "https") and page.netloc:
+        return f"{page.scheme}://{page.netloc}{page.path}".rstrip("/")
+    if h.get("origin", "").startswith(("http://", "https://")):
+        return h["origin"].rstrip("/")
+    host = h.get("x-forwarded-host") or h.get("host")
+    return f"{h.get('x-forwarded-proto', 'http')}://{host}" if host else ""
+
+
+@ui_errors
+def campaign_invite(campaign, names, is_admin, request: gr.Request = None):
+    """Admin: one secret invite link per name (shown once; the database keeps only their sha256)."""
+    from evals import rating
+    admin_required(is_admin)
+    if not campaign:
+        raise StudioError("choose a campaign", "campaign")
+    names = [n.strip() for n in (names or "").replace(",", "\n").splitlines() if n.strip()]
+    invites = rating.create_invites(campaign, names, ws=STUDIO.ws, store=STUDIO.store)
+    base = _base_url(request)
+    lines = [f"Invite links for **{campaign}** (shown once; send each rater their own):", ""]
+    lines += [f"- {safe_markdown(i['name'])}: `{base}/?invite={i['token']}`" for i in invites]
+    return "\n".join(lines)
+
+
+@ui_errors
+def campaign_publish(campaign, is_admin):
+    from evals import rating
+    admin_required(is_admin)
+    if not campaign:
+        raise StudioError("choose a campaign", "campaign")
+    rating.publish(campaign, ws=STUDIO.ws, store=STUDIO.store)
+    return f"Results of **{campaign}** published: everyone sees them now, and the rating is over."
+
+
+@ui_errors
+def campaign_close(campaign, is_admin):
+    from evals import rating
+    admin_required(is_admin)
+    if not campaign:
+        raise StudioError("choose a campaign", "campaign")
+    rating.close(campaign, ws=STUDIO.ws, store=STUDIO.store)
+    return f"Campaign **{campaign}** closed: no more votes; raters now see the results."
 
 
 # ------------------------------------------------------------------------------------------------
@@ -624,7 +799,7 @@ def _form_component(f: dict):
 
 def build_demo() -> gr.Blocks:
     with gr.Blocks(title="SFT Studio") as demo:
-        is_admin = gr.State(False)
+        is_admin = gr.State(None)  # a signed admin token after login (admin_ok), never the password
         gr.Markdown("# SFT Studio\nFine-tune, prompt, or retrieve? Answer it on your own data.")
         status = gr.Markdown(status_text, every=3, elem_id="status")
         with gr.Accordion("Admin", open=False, visible=bool(STUDIO.settings.admin_password)):
@@ -632,7 +807,8 @@ def build_demo() -> gr.Blocks:
                 pw = gr.Textbox(label="Admin password", type="password", elem_id="admin-password")
                 login_btn = gr.Button("Log in", elem_id="admin-login")
             login_msg = gr.Markdown()
-            login_btn.click(login, pw, [is_admin, login_msg])
+            # the password box is cleared by the same event: no copy of the password stays in the session
+            login_btn.click(login, pw, [is_admin, login_msg, pw])
 
         with gr.Tabs() as tabs:
             # -- Data ------------------------------------------------------------------------
@@ -758,12 +934,20 @@ def build_demo() -> gr.Blocks:
             # -- Rate ------------------------------------------------------------------------
             with gr.Tab("Rate", id="rate"):
                 gr.Markdown("Blind pairwise rating: which answer is better? System names stay hidden. "
-                            "Keys: **1** left · **2** right · **3** tie · **4** both bad.")
+                            "Keys: **1** left · **2** right · **3** tie · **4** both bad. Open the invite "
+                            "link you were sent (open campaigns: pick a name; it sticks to this browser)."
+                            + (" Or sign in with Hugging Face." if HF_OAUTH else ""))
+                if HF_OAUTH:
+                    gr.LoginButton()
                 with gr.Row():
                     r_campaign = gr.Dropdown(campaign_choices(), allow_custom_value=True, label="Campaign", elem_id="rate-campaign")
-                    r_rater = gr.Textbox(label="Your name", elem_id="rate-rater")
+                    r_invite = gr.Textbox(label="Invite code (filled in by your invite link)", type="password",
+                                          elem_id="rate-invite")
+                    r_rater = gr.Textbox(label="Your name (open campaigns)", elem_id="rate-rater")
                     r_next = gr.Button("Next", elem_id="rate-next")
                 r_task = gr.State(None)
+                # the signed key of an open-campaign rater, kept in this browser's localStorage
+                r_key = gr.BrowserState(None, storage_key="sft-studio-rater-key", secret="sft-studio-rater")
                 r_progress = gr.Markdown(elem_id="rate-progress")
                 r_prompt = gr.Markdown(elem_id="rate-prompt")
                 with gr.Row():
@@ -778,6 +962,8 @@ def build_demo() -> gr.Blocks:
                     with gr.Row():
                         rc_eval = gr.Dropdown(eval_choices(), allow_custom_value=True, label="From eval", elem_id="rate-new-eval")
                         rc_systems = gr.CheckboxGroup([], label="Systems")
+                        rc_open = gr.Checkbox(False, label="Open rating: anyone joins under a name they pick "
+                                              "(trusted rooms only; otherwise invite links)", elem_id="rate-new-open")
                         rc_create = gr.Button("Create campaign", elem_id="rate-create")
                     rc_msg = gr.Markdown()
 
@@ -794,6 +980,14 @@ def build_demo() -> gr.Blocks:
                     res_fmt = gr.Radio(["csv", "jsonl", "dpo"], value="csv", label="Export votes as")
                     res_export = gr.Button("Export", elem_id="results-export")
                 res_file = gr.File(label="Export", elem_id="results-file")
+                with gr.Accordion("Campaign admin: invites, publish, close", open=False, elem_id="results-admin"):
+                    with gr.Row():
+                        res_inv_names = gr.Textbox(label="Invite raters (names, one per line or comma-separated)",
+                                                   lines=2, elem_id="results-invite-names")
+                        res_invite = gr.Button("Create invite links", elem_id="results-invite")
+                        res_publish = gr.Button("Publish results", elem_id="results-publish")
+                        res_close = gr.Button("Close campaign", elem_id="results-close")
+                    res_admin_msg = gr.Markdown(elem_id="results-admin-msg")
 
         # -- wiring ----------------------------------------------------------------------------
         d_check.click(data_check, [d_file, d_fmt, d_map], [d_report, d_errors])
@@ -820,15 +1014,23 @@ def build_demo() -> gr.Blocks:
                       [e_msg, e_pick])
         e_timer.tick(eval_poll, [e_pick, is_admin], [e_summary, e_table, e_examples, e_report])
         e_pick.change(eval_poll, [e_pick, is_admin], [e_summary, e_table, e_examples, e_report])
-        r_outs = [r_task, r_prompt, r_left, r_right, r_progress]
-        r_next.click(rate_next, [r_campaign, r_rater], r_outs)
+        r_outs = [r_task, r_prompt, r_left, r_right, r_progress, r_key]
+        r_who = [r_campaign, r_invite, r_rater, r_key]
+        r_next.click(rate_next, r_who, r_outs)
         for choice, btn in vote_btns.items():
-            btn.click(_voter(choice), [r_campaign, r_rater, r_task, r_comment], [*r_outs, r_comment])
+            btn.click(_voter(choice), [*r_who, r_task, r_comment], [*r_outs, r_comment])
         rc_eval.change(eval_systems, rc_eval, rc_systems)
-        rc_create.click(create_campaign, [rc_eval, rc_systems, is_admin], [rc_msg, r_campaign, res_campaign])
-        res_refresh.click(results_show, res_campaign, [res_summary, res_board, res_winrate])
-        res_campaign.change(results_show, res_campaign, [res_summary, res_board, res_winrate])
+        rc_create.click(create_campaign, [rc_eval, rc_systems, rc_open, is_admin], [rc_msg, r_campaign, res_campaign])
+        res_outs = [res_summary, res_board, res_winrate]
+        res_refresh.click(results_show, [res_campaign, is_admin], res_outs)
+        res_campaign.change(results_show, [res_campaign, is_admin], res_outs)
         res_export.click(results_export, [res_campaign, res_fmt, is_admin], res_file)
+        res_invite.click(campaign_invite, [res_campaign, res_inv_names, is_admin], res_admin_msg)
+        res_publish.click(campaign_publish, [res_campaign, is_admin], res_admin_msg).success(
+            results_show, [res_campaign, is_admin], res_outs, api_visibility="private")
+        res_close.click(campaign_close, [res_campaign, is_admin], res_admin_msg).success(
+            results_show, [res_campaign, is_admin], res_outs, api_visibility="private")
+        demo.load(rate_link, None, [r_invite, r_campaign, r_progress, tabs], api_visibility="private")
         # keep every dropdown fresh when the page loads (a second browser sees the same state)
         fresh = {"datasets": [t_dataset, e_dataset, d_del_pick], "kbs": [k_pick, c_kb, e_kb],
                  "systems": [e_systems, *c_sys],
@@ -846,13 +1048,37 @@ def build_demo() -> gr.Blocks:
 
 
 def _voter(choice: str):
-    def handler(campaign, rater, task_id, comment):
-        return rate_vote(campaign, rater, task_id, choice, comment)
+    def handler(campaign, invite, name, key, task_id, comment, request: gr.Request = None,
+                profile: gr.OAuthProfile | None = None):
+        return rate_vote(campaign, invite, name, key, task_id, choice, comment, request, profile)
     handler.__name__ = f"vote_{choice}"
     return handler
 
 
-demo = build_demo()
+# Which events may run side by side (Gradio runs every event under a limit of 1 unless told otherwise,
+# so visitors were served one at a time). Chat waits on the engine, which batches concurrent requests:
+# many chats at once cost about one chat's latency. Heavy handlers (parsing uploads, building an index,
+# exporting) share one small group so they cannot starve the rest; everything else is a quick read or
+# write of the store. Events not named here get the light limit.
+HEAVY_EVENTS = {"data_check", "data_import", "kb_build", "results_export", "create_campaign", "eval_start"}
+ENGINE_EVENTS = {"chat_send"}
+
+
+def configure_concurrency(blocks: gr.Blocks) -> gr.Blocks:
+    st = STUDIO.settings
+    for fn in blocks.fns.values():
+        name = getattr(fn.fn, "__name__", "")
+        if name in ENGINE_EVENTS:
+            fn.concurrency_id, fn.concurrency_limit = "engine", max(1, st.chat_concurrency)
+        elif name in HEAVY_EVENTS:
+            fn.concurrency_id, fn.concurrency_limit = "heavy", max(1, st.heavy_concurrency)
+        else:  # each light event keeps its own queue (a slow poll never delays a vote)
+            fn.concurrency_limit = max(1, st.light_concurrency)
+    blocks.queue(max_size=max(1, st.queue_size), default_concurrency_limit=max(1, st.light_concurrency))
+    return blocks
+
+
+demo = configure_concurrency(build_demo())
 
 
 def make_app():
@@ -874,13 +1100,23 @@ def make_app():
     demo.has_launched = True
     STUDIO.clear_downloads()
     STUDIO.downloads_dir.mkdir(parents=True, exist_ok=True)
-    return gr.mount_gradio_app(api, demo, path="/", js=RATE_JS, allowed_paths=[str(STUDIO.downloads_dir)])
+    # Uploads over the data limit are refused by Gradio while they stream in (413), before they reach
+    # disk; /config shows the limit to the browser, which refuses them before sending. data.py checks
+    # the same limit again for files given any other way.
+    max_file_size = DataConfig().max_upload_bytes
+    return gr.mount_gradio_app(api, demo, path="/", js=RATE_JS, allowed_paths=[str(STUDIO.downloads_dir)],
+                               max_file_size=max_file_size)
 
 
 def main() -> None:
     import uvicorn
     host = os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1")
     port = int(os.environ.get("GRADIO_SERVER_PORT", "7860"))
+    from sft_core.serving.supervise import close_on_signals
+    from sft_core.serving.vllm_engine import close_all
+    # SIGTERM/SIGINT: uvicorn shuts down gracefully, then re-raises the signal to these handlers, which
+    # stop the engine (and a vLLM still starting in a background thread) before the process exits
+    close_on_signals(STUDIO.close, close_all)
     start_background()
     print(f"SFT Studio on http://{host}:{port}  (workspace {STUDIO.ws.root})", flush=True)
     try:

@@ -5,6 +5,17 @@ systems' outputs in a random, recorded left/right order. ``next_task`` hands a r
 with the prompt and the two texts only — no system names, no ids that encode them. Votes:
 ``left | right | tie | both_bad``; one per rater per task (UNIQUE), changes keep history.
 
+Raters (``raters`` table): the app never takes a rater's identity from free text. An *invite* is a
+secret link for one campaign (``create_invites``; only the token's sha256 is stored); an *open*
+campaign lets anyone join under a self-chosen name, which the server binds to an HMAC-signed key
+(``open_rater``; secret in ``<workspace>/secrets/rater-hmac.key``) so retyping the name does not make
+a new rater; a cleared browser does, so open campaigns are for trusted rooms. On a Hugging Face Space
+the app also takes the signed-in account (``hf_rater``). ``votes.rater`` holds the rater's id.
+
+Results stay hidden from raters until the admin publishes them (``publish``) or closes the campaign
+(``close``); either also ends the rating, since a vote followed by a look at the counts would name
+the system behind each side.
+
 Bradley-Terry: maximum likelihood with ties counted as half a win for each side (the common
 "ties as half-wins" treatment, as in Chatbot Arena's analysis; not Rao-Kupper); both_bad votes
 carry no preference and are left out of the fit. Fitted by Newton's method on the log-strengths
@@ -14,10 +25,14 @@ seeded percentile bootstrap over votes, all resamples fitted at once (batched Ne
 from __future__ import annotations
 
 import csv
+import hashlib
+import hmac
 import io
 import itertools
 import json
+import os
 import random
+import secrets
 import sqlite3
 import time
 import uuid
@@ -27,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from sft_core import StudioError
+from sft_core.safety import csv_cell
 from sft_core.store import Store, dumps, loads, open_store
 from sft_core.workspace import Workspace, atomic_write_text, read_jsonl
 
@@ -48,12 +64,22 @@ def _ctx(ws, store):
     return ws, store
 
 
+_LATER_COLUMNS = {  # campaigns columns added after the first release, in order
+    "name": "TEXT NOT NULL DEFAULT ''",
+    "open_rating": "INTEGER NOT NULL DEFAULT 0 CHECK (open_rating IN (0, 1))",
+    "published_at": "REAL",
+    "closed_at": "REAL",
+}
+
+
 def _add_missing_columns(store: Store) -> None:
-    """Databases made before campaigns had a name get the column (SCHEMAS only creates new tables)."""
+    """Older databases get the campaigns columns added since (SCHEMAS only creates new tables)."""
     cols = {r["name"] for r in store.query("PRAGMA table_info(campaigns)")}
-    if "name" not in cols:
+    for col, decl in _LATER_COLUMNS.items():
+        if col in cols:
+            continue
         try:
-            store.execute("ALTER TABLE campaigns ADD COLUMN name TEXT NOT NULL DEFAULT ''")
+            store.execute(f"ALTER TABLE campaigns ADD COLUMN {col} {decl}")
         except sqlite3.OperationalError as e:  # another process added it first
             if "duplicate column" not in str(e):
                 raise
@@ -68,11 +94,12 @@ def _campaign(store: Store, campaign_id: str) -> dict:
 
 def create_campaign(eval_id: str, systems: list[str] | None = None, ws: Workspace | None = None,
                     store: Store | None = None, name: str | None = None, show_reference: bool = True,
-                    seed: int | None = None) -> str:
+                    seed: int | None = None, open_rating: bool = False) -> str:
     """Tasks for every domain row and every pair of the chosen systems, left/right drawn at random.
 
     The order is recorded per task. ``seed=None`` (the default) draws it from the OS so nobody can
-    replay the draw from the code; pass an int only for reproducible tests."""
+    replay the draw from the code; pass an int only for reproducible tests. ``open_rating``: anyone
+    may join under a self-chosen name (trusted rooms); otherwise raters need an invite."""
     ws, store = _ctx(ws, store)
     name = (name or "").strip()
     if len(name) > 200 or any(ord(c) < 32 for c in name):
@@ -109,9 +136,9 @@ def create_campaign(eval_id: str, systems: list[str] | None = None, ws: Workspac
     if not tasks:
         raise RatingError(f"eval {eval_id} has no rows answered by all of {', '.join(systems)}", "eval")
     with store.tx() as con:
-        con.execute("INSERT INTO campaigns (id, eval_id, systems, show_reference, created_at, name)"
-                    " VALUES (?,?,?,?,?,?)", (cid, eval_id, dumps(systems), int(show_reference), time.time(),
-                                              name or f"{eval_id}: {' vs '.join(systems)}"))
+        con.execute("INSERT INTO campaigns (id, eval_id, systems, show_reference, created_at, name, open_rating)"
+                    " VALUES (?,?,?,?,?,?,?)", (cid, eval_id, dumps(systems), int(show_reference), time.time(),
+                                                name or f"{eval_id}: {' vs '.join(systems)}", int(bool(open_rating))))
         con.executemany("INSERT INTO rating_tasks (id, campaign_id, row_id, system_left, system_right, prompt, reference,"
                         " output_left, output_right) VALUES (?,?,?,?,?,?,?,?,?)", tasks)
     return cid
@@ -122,6 +149,132 @@ def list_campaigns(ws: Workspace | None = None, store: Store | None = None) -> l
     return store.query("SELECT c.*, (SELECT COUNT(*) FROM rating_tasks t WHERE t.campaign_id=c.id) AS n_tasks,"
                        " (SELECT COUNT(*) FROM votes v WHERE v.campaign_id=c.id) AS n_votes"
                        " FROM campaigns c ORDER BY created_at DESC")
+
+
+def get_campaign(campaign_id: str, ws: Workspace | None = None, store: Store | None = None) -> dict:
+    ws, store = _ctx(ws, store)
+    return _campaign(store, campaign_id)
+
+
+def results_visible(campaign_id: str, ws: Workspace | None = None, store: Store | None = None) -> bool:
+    """Raters see results only once the admin published them or closed the campaign."""
+    camp = get_campaign(campaign_id, ws=ws, store=store)
+    return camp["published_at"] is not None or camp["closed_at"] is not None
+
+
+def _check_rating_open(camp: dict) -> None:
+    if camp["published_at"] is not None:
+        raise RatingError(f"the results of campaign {camp['id']} are published, so its rating is over", "campaign")
+    if camp["closed_at"] is not None:
+        raise RatingError(f"campaign {camp['id']} is closed", "campaign")
+
+
+def publish(campaign_id: str, ws: Workspace | None = None, store: Store | None = None) -> dict:
+    """Show the results to everyone. Rating ends too: with results on view, a rater who votes and
+    then reads the counts would learn which system is on which side."""
+    ws, store = _ctx(ws, store)
+    _campaign(store, campaign_id)
+    store.execute("UPDATE campaigns SET published_at=? WHERE id=? AND published_at IS NULL", (time.time(), campaign_id))
+    return _campaign(store, campaign_id)
+
+
+def close(campaign_id: str, ws: Workspace | None = None, store: Store | None = None) -> dict:
+    """End the rating: no new tasks or votes; the results become visible to raters."""
+    ws, store = _ctx(ws, store)
+    _campaign(store, campaign_id)
+    store.execute("UPDATE campaigns SET closed_at=? WHERE id=? AND closed_at IS NULL", (time.time(), campaign_id))
+    return _campaign(store, campaign_id)
+
+
+# ---- rater identities ----------------------------------------------------------------------------
+def _sha256(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def create_invites(campaign_id: str, names: list[str], ws: Workspace | None = None,
+                   store: Store | None = None) -> list[dict]:
+    """One secret invite per name: [{"rater", "name", "token"}]. The token is shown only here; the
+    database keeps its sha256. Each invite is its own rater, even when two share a display name."""
+    ws, store = _ctx(ws, store)
+    camp = _campaign(store, campaign_id)
+    _check_rating_open(camp)
+    names = [_check_rater(n) for n in names]
+    if not names:
+        raise RatingError("name at least one rater to invite", "rater")
+    out = []
+    with store.tx() as con:
+        for n in names:
+            token, rid = secrets.token_urlsafe(24), f"inv-{secrets.token_hex(8)}"
+            con.execute("INSERT INTO raters (id, kind, name, campaign_id, token_sha256, created_at) VALUES (?,?,?,?,?,?)",
+                        (rid, "invite", n, campaign_id, _sha256(token), time.time()))
+            out.append({"rater": rid, "name": n, "token": token})
+    return out
+
+
+def invite_rater(token: str, ws: Workspace | None = None, store: Store | None = None) -> dict | None:
+    """The rater an invite token stands for (id, name, campaign_id), or None for an unknown/revoked one."""
+    ws, store = _ctx(ws, store)
+    token = (token or "").strip()
+    if not token or len(token) > 200:
+        return None
+    return store.query_one("SELECT id, name, campaign_id FROM raters WHERE token_sha256=? AND kind='invite'"
+                           " AND revoked_at IS NULL", (_sha256(token),))
+
+
+def _secret(ws: Workspace) -> bytes:
+    """The workspace's HMAC key for open-rating keys, made once (first writer wins, 0600)."""
+    path = ws.root / "secrets" / "rater-hmac.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        try:
+            os.link(tmp, path)  # atomic, and refuses to replace a key another process made first
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    key = path.read_text().strip()
+    if len(key) < 32:
+        raise RatingError(f"{path} is not a valid key (delete it to make a new one; open-rating keys then reset)", "secret")
+    return key.encode()
+
+
+def _sign(ws: Workspace, rater_id: str) -> str:
+    return hmac.new(_secret(ws), f"open-rater:{rater_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def open_rater(name: str, ws: Workspace | None = None, store: Store | None = None) -> tuple[str, str]:
+    """A new rater for open campaigns under a self-chosen name: (rater id, signed key for the browser)."""
+    ws, store = _ctx(ws, store)
+    name = _check_rater(name)
+    rid = f"open-{secrets.token_hex(8)}"
+    store.execute("INSERT INTO raters (id, kind, name, created_at) VALUES (?,?,?,?)", (rid, "open", name, time.time()))
+    return rid, f"{rid}.{_sign(ws, rid)}"
+
+
+def open_key_rater(key: str, ws: Workspace | None = None, store: Store | None = None) -> dict | None:
+    """The rater a signed open-rating key stands for, or None if the signature does not check out."""
+    ws, store = _ctx(ws, store)
+    if not isinstance(key, str) or key.count(".") != 1 or len(key) > 200:
+        return None
+    rid, sig = key.split(".")
+    if not hmac.compare_digest(sig, _sign(ws, rid)):
+        return None
+    return store.query_one("SELECT id, name FROM raters WHERE id=? AND kind='open' AND revoked_at IS NULL", (rid,))
+
+
+def hf_rater(username: str, display_name: str | None = None, ws: Workspace | None = None,
+             store: Store | None = None) -> str:
+    """The rater for a Hugging Face account the app's OAuth session vouches for."""
+    ws, store = _ctx(ws, store)
+    username = _check_rater(username)
+    rid = f"hf:{username}"
+    store.execute("INSERT OR IGNORE INTO raters (id, kind, name, created_at) VALUES (?,?,?,?)",
+                  (rid, "hf", (display_name or username).strip()[:100] or username, time.time()))
+    return rid
 
 
 def _check_rater(rater: str) -> str:
@@ -152,6 +305,7 @@ def next_task(campaign_id: str, rater: str, ws: Workspace | None = None, store: 
     ws, store = _ctx(ws, store)
     rater = _check_rater(rater)
     camp = _campaign(store, campaign_id)
+    _check_rating_open(camp)
     with store.tx() as con:
         pending = con.execute(
             "SELECT t.* FROM rating_tasks t JOIN rating_assignments a ON a.task_id=t.id AND a.rater=? "
@@ -189,7 +343,7 @@ def vote(campaign_id: str, task_id: str, rater: str, choice: str, comment: str =
          ws: Workspace | None = None, store: Store | None = None) -> None:
     ws, store = _ctx(ws, store)
     rater, comment = _check_rater(rater), _check_vote(choice, comment)
-    _campaign(store, campaign_id)
+    _check_rating_open(_campaign(store, campaign_id))
     with store.tx() as con:
         task = con.execute("SELECT id FROM rating_tasks WHERE id=? AND campaign_id=?", (task_id, campaign_id)).fetchone()
         if task is None:
@@ -208,7 +362,7 @@ def change_vote(campaign_id: str, task_id: str, rater: str, choice: str, comment
     """Replace a rater's vote; the previous one is kept in vote_history."""
     ws, store = _ctx(ws, store)
     rater, comment = _check_rater(rater), _check_vote(choice, comment)
-    _campaign(store, campaign_id)
+    _check_rating_open(_campaign(store, campaign_id))
     with store.tx() as con:
         old = con.execute("SELECT * FROM votes WHERE task_id=? AND rater=? AND campaign_id=?",
                           (task_id, rater, campaign_id)).fetchone()
@@ -449,9 +603,10 @@ def export_votes(campaign_id: str, fmt: str, out_path: str | Path, ws: Workspace
     if fmt not in ("csv", "jsonl", "dpo"):
         raise RatingError(f"format must be csv, jsonl or dpo, got {fmt!r}", "format")
     rows = store.query("SELECT v.rater, v.choice, v.comment, v.created_at, v.updated_at, t.id AS task_id, t.row_id, "
-                       "t.system_left, t.system_right, t.prompt, t.reference, t.output_left, t.output_right "
-                       "FROM votes v JOIN rating_tasks t ON t.id=v.task_id WHERE v.campaign_id=? ORDER BY v.id",
-                       (campaign_id,))
+                       "t.system_left, t.system_right, t.prompt, t.reference, t.output_left, t.output_right, "
+                       "COALESCE(r.name, v.rater) AS rater_name "
+                       "FROM votes v JOIN rating_tasks t ON t.id=v.task_id LEFT JOIN raters r ON r.id=v.rater "
+                       "WHERE v.campaign_id=? ORDER BY v.id", (campaign_id,))
     out_path = Path(out_path)
     if fmt == "dpo":
         lines = []
@@ -466,9 +621,9 @@ def export_votes(campaign_id: str, fmt: str, out_path: str | Path, ws: Workspace
         return atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     buf = io.StringIO()
     fields = ["task_id", "row_id", "rater", "choice", "comment", "system_left", "system_right", "prompt", "reference",
-              "output_left", "output_right", "created_at", "updated_at"]
+              "output_left", "output_right", "created_at", "updated_at", "rater_name"]
     w = csv.DictWriter(buf, fieldnames=fields)
     w.writeheader()
     for r in rows:
-        w.writerow({k: r[k] for k in fields})
+        w.writerow({k: csv_cell(r[k]) for k in fields})  # OWASP: no cell starts a formula
     return atomic_write_text(out_path, buf.getvalue())

@@ -34,6 +34,21 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def env_opt(default: int, help: str, env: str) -> Any:
+    """An int option whose default the environment variable ``env`` can change.
+
+    The variable is read whenever a config is created, so every DataConfig() -- the app's, the
+    CLI's, the library's -- honours it; explicit values (flags, YAML, arguments) still win."""
+    def factory() -> int:
+        if env not in os.environ:
+            return default
+        try:
+            return int(os.environ[env].strip().replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"cannot read {os.environ[env]!r} as int", env) from None
+    return field(default_factory=factory, metadata={"help": help, "env": env})
+
+
 # ---------------------------------------------------------------------------------------------
 # Settings of the whole app (environment variables)
 # ---------------------------------------------------------------------------------------------
@@ -46,6 +61,11 @@ class StudioSettings:
     base_model: str = opt("smollm2-135m-instruct", "Default base model (env SFT_STUDIO_BASE_MODEL).")
     admin_password: str = opt("", "When set, training, deleting and other writes need login (env SFT_STUDIO_ADMIN_PASSWORD).")
     demo_mode: bool = opt(False, "Public demo: chat and rating stay open to anonymous visitors (env SFT_STUDIO_DEMO).")
+    chat_concurrency: int = opt(16, "Chat events served at once; the engine batches their requests (env SFT_STUDIO_CHAT_CONCURRENCY).")
+    light_concurrency: int = opt(16, "Quick UI events (polls, tables, rating, search) served at once (env SFT_STUDIO_LIGHT_CONCURRENCY).")
+    heavy_concurrency: int = opt(2, "Heavy UI events (data check/import, index build, exports) at once, so they cannot starve the rest (env SFT_STUDIO_HEAVY_CONCURRENCY).")
+    login_backoff_s: float = opt(1.0, "After 5 wrong admin passwords from one client, it waits this long, doubling with each further failure, at most 300 s (env SFT_STUDIO_LOGIN_BACKOFF_S).")
+    queue_size: int = opt(64, "Events that may wait in the UI queue before visitors are told it is full (env SFT_STUDIO_QUEUE_SIZE).")
 
     @classmethod
     def from_env(cls, environ: typing.Mapping[str, str] | None = None) -> "StudioSettings":
@@ -70,8 +90,25 @@ class DataConfig:
     seed: int = opt(42, "Seed of the deterministic split.")
     max_tokens: int = opt(2048, "Rows longer than this many tokens (of the chosen model) are reported as over-long.")
     model: str = opt("smollm2-135m-instruct", "Model whose tokenizer measures lengths.")
+    # Input limits (a public demo takes files from anyone): checked before and while a file is parsed,
+    # so an oversized or hostile file is refused with a message instead of exhausting memory or CPU.
+    max_upload_bytes: int = env_opt(50 * 1024 * 1024, "Largest data file in bytes; a Parquet file's or a saved "
+                                    "`datasets` directory's uncompressed data counts too. Also the app's upload limit "
+                                    "(env SFT_STUDIO_MAX_UPLOAD_BYTES; default 50 MiB, within a free HF Space's disk and memory).",
+                                    "SFT_STUDIO_MAX_UPLOAD_BYTES")
+    max_rows: int = env_opt(200_000, "Most rows read from one file; a longer file is refused "
+                                     "(env SFT_STUDIO_MAX_ROWS).", "SFT_STUDIO_MAX_ROWS")
+    max_field_chars: int = env_opt(100_000, "Longest text in any one field, in characters (about 25k tokens, three times "
+                                            "the context of the models trained here; rows over max_tokens are already "
+                                            "flagged as over-long) (env SFT_STUDIO_MAX_FIELD_CHARS).",
+                                    "SFT_STUDIO_MAX_FIELD_CHARS")
+    max_json_depth: int = env_opt(64, "Deepest nesting of JSON objects/lists in a row (a chat record needs 3) "
+                                      "(env SFT_STUDIO_MAX_JSON_DEPTH).", "SFT_STUDIO_MAX_JSON_DEPTH")
 
     def validate(self) -> None:
+        for name in ("max_upload_bytes", "max_rows", "max_field_chars", "max_json_depth"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be positive, got {getattr(self, name)}", name)
         for name in ("eval_fraction", "test_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
@@ -150,8 +187,12 @@ def load_config(cls: type[T], yaml_path: str | os.PathLike | None = None, overri
             loaded = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError("config file not found", str(p)) from None
+        except OSError as e:  # a directory, no permission
+            raise ConfigError(f"cannot read the config file: {e.strerror or e}", str(p)) from None
         except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"not valid YAML: {e}", str(p)) from None
+            raise ConfigError(f"not valid YAML: {' '.join(str(e).split())[:300]}", str(p)) from None
+        except RecursionError:
+            raise ConfigError("not a config: nested too deeply", str(p)) from None
         if not isinstance(loaded, dict):
             raise ConfigError("expected a mapping of option: value", str(p))
         for k, v in loaded.items():

@@ -100,7 +100,25 @@ CREATE TABLE IF NOT EXISTS campaigns (
     systems     TEXT NOT NULL,          -- JSON list
     show_reference INTEGER NOT NULL DEFAULT 1 CHECK (show_reference IN (0, 1)),
     created_at  REAL NOT NULL,
-    name        TEXT NOT NULL DEFAULT '' -- added later: rating.py adds it to older databases
+    name        TEXT NOT NULL DEFAULT '', -- added later: rating.py adds it to older databases
+    -- added later too (rating.py adds them): open_rating = anyone may join under a self-chosen name
+    -- (bound to a signed key); published_at / closed_at end the rating and show results to raters
+    open_rating INTEGER NOT NULL DEFAULT 0 CHECK (open_rating IN (0, 1)),
+    published_at REAL,
+    closed_at   REAL
+);
+-- Server-issued rater identities; votes.rater holds raters.id for raters who came in through the app.
+-- invite: a secret link for one campaign (only its sha256 is kept); open: a self-chosen name bound to
+-- an HMAC-signed key (open campaigns); hf: a Hugging Face account (OAuth, on a Space).
+CREATE TABLE IF NOT EXISTS raters (
+    id          TEXT PRIMARY KEY,       -- inv-<hex> | open-<hex> | hf:<username>
+    kind        TEXT NOT NULL CHECK (kind IN ('invite', 'open', 'hf')),
+    name        TEXT NOT NULL,          -- display name
+    campaign_id TEXT REFERENCES campaigns(id),  -- invites: the one campaign they admit to
+    token_sha256 TEXT UNIQUE,           -- invites: sha256 of the secret token
+    created_at  REAL NOT NULL,
+    revoked_at  REAL,
+    CHECK ((kind = 'invite') = (token_sha256 IS NOT NULL AND campaign_id IS NOT NULL))
 );
 CREATE TABLE IF NOT EXISTS rating_tasks (
     id          TEXT PRIMARY KEY,

@@ -308,9 +308,19 @@ def test_eval_then_blind_vote_moves_leaderboard(app, browser):
     page.locator("#results-refresh").click()
     page.locator("#results-summary").get_by_text("0 votes").wait_for(timeout=30000)
     board_before = page.locator("#results-board").inner_text()
-    page.get_by_role("tab", name="Rate").click()
-    page.locator("#rate-rater input, #rate-rater textarea").first.fill("tester")
+    # the rater comes in through an invite link, which opens the Rate tab with the campaign chosen
+    page.locator("#results-admin").get_by_text("Campaign admin").click()
+    fill(page, "results-invite-names", "tester")
+    page.locator("#results-invite").click()
+    link = page.locator("#results-admin-msg code").first
+    link.wait_for(timeout=30000)
+    invite_url = link.inner_text().strip()
+    assert invite_url.startswith(url + "/?invite="), invite_url
+    page.goto(invite_url)
+    page.locator("#rate-progress").get_by_text("Invited as").wait_for(timeout=30000)
+    page.locator("#rate-rater input, #rate-rater textarea").first.fill("someone else")  # a typed name changes nothing
     page.locator("#rate-next").click()
+    page.locator("#rate-progress").get_by_text("tester").wait_for(timeout=30000)
     page.locator("#rate-prompt").get_by_text("Prompt").wait_for(timeout=30000)
     body = page.locator("#rate-left").inner_text() + page.locator("#rate-right").inner_text()
     assert "prompt" not in body.lower().split() and "rag" not in body.lower().split()
@@ -417,11 +427,13 @@ def test_gradio_client_drives_the_same_functions(app, clients, tmp_path):
     # picking the eval offers its systems (the checkbox group only takes offered choices)
     systems = client.predict(eval_id, api_name="/eval_systems")["value"]
     assert sorted(systems) == ["prompt", "rag"], systems
-    msg, _, _ = client.predict(eval_id, systems, api_name="/create_campaign")
+    msg, _, _ = client.predict(eval_id, systems, False, api_name="/create_campaign")
     campaign = msg.split("**")[1]
-    prompt, left, right, progress = client.predict(campaign, "api-rater", api_name="/rate_next")
-    assert "Prompt" in prompt and left.strip() and right.strip()
-    prompt, left, right, progress, comment = client.predict(campaign, "api-rater", "", api_name="/vote_left")
+    # raters come in through an invite link (no admin password here, so anyone may make one)
+    invite = client.predict(campaign, "api-rater", api_name="/campaign_invite").split("?invite=")[1].split("`")[0]
+    prompt, left, right, progress, key = client.predict(campaign, invite, "", None, api_name="/rate_next")
+    assert "Prompt" in prompt and left.strip() and right.strip() and "api-rater" in progress
+    prompt, left, right, progress, key, comment = client.predict(campaign, invite, "", None, "", api_name="/vote_left")
     summary, board, _ = client.predict(campaign, api_name="/results_show")
     assert "1 votes" in summary and board["data"], (summary, board)
 
@@ -506,6 +518,8 @@ def test_admin_password_gates_writes_deletes_and_eval_outputs(tiny_model_dir, br
         assert report is None and not examples["data"] and "admin login" in summary
         assert "ANSWER-" not in json.dumps([summary, table, examples])
         for api, args in [("/results_export", (seeded["campaign"], "csv")), ("/dataset_delete", ("api-ds",)),
+                          ("/campaign_invite", (seeded["campaign"], "anon")), ("/campaign_publish", (seeded["campaign"],)),
+                          ("/campaign_close", (seeded["campaign"],)),
                           ("/dataset_delete_ask", ("api-ds",)), ("/run_delete", ("api-old-run",))]:
             with pytest.raises(Exception, match="admin login"):
                 anon.predict(*args, api_name=api)
@@ -524,7 +538,8 @@ def test_admin_password_gates_writes_deletes_and_eval_outputs(tiny_model_dir, br
         # outside /tmp and the CWD (Gradio refuses those unless they are under allowed_paths)
         admin = Client(url + "/", verbose=False)
         made.append(admin)
-        assert "Logged in" in admin.predict("s3cret", api_name="/login")
+        msg, password_box = admin.predict("s3cret", api_name="/login")
+        assert "Logged in" in msg and password_box == ""  # the password does not stay in the page's state
         summary, table, examples, report = admin.predict(seeded["eval"], api_name="/eval_poll")
         assert "ANSWER-prompt-r1" in json.dumps(examples["data"])
         assert "REPORT eval-locked" in Path(report).read_text()
@@ -537,9 +552,11 @@ def test_admin_password_gates_writes_deletes_and_eval_outputs(tiny_model_dir, br
         # chat stays public in demo mode: the gate does not fire (an engine answer or engine error, not a login error)
         out = anon.predict("hello", "prompt", None, None, None, None, 0.0, 16, [], [], [], [], api_name="/chat_send")
         assert "admin login" not in json.dumps(out)
-        # rating stays public: an anonymous rater gets a clear campaign error, not a login error
+        # rating needs no admin login but an invite: a clear campaign or invite error, not a login error
         with pytest.raises(Exception, match="unknown campaign"):
-            anon.predict("nope", "anon", api_name="/rate_next")
+            anon.predict("nope", "", "anon", None, api_name="/rate_next")
+        with pytest.raises(Exception, match="by invitation only"):
+            anon.predict(seeded["campaign"], "", "anon", None, api_name="/rate_next")
 
         # an anonymous browser can neither train nor delete; after logging in, deleting asks first, then works
         page = browser.new_page(viewport={"width": 1300, "height": 1000})

@@ -247,6 +247,11 @@ def test_old_database_gets_the_name_column(tmp_path):
     st = Store(f"sqlite:///{db}")
     assert [c["id"] for c in rating.list_campaigns(store=st)] == ["camp-old"]
     assert rating.list_campaigns(store=st)[0]["name"] == ""
+    # the later columns too: invite-only, results hidden, rating on; the raters table exists
+    c = rating.list_campaigns(store=st)[0]
+    assert (c["open_rating"], c["published_at"], c["closed_at"]) == (0, None, None)
+    assert not rating.results_visible("camp-old", store=st)
+    assert st.query("SELECT * FROM raters") == []
     st.close()
 
 
@@ -407,3 +412,113 @@ def test_cli_create_results_export_and_errors(ws, store, capsys):
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
     assert store.query_one("SELECT COUNT(*) AS n FROM campaigns")["n"] == 1
+
+
+# ---- rater identities, publish / close ------------------------------------------------------------
+def test_invites_are_secret_per_campaign_and_stored_hashed(ws, store):
+    import hashlib
+    ev = make_eval(ws, store, 3)
+    cid, other = (rating.create_campaign(ev, ws=ws, store=store, seed=s) for s in (0, 1))
+    invs = rating.create_invites(cid, ["ann", "ann", "ben"], ws=ws, store=store)
+    assert len({i["token"] for i in invs}) == 3 and len({i["rater"] for i in invs}) == 3  # same name, two raters
+    for inv in invs:
+        assert rating.invite_rater(inv["token"], ws=ws, store=store) == \
+            {"id": inv["rater"], "name": inv["name"], "campaign_id": cid}
+        row = store.query_one("SELECT * FROM raters WHERE id=?", (inv["rater"],))
+        assert row["token_sha256"] == hashlib.sha256(inv["token"].encode()).hexdigest() and row["kind"] == "invite"
+    dump = "\n".join(store.connection().iterdump())
+    assert not any(i["token"] in dump for i in invs)  # only the hash is kept
+    for bad in ("", "nope", invs[0]["token"][:-1], "x" * 500):
+        assert rating.invite_rater(bad, ws=ws, store=store) is None
+    store.execute("UPDATE raters SET revoked_at=1 WHERE id=?", (invs[2]["rater"],))
+    assert rating.invite_rater(invs[2]["token"], ws=ws, store=store) is None
+    with pytest.raises(rating.RatingError, match="unknown campaign"):
+        rating.create_invites("nope", ["x"], ws=ws, store=store)
+    with pytest.raises(rating.RatingError, match="at least one"):
+        rating.create_invites(other, [], ws=ws, store=store)
+    with pytest.raises(rating.RatingError, match="printable"):
+        rating.create_invites(other, ["a\nb"], ws=ws, store=store)
+
+
+def test_open_rater_keys_are_signed_with_the_workspace_secret(ws, store, tmp_path):
+    import os
+    from sft_core.workspace import Workspace
+    rid, key = rating.open_rater("eve", ws=ws, store=store)
+    assert rating.open_key_rater(key, ws=ws, store=store) == {"id": rid, "name": "eve"}
+    secret = ws.root / "secrets" / "rater-hmac.key"
+    assert secret.exists() and os.stat(secret).st_mode & 0o077 == 0
+    rid2, key2 = rating.open_rater("eve", ws=ws, store=store)  # the same name typed again: a new rater
+    assert rid2 != rid and secret.read_text() == secret.read_text()
+    sig = key.split(".")[1]
+    for bad in (f"{rid}.{'0' * 64}", f"{rid2}.{sig}", f"open-{'a' * 16}.{sig}", rid, None, "", "a.b.c", 7):
+        assert rating.open_key_rater(bad, ws=ws, store=store) is None, bad
+    # another workspace (another secret) does not accept the key
+    other = Workspace.at(tmp_path / "other")
+    st2 = Store(other.db_url)
+    try:
+        st2.execute("INSERT INTO raters (id, kind, name, created_at) VALUES (?, 'open', 'eve', 0)", (rid,))
+        assert rating.open_key_rater(key, ws=other, store=st2) is None
+    finally:
+        st2.close()
+    # Hugging Face accounts: one rater per account
+    assert rating.hf_rater("alice", "Alice A.", ws=ws, store=store) == rating.hf_rater("alice", ws=ws, store=store)
+    assert store.query_one("SELECT name, kind FROM raters WHERE id='hf:alice'") == {"name": "Alice A.", "kind": "hf"}
+
+
+def test_publish_and_close_end_the_rating_and_show_results(ws, store):
+    ev = make_eval(ws, store, 3)
+    cid, cid2 = (rating.create_campaign(ev, ["prompt", "rag"], ws=ws, store=store, seed=s) for s in (0, 1))
+    t = rating.next_task(cid, "amy", ws=ws, store=store)
+    assert not rating.results_visible(cid, ws=ws, store=store)
+    rating.vote(cid, t["task_id"], "amy", "left", ws=ws, store=store)
+    t2 = rating.next_task(cid, "amy", ws=ws, store=store)
+    first = rating.publish(cid, ws=ws, store=store)["published_at"]
+    assert rating.publish(cid, ws=ws, store=store)["published_at"] == first  # idempotent
+    assert rating.results_visible(cid, ws=ws, store=store)
+    for call in (lambda: rating.next_task(cid, "amy", ws=ws, store=store),
+                 lambda: rating.vote(cid, t2["task_id"], "amy", "left", ws=ws, store=store),
+                 lambda: rating.change_vote(cid, t["task_id"], "amy", "tie", ws=ws, store=store),
+                 lambda: rating.create_invites(cid, ["late"], ws=ws, store=store)):
+        with pytest.raises(rating.RatingError, match="published"):
+            call()
+    rating.close(cid2, ws=ws, store=store)
+    assert rating.results_visible(cid2, ws=ws, store=store)
+    with pytest.raises(rating.RatingError, match="closed"):
+        rating.next_task(cid2, "amy", ws=ws, store=store)
+    assert rating.results(cid, ws=ws, store=store, n_boot=10)["n_votes"] == 1
+
+
+def test_cli_invite_publish_close(ws, store, capsys):
+    ev = make_eval(ws, store, 3)
+    assert cli.main(["rate", "campaign", "create", "--eval", ev, "--systems", "prompt,rag", "--seed", "1"]) == 0
+    cid = capsys.readouterr().out.strip()
+    assert cli.main(["rate", "campaign", "create", "--eval", ev, "--systems", "prompt,rag", "--open"]) == 0
+    open_cid = capsys.readouterr().out.strip()
+    assert store.query_one("SELECT open_rating FROM campaigns WHERE id=?", (open_cid,))["open_rating"] == 1
+    assert cli.main(["rate", "invite", "--campaign", cid, "--rater", "ann", "--rater", "ben",
+                     "--base-url", "https://rate.example/"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["ann", "ben"]
+    for line, name in zip(lines, ["ann", "ben"]):
+        url = line.split("\t")[1]
+        assert url.startswith("https://rate.example/?invite=")
+        r = rating.invite_rater(url.split("invite=")[1], ws=ws, store=store)
+        assert r["name"] == name and r["campaign_id"] == cid
+    assert cli.main(["rate", "campaign", "list"]) == 0
+    out = capsys.readouterr().out
+    assert f"{cid}" in out and "invite-only  rating" in out and "open  rating" in out
+    assert cli.main(["rate", "publish", cid]) == 0
+    assert "published" in capsys.readouterr().out
+    assert cli.main(["rate", "close", open_cid]) == 0
+    assert "closed" in capsys.readouterr().out
+    assert cli.main(["rate", "campaign", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "invite-only  published" in out and "open  closed" in out
+    assert rating.results_visible(cid, ws=ws, store=store) and rating.results_visible(open_cid, ws=ws, store=store)
+    for argv, msg in [(["rate", "invite", "--campaign", "nope", "--rater", "x"], "unknown campaign 'nope'"),
+                      (["rate", "invite", "--campaign", cid, "--rater", "x"], "published"),
+                      (["rate", "publish", "nope"], "unknown campaign 'nope'"),
+                      (["rate", "close", "nope"], "unknown campaign 'nope'")]:
+        assert cli.main(argv) == 1
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err

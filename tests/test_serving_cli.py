@@ -183,3 +183,108 @@ def test_serve_vllm_fronts_the_engine_on_port_and_hides_lora_routes(ws, store, m
     assert f'base_url="http://127.0.0.1:{port}/v1"' in out and fake.url not in out
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5)  # the front is shut down
+
+
+class _EchoEngine:
+    """Answers every request with the decoding it received (no model): for the request-schema tests."""
+    name = "hf"
+    served_name = "tiny"
+
+    def __init__(self):
+        self.seen = []
+
+    def list_adapters(self):
+        return []
+
+    def health(self):
+        return {"ok": True, "state": "ready"}
+
+    def chat(self, messages, adapter=None, decoding=None):
+        self.seen.append((messages, decoding))
+        yield "ok"
+
+    def generate_batch(self, requests):
+        self.seen += [(r.messages, r.decoding) for r in requests]
+        return [GenResult("ok", 1, 1, finish_reason="stop") for _ in requests]
+
+
+_MSGS = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+    ({"messages": [{"role": "user"}]}, "messages[0].content"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+    ({"messages": ["hi"]}, "messages[0]"),
+    ({"messages": "hi"}, "messages"),
+    ({"messages": []}, "messages"),
+    ({"messages": _MSGS, "temperature": "NaN"}, "temperature"),
+    ({"messages": _MSGS, "temperature": "0.5"}, "temperature"),
+    ({"messages": _MSGS, "temperature": 2.5}, "temperature"),
+    ({"messages": _MSGS, "temperature": -1}, "temperature"),
+    ({"messages": _MSGS, "top_p": 0}, "top_p"),
+    ({"messages": _MSGS, "top_p": 1.5}, "top_p"),
+    ({"messages": _MSGS, "max_tokens": 0}, "max_tokens"),
+    ({"messages": _MSGS, "max_tokens": 10**9}, "max_tokens"),
+    ({"messages": _MSGS, "max_tokens": 1.5}, "max_tokens"),
+    ({"messages": _MSGS, "max_tokens": "12"}, "max_tokens"),
+    ({"messages": _MSGS, "n": 2}, "n"),
+    ({"messages": _MSGS, "stream": "yes"}, "stream"),
+    ({"messages": _MSGS, "stop": 5}, "stop"),
+    ({"messages": _MSGS, "seed": "x"}, "seed"),
+    ({"messages": _MSGS, "model": 5}, "model"),
+    ([1, 2], "request body"),
+])
+def test_front_refuses_bad_requests_with_400_naming_the_field(body, field):
+    """Before the fix (issue 15 item 7) `"content": 5` answered 500 and `temperature: "NaN"` was accepted."""
+    from sft_core.commands.serve import make_http_server
+    eng = _EchoEngine()
+    httpd = make_http_server(eng, 0, "tiny")
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/chat/completions"
+    try:
+        for stream in (False, True):
+            b = {**body, "stream": stream} if isinstance(body, dict) and "stream" not in body else body
+            code, text = _post(url, b)
+            err = json.loads(text)["error"]
+            assert code == 400 and err["type"] == "BadRequestError", (b, code, text)
+            assert err["message"].startswith(field), (b, err)
+        assert eng.seen == []  # nothing reached the engine
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_front_accepts_openai_requests_and_refuses_bad_json_and_huge_bodies():
+    from sft_core.commands.serve import MAX_BODY_BYTES, make_http_server
+    eng = _EchoEngine()
+    httpd = make_http_server(eng, 0, "tiny")
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/chat/completions"
+    try:
+        full = {"model": "tiny", "messages": [{"role": "system", "content": "s"}, *_MSGS], "temperature": 0.7,
+                "top_p": 0.9, "max_tokens": 7, "n": 1, "stream": False, "stop": ["\n"], "seed": 3,
+                "presence_penalty": 0, "user": "someone"}  # unknown OpenAI fields are ignored
+        code, text = _post(url, full)
+        assert code == 200, text
+        msgs, dec = eng.seen[-1]
+        assert msgs[-1] == _MSGS[0] and (dec.temperature, dec.top_p, dec.max_new_tokens, dec.stop, dec.seed) == (
+            0.7, 0.9, 7, ["\n"], 3)
+        assert _post(url, {"messages": _MSGS, "temperature": None, "max_tokens": None})[0] == 200  # null = default
+        for raw, says in [(b"{", "not valid JSON"), (b"[" * 100_000, "not valid JSON"),
+                          (b'{"messages": [{"role": "user", "content": "x"}], "temperature": NaN}', "temperature")]:
+            req = urllib.request.Request(url, data=raw, headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(req, timeout=30)
+            assert e.value.code == 400 and says in json.loads(e.value.read())["error"]["message"], raw[:40]
+        import http.client
+        c = http.client.HTTPConnection("127.0.0.1", httpd.server_address[1], timeout=30)
+        c.putrequest("POST", "/v1/chat/completions")
+        c.putheader("Content-Length", str(MAX_BODY_BYTES + 1))
+        c.endheaders()  # the body is never sent: refused on the header alone
+        r = c.getresponse()
+        assert r.status == 413 and "over the limit" in json.loads(r.read())["error"]["message"]
+        c.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

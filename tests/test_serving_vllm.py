@@ -11,6 +11,7 @@ import socket
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -93,10 +94,11 @@ def test_unknown_and_path_names_never_reach_vllm(vllm):
     assert vllm.list_adapters() == before
 
 
-def _http(url, body=None):
+def _http(url, body=None, auth=None):
     """(status, parsed JSON or text) of a GET, or a POST when ``body`` is given."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json", **({"Authorization": auth} if auth else {})}
+    req = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             code, text = r.status, r.read().decode()
@@ -108,11 +110,44 @@ def _http(url, body=None):
         return code, text
 
 
-def test_serve_front_over_vllm_serves_registered_adapters_only(vllm, serving_ws, tiny_model_dir):
+def test_managed_server_refuses_requests_without_its_key(vllm, serving_ws):
+    """The managed vLLM answers only the engine's own per-start random key: on /v1 (vLLM's check) and on
+    the routes vLLM leaves open (RequireKey), e.g. SageMaker's POST /adapters, which loads any path."""
+    ws, _ = serving_ws
+    key, base = vllm._api_key, vllm.url
+    assert key and len(key) >= 40
+    path = str(ws.runs_dir("run-banana", "adapter"))
+    q = user("What is the secret?")
+    for auth in (None, "Bearer wrong-key", f"Basic {key}"):
+        for route, body in [("/v1/models", None), ("/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": path}),
+                            ("/v1/unload_lora_adapter", {"lora_name": "run-banana"}),
+                            ("/v1/chat/completions", {"model": vllm.served_name, "messages": q, "max_tokens": 2}),
+                            ("/adapters", {"name": "evil", "src": path}), ("/tokenize", {"prompt": "hi"}),
+                            ("/invocations", {"model": vllm.served_name, "messages": q, "max_tokens": 2})]:
+            code, _ = _http(f"{base}{route}", body, auth)
+            assert code == 401, (route, auth, code)
+    assert _http(f"{base}/health")[0] == 200  # only the health check is open
+    code, models = _http(f"{base}/v1/models", auth=f"Bearer {key}")
+    assert code == 200 and "evil" not in [m["id"] for m in models["data"]]
+    code, body = _http(f"{base}/v1/load_lora_adapter", {"lora_name": "nope", "lora_path": "/nonexistent/adapter"},
+                       f"Bearer {key}")
+    assert code != 401 and "nope" not in vllm.list_adapters(), (code, body)  # past the key: vLLM's own answer
+    # the engine's own calls carry the key
+    vllm.load_adapter("run-banana")
+    assert "banana" in "".join(vllm.chat(q, "run-banana", GREEDY)) and vllm.health()["ok"]
+    # and it is in no log, command line or health report
+    assert key not in vllm.log_path.read_text(errors="replace")
+    for pid in (vllm.pid(), vllm._server.pgid):
+        assert key.encode() not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert key not in json.dumps(vllm.health()) and key not in repr(vllm.cfg)
+
+
+def test_serve_front_over_vllm_serves_registered_adapters_only(vllm, serving_ws, tiny_model_dir, monkeypatch):
     """`sft-studio serve`'s front (the only port clients get) over an engine attached to the running vLLM."""
     import openai
 
     from sft_core.commands.serve import banner, start_front
+    monkeypatch.setenv("SFT_STUDIO_ENGINE_API_KEY", vllm._api_key)  # attaching to it needs its key
     ws, st = serving_ws
     base = str(tiny_model_dir)
     eng = get_engine(base, ws, st, engine="vllm", url=vllm.url)  # attach: no second vLLM
@@ -224,6 +259,7 @@ def test_killed_server_restarts_with_adapters_and_outage_errors_fast(vllm):
     vllm.load_adapter("run-kiwi")
     expected = vllm.generate_batch([GenRequest(user("hi"), "run-kiwi", GREEDY)])[0].text
     old_pid, restarts, old_url = vllm.pid(), vllm.restarts, vllm.url
+    old_pgid, old_key = vllm._server.pgid, vllm._api_key
     assert old_url.endswith(f":{vllm.cfg.port}")
     os.kill(old_pid, signal.SIGKILL)
     # a request during the outage fails at once with a clear message, whether or not the watchdog saw it yet
@@ -243,11 +279,14 @@ def test_killed_server_restarts_with_adapters_and_outage_errors_fast(vllm):
     assert sorted(vllm.list_adapters()) == ["run-banana", "run-kiwi"]  # reloaded on the new server
     assert vllm.generate_batch([GenRequest(user("hi"), "run-kiwi", GREEDY)])[0].text == expected
     with pytest.raises(ProcessLookupError):
-        os.killpg(old_pid, 0)  # nothing of the old server's process group survives
+        os.killpg(old_pgid, 0)  # nothing of the old server's process group survives
+    assert vllm._api_key != old_key  # a fresh key per start; the old one opens nothing
+    assert _http(f"{vllm.url}/v1/models", auth=f"Bearer {old_key}")[0] == 401
 
 
-def test_attach_mode_uses_an_external_server(vllm, serving_ws, tiny_model_dir):
+def test_attach_mode_uses_an_external_server(vllm, serving_ws, tiny_model_dir, monkeypatch):
     ws, st = serving_ws
+    monkeypatch.setenv("SFT_STUDIO_ENGINE_API_KEY", vllm._api_key)
     eng = get_engine(str(tiny_model_dir), ws, st, engine="vllm", url=vllm.url)
     try:
         h = eng.health()

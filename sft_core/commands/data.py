@@ -15,7 +15,17 @@ def _cfg(args) -> DataConfig:
 def cmd_check(args) -> int:
     report = data.check_file(args.path, _cfg(args))
     print(json.dumps(report.to_dict(), indent=2) if args.json else data.format_report(report))
+    if not report.ok:  # the report is on stdout; stderr gets the verdict in one line
+        _verdict(report)
     return 0 if report.ok else 1
+
+
+def _verdict(report) -> None:
+    import sys
+    errors = report.errors
+    first = f"{errors[0]}" if errors else "no valid records"
+    more = f" (and {len(errors) - 1} more, listed above)" if len(errors) > 1 else ""
+    print(f"error: {report.file}: invalid data: {first}{more}"[:500], file=sys.stderr)
 
 
 def cmd_import(args) -> int:
@@ -25,7 +35,9 @@ def cmd_import(args) -> int:
     report = data.check_file(args.path, cfg)
     if not report.ok:
         print(data.format_report(report))
-        raise data.DataError("invalid data, nothing stored", args.path)
+        first = report.errors[0] if report.errors else "no valid records"
+        more = f" (and {len(report.errors) - 1} more, listed above)" if len(report.errors) > 1 else ""
+        raise data.DataError(f"invalid data, nothing stored: {first}{more}", args.path)
     v = data.import_dataset(args.path, args.name, cfg)
     state = "new version" if v.created else "identical to existing version"
     print(f"{v.name}@{v.version} ({state}): " + ", ".join(f"{k} {n}" for k, n in v.splits.items()))

@@ -1,4 +1,4 @@
-"""`sft-studio rate campaign create|list`, `rate results`, `rate export`."""
+"""`sft-studio rate campaign create|list`, `rate invite`, `rate publish|close`, `rate results`, `rate export`."""
 from __future__ import annotations
 
 
@@ -6,7 +6,7 @@ def cmd_create(args) -> int:
     from evals import rating
     systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
     cid = rating.create_campaign(args.eval, systems, name=args.name, show_reference=not args.hide_reference,
-                                 seed=args.seed)
+                                 seed=args.seed, open_rating=args.open)
     print(cid)
     return 0
 
@@ -15,8 +15,35 @@ def cmd_list(args) -> int:
     from evals import rating
     from sft_core.store import loads
     for c in rating.list_campaigns():
+        state = "published" if c["published_at"] else "closed" if c["closed_at"] else "rating"
         print(f"{c['id']}  {c['name']}  eval {c['eval_id']}  tasks {c['n_tasks']}  votes {c['n_votes']}  "
-              f"systems {', '.join(loads(c['systems']))}")
+              f"systems {', '.join(loads(c['systems']))}  {'open' if c['open_rating'] else 'invite-only'}  {state}")
+    return 0
+
+
+def invite_url(base_url: str, token: str) -> str:
+    return f"{base_url.rstrip('/')}/?invite={token}"
+
+
+def cmd_invite(args) -> int:
+    """One secret link per rater; the tokens are shown once (the database keeps their sha256)."""
+    from evals import rating
+    for inv in rating.create_invites(args.campaign, args.rater):
+        print(f"{inv['name']}\t{invite_url(args.base_url, inv['token'])}")
+    return 0
+
+
+def cmd_publish(args) -> int:
+    from evals import rating
+    rating.publish(args.campaign)
+    print(f"{args.campaign}: results published; rating is over")
+    return 0
+
+
+def cmd_close(args) -> int:
+    from evals import rating
+    rating.close(args.campaign)
+    print(f"{args.campaign}: closed; raters now see the results")
     return 0
 
 
@@ -62,8 +89,21 @@ def register(sub) -> None:
     cc.add_argument("--name", default=None)
     cc.add_argument("--hide-reference", action="store_true", help="do not show raters the reference answer")
     cc.add_argument("--seed", type=int, default=None, help="fix the left/right draw (default: OS randomness)")
+    cc.add_argument("--open", action="store_true",
+                    help="anyone may join under a self-chosen name (trusted rooms); default: invites only")
     cc.set_defaults(func=cmd_create)
     cs.add_parser("list").set_defaults(func=cmd_list)
+    i = s.add_parser("invite", help="secret invite links, one per rater (printed once: NAME<TAB>URL)")
+    i.add_argument("--campaign", required=True)
+    i.add_argument("--rater", required=True, action="append", help="the rater's display name (repeat for several)")
+    i.add_argument("--base-url", default="http://localhost:7860", help="where the app is reached (default: %(default)s)")
+    i.set_defaults(func=cmd_invite)
+    pb = s.add_parser("publish", help="show the results to raters (ends the rating)")
+    pb.add_argument("campaign")
+    pb.set_defaults(func=cmd_publish)
+    cl = s.add_parser("close", help="end the rating (raters then see the results)")
+    cl.add_argument("campaign")
+    cl.set_defaults(func=cmd_close)
     r = s.add_parser("results", help="Bradley-Terry leaderboard, Elo, win rates, agreement")
     r.add_argument("campaign")
     r.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")

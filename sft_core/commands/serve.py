@@ -6,7 +6,10 @@ OpenAI-compatible HTTP server in this process (``/v1/models``, ``/v1/chat/comple
 not, ``/health``) on ``--port``; it hands every request to the engine, whose adapter registry refuses
 names that are not succeeded runs or that look like paths. With vLLM the engine's own server runs on
 an internal free localhost port and is never handed to clients, so its runtime LoRA endpoints
-(``/v1/load_lora_adapter`` with an arbitrary path) are not reachable through ``--port``.
+(``/v1/load_lora_adapter`` with an arbitrary path) are not reachable through ``--port``; that internal
+server also refuses every request (but ``/health``) without the engine's per-start random API key,
+which only the engine itself sends. SIGTERM/SIGINT close the engine (its whole vLLM process group)
+before the process exits; a supervisor stops vLLM even if this process is killed outright.
 """
 from __future__ import annotations
 
@@ -37,6 +40,73 @@ def banner(url: str, model: str, loaded: list[str]) -> str:
     """What `serve` prints once it is up: where it listens and a copy-paste example (front URL only)."""
     return (f"\nserving {model} and {len(loaded)} adapter(s) at {url}  (Ctrl-C stops)\n\n"
             + example(url, loaded[0] if loaded else model))
+
+
+MAX_BODY_BYTES = 8 * 2**20  # one request: a long conversation fits many times over
+MAX_TOKENS = 8192  # most tokens one request may ask for (the engines' context is smaller still)
+
+
+def _request_model():
+    """The schema of a chat request (pydantic, strict: "0.5" is not a number, 5 is not text), built on
+    first use so that importing the CLI stays cheap. Unknown fields are ignored, as OpenAI clients send
+    many optional ones."""
+    global _ChatRequest
+    if _ChatRequest is not None:
+        return _ChatRequest
+    from typing import Literal, Optional, Union
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class Message(BaseModel):
+        model_config = ConfigDict(extra="ignore", strict=True)
+        role: Literal["system", "user", "assistant"]
+        content: str
+
+    class ChatRequest(BaseModel):
+        model_config = ConfigDict(extra="ignore", strict=True)
+        model: Optional[str] = Field(None, max_length=200)
+        messages: list[Message] = Field(min_length=1)
+        temperature: Optional[float] = Field(None, ge=0, le=2, allow_inf_nan=False)
+        top_p: Optional[float] = Field(None, gt=0, le=1, allow_inf_nan=False)
+        max_tokens: Optional[int] = Field(None, ge=1, le=MAX_TOKENS)
+        max_completion_tokens: Optional[int] = Field(None, ge=1, le=MAX_TOKENS)
+        n: Optional[Literal[1]] = None  # one answer per request
+        stream: Optional[bool] = None
+        stop: Union[str, list[str], None] = Field(None, max_length=16)
+        seed: Optional[int] = Field(None, ge=0, lt=2**63)
+        logprobs: Optional[bool] = None
+
+    _ChatRequest = ChatRequest
+    return ChatRequest
+
+
+_ChatRequest = None
+
+
+class RequestError(ValueError):
+    """A request that does not fit the schema: answered 400, naming the field."""
+
+
+def parse_chat_request(raw: bytes) -> dict:
+    """The request body as a dict with only the fields this front uses, or RequestError naming the field."""
+    from pydantic import ValidationError
+    try:
+        req = _request_model().model_validate_json(raw or b"{}")
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        if err["type"] == "json_invalid":
+            raise RequestError(f"request body is not valid JSON: {err['msg']}") from None
+        where = "".join(f"[{k}]" if isinstance(k, int) else f".{k}" for k in err["loc"]).lstrip(".")
+        if err["type"] in ("model_type", "model_attributes_type") and not where:
+            raise RequestError("request body must be a JSON object") from None
+        if where == "messages" and err["type"] in ("missing", "too_short"):
+            raise RequestError("messages: required, a non-empty list of chat messages") from None
+        if where == "n":
+            raise RequestError("n: only n=1 is supported (one answer per request)") from None
+        raise RequestError(f"{where or 'request body'}: {err['msg']}") from None
+    body = req.model_dump(exclude_none=True)
+    body["messages"] = [{"role": m.role, "content": m.content} for m in req.messages]
+    return body
 
 
 def decoding_from_openai(body: dict) -> DecodingConfig:
@@ -106,15 +176,18 @@ def make_http_server(engine, port: int, served_name: str) -> ThreadingHTTPServer
                                         "'model' and load on first use)", "NotFoundError")
             streaming = False
             try:
-                length = int(self.headers.get("Content-Length", 0) or 0)
+                try:
+                    length = int(self.headers.get("Content-Length", 0) or 0)
+                except ValueError:
+                    raise RequestError("Content-Length: not a number") from None
                 if length < 0:
-                    raise ValueError("negative Content-Length")
-                body = json.loads(self.rfile.read(length) or b"{}")
-                if not isinstance(body, dict):
-                    raise ValueError("request body must be a JSON object")
-                messages = body.get("messages")
-                if not isinstance(messages, list) or not messages:
-                    raise ValueError("messages: required, a non-empty list of chat messages")
+                    raise RequestError("Content-Length: negative")
+                if length > MAX_BODY_BYTES:
+                    self.close_connection = True  # the body is not read
+                    return self._error(413, f"request body is {length:,} bytes, over the limit of "
+                                            f"{MAX_BODY_BYTES:,}", "BadRequestError")
+                body = parse_chat_request(self.rfile.read(length))
+                messages = body["messages"]
                 model = body.get("model") or served_name
                 adapter = None if model == served_name else model
                 cfg = decoding_from_openai(body)
@@ -203,6 +276,9 @@ def cmd_serve(args) -> int:
     # --port is the front's; a managed vLLM listens on an internal free port that clients never see
     engine_cfg = dataclasses.replace(cfg, port=0)
     print(f"starting the {cfg.engine} engine for {base} (vLLM takes ~30-90 s on a CPU) ...", flush=True)
+    from sft_core.serving.supervise import close_on_signals
+    from sft_core.serving.vllm_engine import close_all
+    close_on_signals(close_all)  # before the start: a vLLM still starting up is stopped too
     engine = get_engine(base, ws, store, cfg=engine_cfg)
     httpd = None
     try:

