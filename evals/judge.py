@@ -19,6 +19,7 @@ Output, beside the eval's outputs:
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -27,7 +28,7 @@ from pathlib import Path
 from sft_core import StudioError
 from sft_core.config import DecodingConfig
 from sft_core.store import Store, loads, open_store
-from sft_core.workspace import Workspace, read_jsonl, write_jsonl
+from sft_core.workspace import Workspace, atomic_write_json, read_jsonl, write_jsonl
 
 PAIRWISE = ("You are judging two answers to a question. Use the reference answer as the ground truth.\n\n"
             "Question: {q}\n\nReference answer: {ref}\n\nAnswer A: {a}\n\nAnswer B: {b}\n\n"
@@ -173,10 +174,12 @@ class Judge:
 
 
 def judge_eval(eval_id: str, engine=None, url: str | None = None, model: str | None = None,
-               ws: Workspace | None = None, store: Store | None = None, limit: int = 50,
+               ws: Workspace | None = None, store: Store | None = None, limit: int | None = None,
                api_key: str | None = None) -> Path:
-    """Pairwise judgements for every pair of systems and a rubric score for every system, on the
-    first ``limit`` domain rows -> judge.jsonl and judge_rubric.jsonl. Returns judge.jsonl's path."""
+    """Pairwise judgements for every pair of systems and a rubric score for every system, on every
+    domain row (or the first ``limit`` when one is configured: the eval's ``judge_limit``) ->
+    judge.jsonl and judge_rubric.jsonl. The summary and the report state how many rows were judged.
+    Returns judge.jsonl's path."""
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     row = store.query_one("SELECT * FROM evals WHERE id=?", (eval_id,))
@@ -188,7 +191,11 @@ def judge_eval(eval_id: str, engine=None, url: str | None = None, model: str | N
         if o["set"] == "domain":
             by_row.setdefault(o["row_id"], {})[o["system"]] = o
     judge = Judge(engine=engine, url=url, model=model, api_key=api_key)
-    rows = list(by_row.items())[:limit]
+    rows = list(by_row.items())
+    if limit:
+        rows = rows[:int(limit)]
+    atomic_write_json(path / "judge_meta.json", {"rows_judged": len(rows), "rows_total": len(by_row),
+                                                 "limit": int(limit) if limit else None})
     pairs, rub = [], []
     for rid, answers in rows:
         present = [s for s in cfg["systems"] if s in answers]
@@ -245,4 +252,9 @@ def summarize_judge(path: str | Path, systems: list[str] | None = None, seed: in
         got = [float(v) for v in vals if v is not None]
         mean, lo, hi = stats.bootstrap_ci(got, seed=seed) if got else (None, None, None)
         rub[s] = {"mean": mean, "low": lo, "high": hi, "n": len(got), "unparsed": len(vals) - len(got)}
-    return {"pairwise": pw, "rubric": rub}
+    meta = {}
+    if (path / "judge_meta.json").exists():
+        meta = json.loads((path / "judge_meta.json").read_text())
+    rows = meta.get("rows_judged", len({j["row_id"] for j in rubric} | {j["row_id"] for j in verdicts}))
+    return {"pairwise": pw, "rubric": rub, "rows_judged": rows, "rows_total": meta.get("rows_total", rows),
+            "limit": meta.get("limit")}

@@ -39,11 +39,13 @@ def recommendation(scores: dict) -> str:
         second, sv = ranked[1]
         pair = next((p for p in summary["pairs"][metric] if {p["a"], p["b"]} == {best, second}), None)
         diff = bv[metric]["mean"] - sv[metric]["mean"]
-        sig = pair and pair["p_value"] < 0.05
+        p = _p(pair) if pair else None
+        sig = pair and p < 0.05
+        held = f"Holm-corrected over {pair.get('n_tests', 1)} pairs" if pair and "p_holm" in pair else "uncorrected"
         text += (f", {diff:+.3f} over the runner-up {second} ({sv[metric]['mean']:.3f}); "
-                 + (f"the difference is statistically clear (paired bootstrap p={pair['p_value']:.3f}, "
+                 + (f"the difference is statistically clear (paired bootstrap p={p:.3f}, {held}; "
                     f"effect size d={pair['effect_size']:.2f})." if sig else
-                    f"the difference is **not** statistically clear (p={pair['p_value']:.3f}) — "
+                    f"the difference is **not** statistically clear (p={p:.3f}, {held}) — "
                     "collect more test rows or human ratings before deciding." if pair else "."))
     else:
         text += "."
@@ -54,6 +56,11 @@ def recommendation(scores: dict) -> str:
             parts = [f"{s} {v[gm]['mean']:.3f}" for s, v in gen["summary"]["systems"].items()]
             text += f" General-ability check ({gm}): " + ", ".join(parts) + "."
     return text
+
+
+def _p(pair: dict) -> float:
+    """The p-value decisions use: Holm-corrected across the pairs shown (older scores: the raw one)."""
+    return pair.get("p_holm", pair["p_value"])
 
 
 def _svg_bars(summary: dict, metric: str) -> str:
@@ -97,8 +104,13 @@ def _judge_section(judged: dict, cfg: dict) -> tuple[list[str], str]:
         where = f"{where}" + (f" (model {cfg['judge_model']})" if cfg.get("judge_model") else "")
     else:
         where = "an LLM"
-    md = ["## LLM judge", "", f"Judge: {where}.", ""]
-    parts = [f"<h2>LLM judge</h2><p>Judge: {html.escape(str(where))}.</p>"]
+    rows, total = judged.get("rows_judged"), judged.get("rows_total")
+    cover = ""
+    if rows is not None:
+        cover = (f" Judged {rows} of {total} domain rows"
+                 + (f" (judge limit {judged['limit']})." if judged.get("limit") and rows < (total or 0) else "."))
+    md = ["## LLM judge", "", f"Judge: {where}.{cover}", ""]
+    parts = [f"<h2>LLM judge</h2><p>Judge: {html.escape(str(where))}.{html.escape(cover)}</p>"]
     pw = judged.get("pairwise") or {}
     if pw.get("n"):
         wins = ", ".join(f"{s} {n}" for s, n in pw["wins"].items())
@@ -160,14 +172,18 @@ def write_report(eval_id: str, ws: Workspace | None = None, store: Store | None 
             body.append(f"<h3>{metric}</h3>" + _svg_bars(summary, metric))
         metric = _primary(summary)
         if metric and summary["pairs"].get(metric):
-            md += ["", f"Significance ({metric}, paired bootstrap):", "", "| A | B | A−B | p | effect d |", "|---|---|---|---|---|"]
-            md += [f"| {p['a']} | {p['b']} | {p['diff']:+.3f} | {p['p_value']:.3f} | {p['effect_size']:.2f} |"
-                   for p in summary["pairs"][metric]]
-            body.append(f"<h3>Significance matrix ({metric})</h3><table><tr><th>A</th><th>B</th><th>A−B</th>"
-                        "<th>p</th><th>d</th></tr>" + "".join(
+            pairs = summary["pairs"][metric]
+            note = (f"p is the paired-bootstrap p-value; p (Holm) is Holm-corrected across the {len(pairs)} pairs "
+                    "shown, and decisions use it.")
+            md += ["", f"Significance ({metric}, paired bootstrap):", "", note, "",
+                   "| A | B | A−B | p | p (Holm) | effect d |", "|---|---|---|---|---|---|"]
+            md += [f"| {p['a']} | {p['b']} | {p['diff']:+.3f} | {p['p_value']:.3f} | {_p(p):.3f} | {p['effect_size']:.2f} |"
+                   for p in pairs]
+            body.append(f"<h3>Significance matrix ({metric})</h3><p>{html.escape(note)}</p><table><tr><th>A</th>"
+                        "<th>B</th><th>A−B</th><th>p</th><th>p (Holm)</th><th>d</th></tr>" + "".join(
                             f"<tr><td>{html.escape(p['a'])}</td><td>{html.escape(p['b'])}</td><td>{p['diff']:+.3f}</td>"
-                            f"<td>{p['p_value']:.3f}</td><td>{p['effect_size']:.2f}</td></tr>"
-                            for p in summary["pairs"][metric]) + "</table>")
+                            f"<td>{p['p_value']:.3f}</td><td>{_p(p):.3f}</td><td>{p['effect_size']:.2f}</td></tr>"
+                            for p in pairs) + "</table>")
         md.append("")
     judged = scores.get("judge") or summarize_judge(path, cfg["systems"])
     if judged:

@@ -40,7 +40,7 @@ def create_eval(dataset: str, systems: list[str], split: str = "test", kb: str |
                 limit: int | None = None, metrics: list[str] | None = None, judge: bool | str | None = None,
                 few_shot: int = 0, max_new_tokens: int = 128, base_model: str | None = None,
                 general: bool = True, ws: Workspace | None = None, store: Store | None = None,
-                judge_model: str | None = None) -> str:
+                judge_model: str | None = None, judge_limit: int | None = None) -> str:
     """Check everything, then create the eval's directory, manifest and row (nothing runs yet).
 
     ``judge``: None/False (no judge), True or "local" (the local engine), or the URL of an
@@ -58,6 +58,8 @@ def create_eval(dataset: str, systems: list[str], split: str = "test", kb: str |
         raise EvalError("--judge-model needs --judge", "judge")
     if few_shot < 0:
         raise EvalError("few-shot must be 0 or more", "few_shot")
+    if judge_limit is not None and (not judge_to or int(judge_limit) < 1):
+        raise EvalError("--judge-limit needs --judge and a positive number of rows", "judge_limit")
     bad = [m for m in (metrics or []) if m not in M.METRICS]
     if bad:
         raise EvalError(f"unknown metric(s) {', '.join(bad)}; choose from {', '.join(M.METRICS)}", "metrics")
@@ -84,7 +86,7 @@ def create_eval(dataset: str, systems: list[str], split: str = "test", kb: str |
     path.mkdir(parents=True)
     cfg = {"dataset": dataset, "dataset_version": dv.version, "split": split, "systems": [s.name for s in checked],
            "kb": kb, "limit": limit, "metrics": list(metrics or M.DEFAULT_METRICS), "judge": judge_to,
-           "judge_model": judge_model,
+           "judge_model": judge_model, "judge_limit": int(judge_limit) if judge_limit else None,
            "few_shot": few_shot, "base_model": base, "general": general,
            "decoding": asdict(DecodingConfig(temperature=0.0, max_new_tokens=max_new_tokens)), "seed": 0}
     manifest = {"eval_id": eval_id, "created_at": time.time(), "config": cfg, "packages": _versions()}
@@ -223,9 +225,10 @@ def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = No
         if judge_to == "local":
             if engine is None:  # every system was external: start the local engine for the judge
                 engine = owned = _start_engine(cfg, ws, store)
-            J.judge_eval(eval_id, engine=engine, ws=ws, store=store)
+            J.judge_eval(eval_id, engine=engine, ws=ws, store=store, limit=cfg.get("judge_limit"))
         elif judge_to:
             J.judge_eval(eval_id, url=judge_to, model=cfg.get("judge_model"), api_key=J.judge_api_key(),
+                         limit=cfg.get("judge_limit"),
                          ws=ws, store=store)
         if judge_to:
             summary["judge"] = J.summarize_judge(path, cfg["systems"])

@@ -3,6 +3,7 @@
 * ``bootstrap_ci``: BCa (bias-corrected and accelerated) bootstrap CI of the mean; the plain
   percentile interval under-covers at n=50, BCa is closer to nominal.
 * ``paired_test``: paired bootstrap of the mean difference on the same rows; two-sided p-value
+  (``summarize`` adds Holm-corrected p-values across the pairs of each metric: ``p_holm``)
   (share of resampled differences on the other side of zero, doubled) and Cohen's d_z effect size.
 """
 from __future__ import annotations
@@ -78,5 +79,20 @@ def summarize(scores: dict[str, dict[str, list[float]]], seed: int = 0) -> dict:
             for b in have[i + 1:]:
                 t = paired_test(scores[a][m], scores[b][m], seed=seed)
                 pairs.append({"a": a, "b": b, **t})
+        holm_adjust(pairs)
         out["pairs"][m] = pairs
     return out
+
+
+def holm_adjust(pairs: list[dict]) -> list[dict]:
+    """Add ``p_holm`` to each pair: Holm's step-down correction across the pairs of one metric
+    (statsmodels' ``multipletests``), so "p < 0.05" keeps its meaning when 4–5 systems give 6–10 pairs.
+    A pair without a p-value (NaN: too few rows) keeps NaN and does not count as a test."""
+    from statsmodels.stats.multitest import multipletests
+    idx = [i for i, p in enumerate(pairs) if p.get("p_value") is not None and not math.isnan(p["p_value"])]
+    adjusted = multipletests([pairs[i]["p_value"] for i in idx], method="holm")[1] if idx else []
+    for p in pairs:
+        p["p_holm"], p["n_tests"] = float("nan"), len(idx)
+    for i, q in zip(idx, adjusted):
+        pairs[i]["p_holm"] = float(q)
+    return pairs

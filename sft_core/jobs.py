@@ -196,7 +196,8 @@ def cancel(run_id: str, ws: Workspace | None = None, store: Store | None = None)
         if job["status"] != "running":
             raise JobError(f"{run_id} is {job['status']}, nothing to cancel", "run")
         con.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (job["id"],))
-    if job.get("pid") and _alive(job["pid"]):
+    # only the job's own worker is signalled: a pid whose start time differs was reused by another process
+    if job.get("pid") and _same_process(job["pid"], job.get("pid_start")):
         try:
             os.killpg(job["pid"], signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
@@ -213,11 +214,16 @@ def resume(run_id: str, ws: Workspace | None = None, store: Store | None = None)
     run = store.query_one("SELECT * FROM runs WHERE id=?", (run_id,))
     if run is None:
         raise JobError(f"unknown run {run_id!r}", "run")
-    if run["status"] not in ("failed", "cancelled"):
-        raise JobError(f"run {run_id} is {run['status']}; only failed or cancelled runs resume", "run")
     if last_checkpoint(Path(run["path"])) is None:
         raise JobError(f"run {run_id} has no checkpoint yet; start it again instead", "run")
-    with store.tx() as con:
+    with store.tx() as con:  # the state is checked in the transaction that re-queues: two resumes queue one job
+        run = con.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
+        if run is None:
+            raise JobError(f"unknown run {run_id!r} (deleted meanwhile)", "run")
+        if run["status"] not in ("failed", "cancelled"):
+            raise JobError(f"run {run_id} is {run['status']}; only failed or cancelled runs resume", "run")
+        if con.execute("SELECT 1 FROM jobs WHERE ref=? AND status IN ('queued','running')", (run_id,)).fetchone():
+            raise JobError(f"run {run_id} already has a queued or running job", "run")
         con.execute("UPDATE runs SET status='queued' WHERE id=?", (run_id,))
         return _insert_job(con, "train", run_id, {"resume": True})
 
@@ -236,6 +242,27 @@ def _alive(pid: int) -> bool:
         return True
 
 
+def _proc_start(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22), or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _same_process(pid: int, start: str | None) -> bool:
+    """Whether ``pid`` is still the process that was recorded (alive, and started at ``start``).
+
+    Without a recorded start time (rows from before the column existed) only liveness is checked."""
+    if not _alive(pid):
+        return False
+    if start is None:
+        return True
+    now = _proc_start(pid)
+    return now is None or now == start  # no /proc (not Linux): liveness is all there is
+
+
 def reconcile(store: Store, watched: set[str] | None = None, ws: Workspace | None = None) -> list[str]:
     """Settle running jobs that nobody is watching any more. Returns the ids whose state changed.
 
@@ -250,7 +277,7 @@ def reconcile(store: Store, watched: set[str] | None = None, ws: Workspace | Non
         beat = job["heartbeat_at"] or job["started_at"] or 0
         silent = time.time() - beat
         if job["pid"]:
-            gone = not _alive(job["pid"])
+            gone = not _same_process(job["pid"], job.get("pid_start"))
         else:  # claimed, process not started yet: give the starter a moment
             gone = silent > PID_GRACE_S
         if not gone and silent <= HEARTBEAT_STALE_S:
@@ -318,7 +345,8 @@ def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], N
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     with store.tx() as con:
-        con.execute("UPDATE jobs SET pid=?, heartbeat_at=? WHERE id=?", (proc.pid, time.time(), job["id"]))
+        con.execute("UPDATE jobs SET pid=?, pid_start=?, heartbeat_at=? WHERE id=?",
+                    (proc.pid, _proc_start(proc.pid), time.time(), job["id"]))
     sent_term, last_beat = False, time.time()
     while proc.poll() is None:
         time.sleep(0.5)

@@ -44,6 +44,7 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_at    REAL,
     ended_at      REAL,
     pid           INTEGER,
+    pid_start     TEXT,                 -- the pid's process start time, checked before any signal
     heartbeat_at  REAL,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     error         TEXT,
@@ -170,6 +171,12 @@ class StoreError(StudioError):
     pass
 
 
+# Columns added to existing tables after their first release: {table: {column: declaration}}.
+LATER_COLUMNS: dict[str, dict[str, str]] = {
+    "jobs": {"pid_start": "TEXT"},  # the worker's start time (/proc), so a reused pid is never signalled
+}
+
+
 def _sqlite_path(url: str) -> str:
     if url.startswith("sqlite:///"):
         return url[len("sqlite:///"):] or ":memory:"
@@ -191,6 +198,15 @@ class Store:
         con = self.connection()
         for sql in SCHEMAS.values():
             con.executescript(sql)
+        for table, cols in LATER_COLUMNS.items():  # older databases: columns added since (SCHEMAS creates tables only)
+            have = {r["name"] for r in con.execute(f"PRAGMA table_info({table})")}
+            for col, decl in cols.items():
+                if col not in have:
+                    try:
+                        con.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
+                    except sqlite3.OperationalError as e:  # another process added it first
+                        if "duplicate column" not in str(e):
+                            raise
 
     def connection(self) -> sqlite3.Connection:
         con = getattr(self._local, "con", None)

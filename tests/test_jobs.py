@@ -192,3 +192,74 @@ def test_stale_heartbeat_with_live_pid_is_failed(queue_env, tiny_model_dir):
     row = store.query_one("SELECT * FROM jobs WHERE id=?", (job["id"],))
     assert row["status"] == "failed" and "stopped reporting" in row["error"]
     assert store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))["status"] == "failed"
+
+
+def _insert_running(store, job_id, ref, pid, pid_start):
+    now = time.time()
+    store.execute("INSERT INTO jobs (id, kind, status, ref, created_at, started_at, heartbeat_at, pid, pid_start) "
+                  "VALUES (?, 'train', 'running', ?, ?, ?, ?, ?, ?)", (job_id, ref, now, now, now, pid, pid_start))
+
+
+def test_cancel_never_signals_a_reused_pid(ws, store):
+    """The job's pid now belongs to another process (its start time differs): cancel records the
+    request but signals nothing; reconcile treats the worker as gone. With the recorded start time,
+    cancel does signal the group."""
+    import subprocess
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
+                      "VALUES ('r-reuse', 'd', 'v', 'm', 'running', 0, '/nowhere')")
+        _insert_running(store, "j-reuse", "r-reuse", other.pid, "1")  # started at tick 1: not this process
+        assert jobs.cancel("r-reuse", ws, store) == "cancelling"
+        time.sleep(0.5)
+        assert other.poll() is None, "cancel killed a process that was not the job's worker"
+        assert store.query_one("SELECT cancel_requested FROM jobs WHERE id='j-reuse'")["cancel_requested"] == 1
+        assert "j-reuse" in jobs.reconcile(store, ws=ws)  # not our worker: the job is settled as failed
+        assert store.query_one("SELECT status FROM jobs WHERE id='j-reuse'")["status"] == "failed"
+
+        store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
+                      "VALUES ('r-own', 'd', 'v', 'm', 'running', 0, '/nowhere')")
+        _insert_running(store, "j-own", "r-own", other.pid, jobs._proc_start(other.pid))
+        assert jobs.cancel("r-own", ws, store) == "cancelling"
+        assert other.wait(10) == -signal.SIGTERM
+    finally:
+        if other.poll() is None:
+            other.kill()
+            other.wait()
+
+
+def test_two_resumes_at_once_queue_one_job(ws, store, tmp_path, monkeypatch):
+    """Both callers pass the checks that need no lock (a barrier holds them there together); the
+    state check inside the re-queueing transaction lets exactly one of them queue a job."""
+    run_dir = tmp_path / "r-twice"
+    (run_dir / "checkpoint-2").mkdir(parents=True)
+    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
+                  "VALUES ('r-twice', 'd', 'v', 'm', 'failed', 0, ?)", (str(run_dir),))
+    barrier = threading.Barrier(2)
+    import sft_core.train as train_mod
+    real = train_mod.last_checkpoint
+
+    def both_here(path):
+        barrier.wait(10)
+        return real(path) or path / "checkpoint-2"
+
+    monkeypatch.setattr(train_mod, "last_checkpoint", both_here)
+    results = []
+
+    def go():
+        from sft_core.store import Store
+        st = Store(ws.db_url)  # one connection per caller, as two app workers would have
+        try:
+            results.append(("ok", jobs.resume("r-twice", ws, st)))
+        except jobs.JobError as e:
+            results.append(("refused", str(e)))
+        finally:
+            st.close()
+
+    threads = [threading.Thread(target=go) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(r[0] for r in results) == ["ok", "refused"], results
+    assert len(store.query("SELECT id FROM jobs WHERE ref='r-twice' AND status='queued'")) == 1

@@ -296,3 +296,24 @@ def test_dead_judge_endpoint_stores_nothing(ws, store, server, monkeypatch):
         runner.create_eval("tiny", ["openai:zorbia"], judge_model="x", ws=ws, store=store)
     assert store.query("SELECT id FROM evals") == []
     assert not ws.evals_dir().exists() or not any(ws.evals_dir().iterdir())
+
+
+def test_judge_covers_every_row_unless_limited(ws, store, server, monkeypatch):
+    """The judge used to stop silently after 50 rows; now it judges every domain row, and a configured
+    judge_limit is honoured and stated in the summary and the report."""
+    monkeypatch.setenv("SFT_STUDIO_OPENAI_BASE_URL", server.url)
+    import_tiny(ws, store, test_rows=[(f"Question number {i}?", f"Answer {i}.") for i in range(55)])
+    full = runner.create_eval("tiny", ["openai:zorbia", "openai:echo"], metrics=["exact_match"], general=False,
+                              judge=server.url, judge_model="scripted-judge", ws=ws, store=store)
+    j = runner.run_eval(full, ws, store)["judge"]
+    assert len(read_jsonl(ws.evals_dir(full) / "judge.jsonl")) == 55 and j["pairwise"]["n"] == 55
+    assert (j["rows_judged"], j["rows_total"], j["limit"]) == (55, 55, None)
+    assert "Judged 55 of 55 domain rows." in (ws.evals_dir(full) / "report.md").read_text()
+
+    part = runner.create_eval("tiny", ["openai:zorbia", "openai:echo"], metrics=["exact_match"], general=False,
+                              judge=server.url, judge_model="scripted-judge", judge_limit=2, ws=ws, store=store)
+    j = runner.run_eval(part, ws, store)["judge"]
+    assert (j["rows_judged"], j["rows_total"], j["limit"]) == (2, 55, 2)
+    assert "Judged 2 of 55 domain rows (judge limit 2)." in (ws.evals_dir(part) / "report.md").read_text()
+    with pytest.raises(StudioError, match="--judge-limit needs --judge"):
+        runner.create_eval("tiny", ["openai:zorbia"], judge_limit=3, ws=ws, store=store)

@@ -20,7 +20,7 @@ def cmd_eval(args) -> int:
     metrics = [m for m in args.metrics.split(",") if m.strip()] if args.metrics else None
     eval_id = args.resume or runner.create_eval(
         args.dataset, systems, split=args.split, kb=args.kb, limit=args.limit, metrics=metrics,
-        judge=args.judge, judge_model=args.judge_model, few_shot=args.few_shot,
+        judge=args.judge, judge_model=args.judge_model, judge_limit=args.judge_limit, few_shot=args.few_shot,
         max_new_tokens=args.max_new_tokens, base_model=args.base, ws=ws, store=store)
     print(f"eval {eval_id}: {ws.evals_dir(eval_id)}")
 
@@ -76,6 +76,8 @@ def register(sub) -> None:
                    help="also run the LLM judge (pairwise, position-swapped, + a 1-5 rubric): with no value the "
                         "local engine on the base model; with a URL any OpenAI-compatible endpoint "
                         "(key from SFT_STUDIO_JUDGE_API_KEY or OPENAI_API_KEY)")
+    p.add_argument("--judge-limit", type=int, default=None, metavar="N",
+                   help="judge only the first N domain rows (default: every row; the report says how many)")
     p.add_argument("--judge-model", default=None,
                    help="model name at the judge endpoint (default: the first one it lists)")
     p.add_argument("--few-shot", type=int, default=0)

@@ -142,6 +142,7 @@ def server_env(cfg: ServeConfig, cuda: bool, api_key: str | None = None) -> dict
     """The server's environment; ``api_key`` goes in as ``VLLM_API_KEY`` (never on the command line)."""
     env = dict(os.environ)
     env.pop("VLLM_API_KEY", None)
+    env.pop(API_KEY_ENV, None)  # an attach-mode key of this process is none of vLLM's business
     if api_key:
         env["VLLM_API_KEY"] = api_key
     env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"  # only behind the key: see RequireKey
