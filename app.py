@@ -110,30 +110,22 @@ def login(password: str, request: gr.Request = None):
 # ------------------------------------------------------------------------------------------------
 # Startup: example domain (dataset + knowledge base), prepared in the background
 # ------------------------------------------------------------------------------------------------
-def _bootstrap(task):
-    from sft_core import example, models
-    task.message = "preparing the base model"
-    models.resolve_model(STUDIO.settings.base_model, STUDIO.ws)
-    task.message = "building the example dataset"
-    ex = example.build_example(STUDIO.ws, STUDIO.store, name=EXAMPLE_NAME)
-    task.message = "indexing the example corpus"
-    from sft_core import retrieval
-    retrieval.build_kb([ex["corpus"]], EXAMPLE_NAME, ws=STUDIO.ws, store=STUDIO.store)
-    ds = ex["dataset"]
-    task.message = f"example domain ready: dataset {ds.name}@{ds.version} ({ds.n_rows} rows), knowledge base {EXAMPLE_NAME}"
-
-
 def start_background() -> None:
+    """Queue the example-domain bootstrap (a job like any other, run by a worker process) unless it is
+    built, queued or running already, and start this process's job dispatcher."""
+    from sft_core import example, jobs
     if os.environ.get("SFT_STUDIO_SKIP_EXAMPLE", "") not in ("1", "true"):
-        STUDIO.run_task("example", _bootstrap)
-    from sft_core import jobs
+        example.submit_bootstrap(STUDIO.ws, STUDIO.store, base_model=STUDIO.settings.base_model)
     jobs.start_dispatcher(STUDIO.ws, STUDIO.store)
 
 
 def status_text() -> str:
+    from sft_core import jobs
     engine = "running" if STUDIO.engine_ready() else "starts on first chat/eval"
+    active = STUDIO.store.query("SELECT * FROM jobs WHERE status IN ('running','queued') ORDER BY created_at LIMIT 4")
+    lines = [("⏳ " if j["status"] == "running" else "· ") + jobs.describe(j, STUDIO.store) for j in active]
     return (f"**Workspace** `{STUDIO.ws.root}` · **base model** `{STUDIO.settings.base_model}` · "
-            f"**engine** {engine}\n\n" + STUDIO.status_lines().replace("\n", "  \n"))
+            f"**engine** {engine}\n\n" + "  \n".join(lines + [STUDIO.status_lines()]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,16 +249,26 @@ def _issue_row(i) -> dict:
 # Knowledge
 # ------------------------------------------------------------------------------------------------
 @ui_errors
-def kb_build(files, name, is_admin, progress=gr.Progress()):
-    from sft_core import retrieval
+def kb_build(files, name, is_admin):
+    """Queue the index build as a job (a worker process does the work) and follow it here; closing the
+    page does not stop it."""
+    from sft_core import jobs, retrieval
     admin_required(is_admin)
     if not files:
         raise StudioError("upload at least one document", "files")
     if not name:
         raise StudioError("give the knowledge base a name", "name")
-    progress(0.1, desc="indexing")
-    info = retrieval.build_kb([_path(f) for f in files], name, ws=STUDIO.ws, store=STUDIO.store)
-    return f"Knowledge base **{name}** updated: {info}", gr.update(choices=kb_choices(), value=name)
+    job_id = retrieval.submit_build([_path(f) for f in files], name, ws=STUDIO.ws, store=STUDIO.store)
+    while True:
+        job = jobs.job_row(job_id, STUDIO.store)
+        if job["status"] in jobs.FINAL:
+            break
+        yield jobs.describe(job, STUDIO.store), gr.update()
+        time.sleep(1.0)
+    if job["status"] != "succeeded":
+        raise StudioError(f"index build {job['status']}: {job.get('error') or 'see the job log'}", "knowledge base")
+    info = jobs.progress_of(job).get("result", "")
+    yield f"Knowledge base **{name}** updated: {info}", gr.update(choices=kb_choices(), value=name)
 
 
 @ui_errors
@@ -508,20 +510,46 @@ def eval_start(dataset, split, systems, kb, limit, metrics, judge, is_admin):
                                  limit=int(limit) if limit else None, metrics=list(metrics or []) or None,
                                  judge=bool(judge), base_model=STUDIO.settings.base_model, ws=STUDIO.ws,
                                  store=STUDIO.store)
-
-    def work(task):
-        def progress(done, total):
-            task.message = f"{done}/{total} answers"
-        try:
-            engine = STUDIO.engine()
-        except Exception:  # no engine, no eval: failed with the reason, not stuck 'queued'
-            runner.set_status(STUDIO.store, eval_id, "failed")
-            raise
-        runner.run_eval(eval_id, STUDIO.ws, STUDIO.store, engine=engine, progress=progress)
-        task.message = "report ready"
-
-    STUDIO.run_task(f"eval {eval_id}", work)
+    runner.submit_eval(eval_id, STUDIO.ws, STUDIO.store)  # a worker process runs it; it survives this app
     return f"Queued eval **{eval_id}**.", gr.update(choices=eval_choices(), value=eval_id)
+
+
+@ui_errors
+def eval_cancel(eval_id, is_admin):
+    from sft_core import jobs
+    admin_required(is_admin)
+    if not eval_id:
+        raise StudioError("choose an eval", "eval")
+    state = jobs.cancel(eval_id, STUDIO.ws, STUDIO.store)
+    return f"Eval **{eval_id}**: {'cancelled' if state == 'cancelled' else 'cancel requested'} (answers so far are kept)."
+
+
+@ui_errors
+def eval_resume(eval_id, is_admin):
+    from evals import runner
+    admin_required(is_admin)
+    if not eval_id:
+        raise StudioError("choose an eval", "eval")
+    runner.submit_eval(eval_id, STUDIO.ws, STUDIO.store)
+    return f"Eval **{eval_id}** queued again: it continues with the answers still missing."
+
+
+def _eval_job_line(eval_id) -> str:
+    from sft_core import jobs
+    job = jobs.latest_job(eval_id, STUDIO.store)
+    return jobs.describe(job, STUDIO.store) if job else ""
+
+
+def _progress_bar(line: str, ref: str) -> str:
+    """The job line with a text progress bar (done/total) when the job reports progress."""
+    from sft_core import jobs
+    job = jobs.latest_job(ref, STUDIO.store)
+    p = jobs.progress_of(job) if job else {}
+    if job and job["status"] == "running" and p.get("total"):
+        frac = max(0.0, min(1.0, p.get("done", 0) / p["total"]))
+        bar = "█" * int(round(frac * 20)) + "░" * (20 - int(round(frac * 20)))
+        return f"`{bar}` {frac:.0%} · {line}"
+    return line
 
 
 BLIND_NOTE = ("🔒 Per-example answers and the report name the system behind each answer, so they need the "
@@ -537,6 +565,9 @@ def eval_poll(eval_id, is_admin=False):
         return "_no eval selected_", pd.DataFrame(), pd.DataFrame(), None
     st = runner.eval_status(eval_id, ws=STUDIO.ws, store=STUDIO.store)
     summary = st.get("summary", "")
+    line = _eval_job_line(eval_id)
+    if line:
+        summary += f"\n\n{_progress_bar(line, eval_id)}"
     table = pd.DataFrame(st.get("table") or [])
     if not admin_ok(is_admin):
         return summary + "\n\n" + BLIND_NOTE, table, pd.DataFrame(), None
@@ -923,6 +954,8 @@ def build_demo() -> gr.Blocks:
                 with gr.Row():
                     e_start = gr.Button("Run evaluation", variant="primary", elem_id="eval-start")
                     e_pick = gr.Dropdown(eval_choices(), allow_custom_value=True, label="Eval", elem_id="eval-pick")
+                    e_cancel = gr.Button("Cancel", elem_id="eval-cancel")
+                    e_resume = gr.Button("Resume", elem_id="eval-resume")
                 e_msg = gr.Markdown(elem_id="eval-msg")
                 e_summary = gr.Markdown(elem_id="eval-summary")
                 e_table = gr.Dataframe(label="Scores (mean, 95% CI)", interactive=False, elem_id="eval-table")
@@ -1012,6 +1045,8 @@ def build_demo() -> gr.Blocks:
         c_msg.submit(chat_send, chat_inputs, [*c_bots, *c_pass])
         e_start.click(eval_start, [e_dataset, e_split, e_systems, e_kb, e_limit, e_metrics, e_judge, is_admin],
                       [e_msg, e_pick])
+        e_cancel.click(eval_cancel, [e_pick, is_admin], e_msg)
+        e_resume.click(eval_resume, [e_pick, is_admin], e_msg)
         e_timer.tick(eval_poll, [e_pick, is_admin], [e_summary, e_table, e_examples, e_report])
         e_pick.change(eval_poll, [e_pick, is_admin], [e_summary, e_table, e_examples, e_report])
         r_outs = [r_task, r_prompt, r_left, r_right, r_progress, r_key]
@@ -1081,6 +1116,13 @@ def configure_concurrency(blocks: gr.Blocks) -> gr.Blocks:
 demo = configure_concurrency(build_demo())
 
 
+def _job_tasks() -> dict:
+    """The example bootstrap's state for /healthz: running (queued or running), done or failed."""
+    from sft_core import example
+    st = example.bootstrap_state(STUDIO.ws, STUDIO.store)
+    return {"example": st} if st else {}
+
+
 def make_app():
     """FastAPI app: /healthz plus the Gradio UI mounted at /."""
     from fastapi import FastAPI
@@ -1089,7 +1131,7 @@ def make_app():
     @api.get("/healthz")
     def healthz():
         return {"status": "ok", "workspace": str(STUDIO.ws.root), "engine": STUDIO.engine_ready(),
-                "tasks": {k: t.status for k, t in STUDIO.tasks.items()}}
+                "tasks": {**{k: t.status for k, t in STUDIO.tasks.items()}, **_job_tasks()}}
 
     # gr.mount_gradio_app leaves has_launched False, and Gradio then skips its file rules altogether:
     # an API call could name any server path as an "upload" (data_check would read it) and any path

@@ -1,16 +1,30 @@
-"""Eval throughput: the eval runner's generation path (the vLLM engine's ``generate_batch``, chunks of
-``runner.BATCH`` concurrent requests) vs transformers ``generate`` one row at a time.
+"""Eval throughput. Default: the eval's continuous-batching pipeline vs the engine's ceiling vs the old
+batch-of-16 loop, on one vLLM server; ``--vs-hf``: the old comparison, vLLM engine vs transformers.
 
-    python bench/eval_throughput.py [--rows 32] [--tokens 128] [--adapter RUN_ID] [--out bench/eval_throughput.json]
+    python bench/eval_throughput.py [--rows 24] [--tokens 64] [--out bench/eval_throughput.json]
+    python bench/eval_throughput.py --vs-hf [--rows 32] [--tokens 128] [--adapter RUN_ID]
 
 Runs on the embedded model (SmolLM2-135M-Instruct) in a temporary workspace with the example domain
-(``sft_core.example.build_example``, dataset ``pydocs``). The rows are the first ``--rows`` of its test
-split; the messages are built exactly as the eval runner builds them (``runner.create_eval`` in the
-temporary workspace, then ``runner.eval_sets`` / ``runner.eval_context`` / ``systems.build_messages``)
-for the ``prompt`` system, and with ``--adapter RUN_ID`` also for ``sft:RUN_ID`` (the run's adapter,
-copied from the workspace in ``$SFT_STUDIO_HOME``; peft on the transformers side). Decoding is greedy
-with the same ``max_new_tokens`` on both sides. rows/s = rows / wall time; tokens/s = completion
-tokens actually generated / wall time (one warm-up request on each side first, not timed).
+(``sft_core.example.build_example``, dataset ``pydocs``, its corpus indexed as knowledge base ``pydocs``).
+
+Default (the pipeline comparison): the first ``--rows`` test rows x four systems (``prompt``, ``rag``,
+``sft:A``, ``sft+rag:A``; A = a small random LoRA adapter, r=8, made like bench/serve_throughput.py's
+``make_adapters`` and registered as a succeeded run), messages built exactly as the eval runner builds
+them, greedy, ``--tokens`` new tokens. One vLLM server; one untimed pass over every request first
+(kernels, adapter, the same prefix-cache state for every timed pass), then the same request list three ways:
+
+  (a) pipeline: ``runner.generate_answers``, the eval's own generation stage: every answer through
+      the sliding window (``generate_stream``, window = the engine's capacity), all systems mixed,
+      each answer appended to outputs.jsonl as it completes. Its messages are built inside the timed
+      run (retrieval included), as the eval does;
+  (b) ceiling: the same prebuilt requests all submitted at once (one thread per request, no window,
+      no pipeline): what the server does when it is simply handed everything;
+  (c) batch16: the old loop: per system, chunks of 16 (``runner.BATCH``) through ``generate_batch``,
+      each chunk waiting for its slowest answer (messages prebuilt: the old loop built them between
+      chunks too, which only made it slower).
+
+Throughput = completion tokens generated / wall time (answers/s printed too). The last line is
+``pipeline/ceiling R1 pipeline/batch16 R2`` (ratios of tokens/s).
 """
 from __future__ import annotations
 
@@ -37,7 +51,7 @@ from sft_core.config import DecodingConfig, ServeConfig  # noqa: E402
 from sft_core.example import build_example  # noqa: E402
 from sft_core.serving.base import GenRequest  # noqa: E402
 from sft_core.store import Store, loads, open_store  # noqa: E402
-from sft_core.workspace import Workspace  # noqa: E402
+from sft_core.workspace import Workspace, read_jsonl  # noqa: E402
 
 
 def copy_adapter(run_id: str, ws: Workspace, store: Store) -> None:
@@ -105,16 +119,163 @@ def measure_hf(model, tok, msgs: list[list[dict]], decoding: DecodingConfig, dev
     return result(len(msgs), sum(n for n, _ in done), wall, [t for _, t in done])
 
 
+def pipeline_comparison(args) -> int:
+    """(a) the eval pipeline, (b) the engine's ceiling, (c) the batch-of-16 loop; see the docstring."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sft_core import retrieval
+    from sft_core.serving.base import engine_capacity
+    from sft_core.serving.vllm_engine import VLLMEngine
+    from serve_throughput import make_adapters  # bench/ is on sys.path when this file runs as a script
+
+    def sample_load() -> str:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+    results: dict = {"rows": args.rows, "max_new_tokens": args.tokens, "cpu_count": os.cpu_count(),
+                     "vllm_dtype": args.dtype, "kv_cache_gib": args.kv_cache_gib, "load_before": sample_load()}
+    with tempfile.TemporaryDirectory(prefix="eval-bench-") as tmp:
+        ws = Workspace.at(tmp)
+        store = Store(ws.db_url)
+        model_dir = models.resolve_model(models.EMBEDDED_MODEL, ws)
+        ex = build_example(ws, store)
+        t0 = time.perf_counter()
+        retrieval.build_kb([ex["corpus"]], "pydocs", ws=ws, store=store)
+        results["kb_build_s"] = round(time.perf_counter() - t0, 1)
+        adapter = make_adapters(ws, store, model_dir, n=1)[0]
+        systems = ["prompt", "rag", f"sft:{adapter}", f"sft+rag:{adapter}"]
+        eval_id = runner.create_eval("pydocs", systems, kb="pydocs", limit=args.rows, general=False,
+                                     max_new_tokens=args.tokens, metrics=["exact_match"],
+                                     base_model=models.EMBEDDED_MODEL, ws=ws, store=store)
+        cfg = loads(store.query_one("SELECT config FROM evals WHERE id=?", (eval_id,))["config"])
+        decoding = DecodingConfig(**cfg["decoding"])
+        parsed = [S.parse_system(n) for n in cfg["systems"]]
+        sets = runner.eval_sets(cfg, ws, store)
+        todo = runner.missing_answers(sets, parsed, set())
+        t0 = time.perf_counter()
+        ctx = runner.eval_context(cfg, ws, store, parsed)
+        reqs = [GenRequest(S.build_messages(sy, r, ctx)[0], sy.adapter, decoding) for _, r, sy in todo]
+        results["build_messages_s"] = round(time.perf_counter() - t0, 2)
+        results["requests"] = len(reqs)
+        print(f"{len(reqs)} requests ({len(sets['domain'])} rows x {len(systems)} systems), {args.tokens} tokens; "
+              f"KB built in {results['kb_build_s']} s, messages in {results['build_messages_s']} s", flush=True)
+
+        t0 = time.perf_counter()
+        engine = VLLMEngine(models.EMBEDDED_MODEL, ws, store,
+                            cfg=ServeConfig(dtype=args.dtype, kv_cache_gib=args.kv_cache_gib))
+        results["vllm_startup_s"] = round(time.perf_counter() - t0, 1)
+        results["window"] = engine_capacity(engine)
+        try:
+            def check(gens, what):
+                bad = [g.error for g in gens if g.error]
+                if bad:
+                    raise SystemExit(f"{what}: {len(bad)} requests failed: {bad[:3]}")
+
+            def ceiling(rs):  # everything at once: one thread per request, nothing around it
+                with ThreadPoolExecutor(max_workers=len(rs), thread_name_prefix="ceiling") as pool:
+                    return list(pool.map(engine._one, rs))
+
+            engine.load_adapter(adapter)
+            t0 = time.perf_counter()
+            check(ceiling(reqs), "warm-up pass")
+            results["warm_pass_s"] = round(time.perf_counter() - t0, 1)
+
+            def run_pipeline():
+                out = ws.evals_dir(eval_id) / "outputs.jsonl"
+                out.unlink(missing_ok=True)
+                t = time.perf_counter()
+                ctx_p = runner.eval_context(cfg, ws, store, parsed)
+                runner.generate_answers(runner.missing_answers(sets, parsed, set()), ctx_p, decoding, engine, out,
+                                        0, len(reqs))
+                wall = time.perf_counter() - t
+                by = {(o["row_id"], o["system"]): o for o in read_jsonl(out)}
+                outs = [by[(r["id"], sy.name)] for _, r, sy in todo]
+                return wall, sum(o["completion_tokens"] for o in outs), [o["output"] for o in outs]
+
+            def run_ceiling():
+                t = time.perf_counter()
+                gens = ceiling(reqs)
+                wall = time.perf_counter() - t
+                check(gens, "ceiling")
+                return wall, sum(g.completion_tokens for g in gens), [g.text for g in gens]
+
+            def run_batch16():
+                idx: dict[str, list[int]] = {}
+                for k, (_, _, sy) in enumerate(todo):
+                    idx.setdefault(sy.name, []).append(k)
+                gens: list = [None] * len(reqs)
+                t = time.perf_counter()
+                for name in systems:  # as the old run_eval: per system, chunks of BATCH, each waited for
+                    ks = idx[name]
+                    for i in range(0, len(ks), runner.BATCH):
+                        chunk = ks[i:i + runner.BATCH]
+                        for k, g in zip(chunk, engine.generate_batch([reqs[k] for k in chunk])):
+                            gens[k] = g
+                wall = time.perf_counter() - t
+                check(gens, "batch16")
+                return wall, sum(g.completion_tokens for g in gens), [g.text for g in gens]
+
+            modes = {"pipeline": run_pipeline, "ceiling": run_ceiling, "batch16": run_batch16}
+            res = results["modes"] = {}
+            texts = {}
+            for rnd in range(args.rounds):
+                order = list(modes) if rnd % 2 == 0 else list(reversed(modes))
+                for name in order:
+                    load = sample_load()
+                    wall, toks, texts[name] = modes[name]()
+                    r = res.setdefault(name, {"runs": []})
+                    r["runs"].append({"wall_s": round(wall, 2), "completion_tokens": toks, "load_before": load,
+                                      "answers_per_s": round(len(reqs) / wall, 3), "tokens_per_s": round(toks / wall, 1)})
+                    print(f"round {rnd + 1} {name:9s} {len(reqs) / wall:6.2f} answers/s {toks / wall:7.1f} tokens/s "
+                          f"({toks} tokens, {wall:.1f} s; load {load})", flush=True)
+        finally:
+            engine.close()
+        store.close()
+
+    for name, r in res.items():  # the median run of each mode
+        runs = sorted(r["runs"], key=lambda x: x["tokens_per_s"])
+        mid = runs[len(runs) // 2]
+        r.update(tokens_per_s=mid["tokens_per_s"], answers_per_s=mid["answers_per_s"])
+    same = {f"pipeline_vs_{m}": round(sum(a == b for a, b in zip(texts["pipeline"], texts[m])) / len(reqs), 3)
+            for m in ("ceiling", "batch16")}
+    results["same_text_share"] = same
+    results["load_after"] = sample_load()
+    r1 = res["pipeline"]["tokens_per_s"] / res["ceiling"]["tokens_per_s"]
+    r2 = res["pipeline"]["tokens_per_s"] / res["batch16"]["tokens_per_s"]
+    results["pipeline_over_ceiling"], results["pipeline_over_batch16"] = round(r1, 2), round(r2, 2)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\n{'mode':10s} {'answers/s':>10s} {'tokens/s':>9s}")
+    for name, r in res.items():
+        print(f"{name:10s} {r['answers_per_s']:10.2f} {r['tokens_per_s']:9.1f}")
+    print(f"window {results['window']}; vLLM start-up {results['vllm_startup_s']} s (not timed); identical greedy "
+          f"answers: pipeline vs ceiling {same['pipeline_vs_ceiling']:.0%}, vs batch16 {same['pipeline_vs_batch16']:.0%}; "
+          f"load average before {results['load_before']}, after {results['load_after']}; {args.out}")
+    print(f"pipeline/ceiling {r1:.2f} pipeline/batch16 {r2:.2f}")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--rows", type=int, default=32, help="first N test rows of pydocs")
-    ap.add_argument("--tokens", type=int, default=128, help="max new tokens (greedy) on both sides")
-    ap.add_argument("--adapter", default=None, metavar="RUN_ID", help="also measure sft:RUN_ID (from $SFT_STUDIO_HOME)")
+    ap.add_argument("--vs-hf", action="store_true", help="the old comparison: vLLM engine vs transformers generate")
+    ap.add_argument("--rows", type=int, default=None, help="first N test rows of pydocs (default 24; --vs-hf: 32)")
+    ap.add_argument("--tokens", type=int, default=None, help="max new tokens, greedy (default 64; --vs-hf: 128)")
+    ap.add_argument("--rounds", type=int, default=1, help="timed passes per mode (alternating order; median kept)")
+    ap.add_argument("--kv-cache-gib", type=int, default=ServeConfig().kv_cache_gib,
+                    help="vLLM CPU KV cache (the engine's default)")
+    ap.add_argument("--adapter", default=None, metavar="RUN_ID", help="--vs-hf: also measure sft:RUN_ID (from $SFT_STUDIO_HOME)")
     ap.add_argument("--dtype", default=ServeConfig().dtype, help="vLLM weights dtype (the runner's default: auto)")
-    ap.add_argument("--skip-vllm", action="store_true", help="measure transformers only")
-    ap.add_argument("--skip-hf", action="store_true", help="measure the vLLM engine only")
-    ap.add_argument("--out", default="bench/eval_throughput.json")
+    ap.add_argument("--skip-vllm", action="store_true", help="--vs-hf: measure transformers only")
+    ap.add_argument("--skip-hf", action="store_true", help="--vs-hf: measure the vLLM engine only")
+    ap.add_argument("--out", default=None, help="results JSON (default bench/eval_throughput.json; --vs-hf: "
+                                                 "bench/eval_throughput_vs_hf.json)")
     args = ap.parse_args(argv)
+    if not args.vs_hf:
+        args.rows, args.tokens = args.rows or 24, args.tokens or 64
+        args.out = args.out or "bench/eval_throughput.json"
+        return pipeline_comparison(args)
+    args.rows, args.tokens = args.rows or 32, args.tokens or 128
+    args.out = args.out or "bench/eval_throughput_vs_hf.json"
     import torch
 
     device = models.best_device()

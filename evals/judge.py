@@ -18,6 +18,7 @@ Output, beside the eval's outputs:
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -37,7 +38,6 @@ RUBRIC = ("Score the answer from 1 (wrong) to 5 (fully correct and concise) agai
           "Question: {q}\n\nReference answer: {ref}\n\nAnswer: {a}\n\nReply with one digit, 1-5.")
 RUBRIC_FILE = "judge_rubric.jsonl"
 MAX_TOKENS = 8
-CHUNK = 32          # prompts per engine batch
 URL_WORKERS = 4     # concurrent requests to an external judge endpoint
 
 
@@ -141,17 +141,21 @@ class Judge:
                 return list(pool.map(self._ask_url, prompts))
             finally:  # on the first failure, do not wait out every queued request's timeout
                 pool.shutdown(wait=True, cancel_futures=True)
-        from sft_core.serving.base import GenRequest
+        # the local engine: the eval's sliding window (generate_stream), kept full at the engine's capacity
+        from sft_core.serving.base import GenRequest, generate_stream
         decoding = DecodingConfig(temperature=0.0, max_new_tokens=MAX_TOKENS)
-        out: list[str] = []
-        for i in range(0, len(prompts), CHUNK):
-            gens = self.engine.generate_batch([GenRequest([{"role": "user", "content": p}], None, decoding)
-                                               for p in prompts[i:i + CHUNK]])
-            bad = next((g for g in gens if g.error), None)
-            if bad:
-                raise JudgeError(f"local judge engine failed: {bad.error}", "judge")
-            out += [g.text for g in gens]
-        return out
+        out: list[str | None] = [None] * len(prompts)
+        error = None
+        stream = generate_stream(self.engine, [GenRequest([{"role": "user", "content": p}], None, decoding)
+                                               for p in prompts])
+        with contextlib.closing(stream):
+            for i, g in stream:  # after an error nothing new is sent; the requests in flight drain
+                if g.error:
+                    error = error or g.error
+                out[i] = g.text
+        if error:
+            raise JudgeError(f"local judge engine failed: {error}", "judge")
+        return out  # type: ignore[return-value]
 
     def pairwise(self, q: str, ref: str, a: str, b: str) -> dict:
         return self.pairwise_many([(q, ref, a, b)])[0]
@@ -191,7 +195,14 @@ def judge_eval(eval_id: str, engine=None, url: str | None = None, model: str | N
         if o["set"] == "domain":
             by_row.setdefault(o["row_id"], {})[o["system"]] = o
     judge = Judge(engine=engine, url=url, model=model, api_key=api_key)
-    rows = list(by_row.items())
+    # outputs.jsonl is in completion order (the eval's sliding window): judge rows in split order, so
+    # a judge_limit takes the split's first rows and the files read the same on every run
+    try:
+        from evals.runner import eval_sets
+        pos = {r["id"]: (0, i) for i, r in enumerate(eval_sets(cfg, ws, store)["domain"])}
+    except Exception:  # noqa: BLE001 - the split is gone: a stable order all the same
+        pos = {}
+    rows = sorted(by_row.items(), key=lambda kv: pos.get(kv[0], (1, str(kv[0]))))
     if limit:
         rows = rows[:int(limit)]
     atomic_write_json(path / "judge_meta.json", {"rows_judged": len(rows), "rows_total": len(by_row),

@@ -8,13 +8,17 @@
     evals/<eval_id>/report.html|md  the decision report
 
 Resumable: a rerun of the same eval id skips (row, system) pairs already in outputs.jsonl.
-Requests go through the serving engine in batches (the engine batches them again inside).
+Generation is continuous: every missing answer (all systems, both sets, interleaved) goes through a
+sliding window that keeps the engine full (``generate_answers``; ``sft_core.serving.base.generate_stream``),
+and each answer is appended the moment it completes.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+import threading
 import time
 import uuid
 from dataclasses import asdict
@@ -29,7 +33,8 @@ from evals import metrics as M
 from evals import systems as S
 
 GENERAL_SET = Path(__file__).parent / "data" / "general.jsonl"
-BATCH = 16
+BATCH = 16          # the old batch loop's chunk (bench/eval_throughput.py's baseline)
+OPENAI_WINDOW = 16  # requests in flight to an external openai: endpoint
 
 
 class EvalError(StudioError):
@@ -108,23 +113,124 @@ def set_status(store: Store, eval_id: str, status: str) -> None:
         con.execute("UPDATE evals SET status=? WHERE id=?", (status, eval_id))
 
 
-def _openai_batch(model: str, reqs: list[list[dict]], decoding: DecodingConfig) -> list[dict]:
+def _openai_client():
     from openai import OpenAI
     base, key = S.openai_endpoint()
-    client = OpenAI(base_url=base, api_key=key, timeout=120)
+    return OpenAI(base_url=base, api_key=key, timeout=120), base
+
+
+def _openai_one(client, base: str, model: str, msgs: list[dict], decoding: DecodingConfig):
+    """One answer from an external ``openai:`` system as a GenResult (``error`` set on failure)."""
+    from sft_core.serving.base import GenResult
+    t = time.time()
+    try:
+        r = client.chat.completions.create(model=model, messages=msgs, temperature=decoding.temperature,
+                                           max_tokens=decoding.max_new_tokens)
+    except Exception as e:
+        return GenResult(text="", latency_s=time.time() - t,
+                         error=f"openai:{model}: endpoint {base} failed: {type(e).__name__}: {e}")
+    return GenResult(text=r.choices[0].message.content or "", latency_s=time.time() - t,
+                     prompt_tokens=r.usage.prompt_tokens if r.usage else 0,
+                     completion_tokens=r.usage.completion_tokens if r.usage else 0)
+
+
+def _openai_batch(model: str, reqs: list[list[dict]], decoding: DecodingConfig) -> list[dict]:
+    """Today's batch path for external systems (kept for the batch-of-16 baseline of the bench)."""
+    client, base = _openai_client()
     out = []
     for msgs in reqs:
-        t = time.time()
-        try:
-            r = client.chat.completions.create(model=model, messages=msgs, temperature=decoding.temperature,
-                                               max_tokens=decoding.max_new_tokens)
-            out.append({"output": r.choices[0].message.content or "", "latency_s": time.time() - t,
-                        "prompt_tokens": r.usage.prompt_tokens if r.usage else 0,
-                        "completion_tokens": r.usage.completion_tokens if r.usage else 0})
-        except Exception as e:
-            raise EvalError(f"openai:{model}: endpoint {base} failed: {type(e).__name__}: {e}",
-                            "systems") from None
+        g = _openai_one(client, base, model, msgs, decoding)
+        if g.error:
+            raise EvalError(g.error, "systems")
+        out.append({"output": g.text, "latency_s": g.latency_s, "prompt_tokens": g.prompt_tokens,
+                    "completion_tokens": g.completion_tokens})
     return out
+
+
+def missing_answers(sets: dict[str, list[dict]], systems: list[S.System], done: set) -> list[tuple]:
+    """(set, row, system) for every answer not in ``done``, interleaved: row by row across the sets,
+    every system of a row together, so base-model and adapter requests mix in the engine's batch."""
+    out = []
+    for i in range(max((len(r) for r in sets.values()), default=0)):
+        for set_name, rows in sets.items():
+            if i < len(rows):
+                out += [(set_name, rows[i], s) for s in systems if (set_name, rows[i]["id"], s.name) not in done]
+    return out
+
+
+def _progress_caller(progress):
+    """``progress(done, total)`` as before, or ``progress(done, total, info)`` when it takes a third
+    argument; ``info``: answers_per_s and eta_s (this run's rate), generated (this run), elapsed_s."""
+    if progress is None:
+        return None
+    import inspect
+    try:
+        params = list(inspect.signature(progress).parameters.values())
+        takes_info = any(p.kind == p.VAR_POSITIONAL for p in params) or sum(
+            p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3
+    except (TypeError, ValueError):
+        takes_info = False
+    return (lambda d, t, info: progress(d, t, info)) if takes_info else (lambda d, t, info: progress(d, t))
+
+
+def generate_answers(todo: list[tuple], ctx: S.Context, decoding: DecodingConfig, engine, out_path: Path,
+                     done_before: int, total: int, progress=None, window: int | None = None,
+                     openai_window: int | None = None) -> int:
+    """Generate ``todo`` ((set, row, system) from :func:`missing_answers`) through a sliding window:
+    local systems through ``generate_stream`` (at most ``window`` = the engine's capacity in flight,
+    refilled as each answer completes), ``openai:`` systems through their own window at the same time.
+    Each answer is appended to ``outputs.jsonl`` the moment it completes (one line per (set, row,
+    system), in completion order). The first error stops submission everywhere; the answers in
+    flight are still written, then EvalError is raised. Returns the number of answers written."""
+    from sft_core.serving.base import GenRequest, generate_stream, merge_streams, run_window
+    lanes = {"engine": [j for j in todo if j[2].kind != "openai"], "openai": [j for j in todo if j[2].kind == "openai"]}
+    used: dict[tuple[str, int], list] = {}   # passages of each request, by (lane, index)
+    stop = threading.Event()
+
+    def built(lane: str):
+        for k, (set_name, r, system) in enumerate(lanes[lane]):
+            msgs, passages = S.build_messages(system, r, ctx)
+            used[(lane, k)] = passages
+            yield system, msgs
+
+    streams = []
+    if lanes["engine"]:
+        streams.append(("engine", lambda: generate_stream(
+            engine, (GenRequest(m, s.adapter, decoding) for s, m in built("engine")), window=window, stop=stop)))
+    if lanes["openai"]:
+        client, base = _openai_client()
+        streams.append(("openai", lambda: run_window(
+            lambda sm: _openai_one(client, base, sm[0].model, sm[1], decoding), built("openai"),
+            openai_window or OPENAI_WINDOW, stop=stop, name="openai")))
+    call = _progress_caller(progress)
+    lock = threading.Lock()
+    count, written, error, t0 = done_before, 0, None, time.time()
+    with contextlib.closing(merge_streams(streams, stop)) as results:
+        for lane, (k, g) in results:
+            set_name, r, system = lanes[lane][k]
+            if g.error:
+                if error is None:  # the first error: nothing new starts; what is in flight still lands
+                    error = (g.error if system.kind == "openai" else f"engine error for {system.name}: {g.error}",
+                             "systems" if system.kind == "openai" else "engine")
+                    stop.set()
+                continue
+            with lock:
+                append_jsonl(out_path, {
+                    "set": set_name, "row_id": r["id"], "system": system.name, "instruction": r["instruction"],
+                    "context": r.get("context"), "reference": r["response"], "output": g.text,
+                    "latency_s": g.latency_s, "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+                    "passages": [{"source": h.source, "doc_id": h.doc_id, "position": h.position,
+                                  "text": h.text, "score": h.score} for h in used.pop((lane, k), [])]})
+                count += 1
+                written += 1
+            if call:
+                elapsed = time.time() - t0
+                rate = written / elapsed if elapsed > 0 else 0.0
+                call(count, total, {"generated": written, "elapsed_s": elapsed, "answers_per_s": rate,
+                                    "eta_s": (total - count) / rate if rate > 0 else None})
+    if error:
+        raise EvalError(*error)
+    return written
 
 
 def eval_sets(cfg: dict, ws: Workspace, store: Store) -> dict[str, list[dict]]:
@@ -191,36 +297,25 @@ def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = No
     out_path = path / "outputs.jsonl"
     done = {(o["set"], o["row_id"], o["system"]) for o in read_jsonl(out_path)}
     total = sum(len(r) for r in sets.values()) * len(systems)
-    count = len(done)
     owned = None
     try:
         ctx = eval_context(cfg, ws, store, systems)
-        for set_name, set_rows in sets.items():
-            for system in systems:
-                todo = [r for r in set_rows if (set_name, r["id"], system.name) not in done]
-                for i in range(0, len(todo), BATCH):
-                    chunk = todo[i:i + BATCH]
-                    built = [S.build_messages(system, r, ctx) for r in chunk]
-                    if system.kind == "openai":
-                        results = _openai_batch(system.model, [b[0] for b in built], decoding)
-                    else:
-                        if engine is None:
-                            engine = owned = _start_engine(cfg, ws, store)
-                        gens = engine.generate_batch([GenRequest(b[0], system.adapter, decoding) for b in built])
-                        bad = next((g for g in gens if g.error), None)
-                        if bad:
-                            raise EvalError(f"engine error for {system.name}: {bad.error}", "engine")
-                        results = [{"output": g.text, "latency_s": g.latency_s, "prompt_tokens": g.prompt_tokens,
-                                    "completion_tokens": g.completion_tokens} for g in gens]
-                    for r, (msgs, used), res in zip(chunk, built, results):
-                        append_jsonl(out_path, {
-                            "set": set_name, "row_id": r["id"], "system": system.name, "instruction": r["instruction"],
-                            "context": r.get("context"), "reference": r["response"], **res,
-                            "passages": [{"source": h.source, "doc_id": h.doc_id, "position": h.position,
-                                          "text": h.text, "score": h.score} for h in used]})
-                    count += len(chunk)
-                    if progress:
-                        progress(count, total)
+        todo = missing_answers(sets, systems, done)
+        local = {j[2].name: j[2] for j in todo if j[2].kind != "openai"}
+        if local and engine is None:
+            engine = owned = _start_engine(cfg, ws, store)
+        for system in local.values():
+            if system.adapter:  # load each adapter once, before the first request that needs it
+                try:
+                    engine.load_adapter(system.adapter)
+                except StudioError as e:
+                    raise EvalError(f"engine error for {system.name}: {e}", "engine") from None
+        if out_path.exists() and out_path.stat().st_size:  # a torn last line (crash mid-append) stays alone
+            with open(out_path, "rb+") as f:
+                f.seek(-1, 2)
+                if f.read(1) != b"\n":
+                    f.write(b"\n")
+        generate_answers(todo, ctx, decoding, engine, out_path, len(done), total, progress)
         summary = score_eval(eval_id, ws, store)
         if judge_to == "local":
             if engine is None:  # every system was external: start the local engine for the judge
@@ -307,6 +402,114 @@ def eval_status(eval_id: str, ws: Workspace | None = None, store: Store | None =
     rep = path / "report.html"
     out["report_html"] = str(rep) if rep.exists() else None
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The eval as a job: submitted by the app and the CLI, run by the worker process (sft_core.worker)
+# ------------------------------------------------------------------------------------------------
+ENGINE_WAIT_S = 120.0  # how long a worker waits for the app's engine to come back before starting its own
+
+
+def needs_local_engine(cfg: dict) -> bool:
+    """Whether the eval computes on this machine (a local system, or the local judge): the job then takes
+    the accelerator slot, so it waits for a training run instead of fighting it for the cores or GPU."""
+    from evals import judge as J
+    return any(S.parse_system(n).kind != "openai" for n in cfg["systems"]) or J.judge_target(cfg.get("judge")) == "local"
+
+
+def submit_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = None) -> str:
+    """Queue the (created or interrupted) eval as a job; returns the job id.
+
+    The state is checked in the transaction that queues: an eval that is queued or running already, or
+    has a live job, is refused, so two clicks never queue it twice."""
+    from sft_core import jobs
+    ws = ws or Workspace.from_env()
+    store = store or open_store(ws.db_url)
+    jobs.reconcile(store, ws=ws)
+    with store.tx() as con:
+        row = con.execute("SELECT status, config FROM evals WHERE id=?", (eval_id,)).fetchone()
+        if row is None:
+            raise EvalError(f"unknown eval {eval_id!r}", "eval")
+        live = con.execute("SELECT id FROM jobs WHERE ref=? AND kind='eval' AND status IN ('queued','running')",
+                           (eval_id,)).fetchone()
+        if live:
+            raise EvalError(f"eval {eval_id} already has a {('queued or running')} job", "eval")
+        if row["status"] == "succeeded":
+            raise EvalError(f"eval {eval_id} has finished; nothing to resume", "eval")
+        con.execute("UPDATE evals SET status='queued' WHERE id=?", (eval_id,))
+        return jobs._insert_job(con, "eval", eval_id, {"accelerator": needs_local_engine(loads(row["config"]))})
+
+
+def _attach_app_engine(cfg: dict, ws: Workspace, store: Store):
+    """The app's running vLLM engine (URL + per-start key from ``run/engine.json``) when it serves the
+    eval's base model, else None."""
+    from sft_core.serving import get_engine
+    from sft_core.serving.base import EngineError
+    from sft_core.studio import read_engine_link
+    link = read_engine_link(ws)
+    if not link or cfg["base_model"] not in (link.get("base_model"), link.get("base_name")):
+        return None
+    import os
+    os.environ["SFT_STUDIO_ENGINE_API_KEY"] = link.get("api_key") or ""
+    try:
+        return get_engine(cfg["base_model"], ws, store, engine="vllm", url=link["url"])
+    except EngineError as e:
+        print(f"could not attach to the app's engine at {link['url']}: {e}", file=sys.stderr, flush=True)
+        return None
+
+
+def _wait_for_engine_change(ws: Workspace, old: dict | None, timeout: float) -> dict | None:
+    """A newer announcement of the app's engine (restarted: new URL or key) within ``timeout``, else None."""
+    from sft_core.studio import read_engine_link
+    end = time.time() + timeout
+    while time.time() < end:
+        link = read_engine_link(ws)
+        if link and (not old or link.get("time") != old.get("time")):
+            return link
+        if link is None and old is not None and time.time() > end - timeout / 2:
+            return None  # the app is gone for good: no point waiting the full time
+        time.sleep(1.0)
+    return None
+
+
+def job_entry(ctx, payload: dict) -> None:
+    """The eval job: generate what is missing, score, judge, report — in the worker process.
+
+    The eval attaches to the app's engine when the app runs one for the same base model, else starts
+    its own (closed at the end). If the attached engine fails mid-eval (restart: new port or key), the
+    worker waits up to ENGINE_WAIT_S for it to come back and continues; if the app is gone, it goes on
+    with an engine of its own. Every answer already written is kept (the eval resumes, never redoes)."""
+    from sft_core.serving.base import EngineError
+    from sft_core.studio import read_engine_link
+    eval_id = ctx.job["ref"]
+    row = ctx.store.query_one("SELECT config FROM evals WHERE id=?", (eval_id,))
+    if row is None:
+        raise EvalError(f"unknown eval {eval_id!r} (deleted?)", "eval")
+    cfg = loads(row["config"])
+
+    def progress(done, total, *a, **kw):
+        ctx.check_cancel()
+        ctx.progress(done, total, unit="answers")
+
+    for attempt in range(3):
+        link = read_engine_link(ctx.ws)
+        engine = _attach_app_engine(cfg, ctx.ws, ctx.store) if needs_local_engine(cfg) else None
+        print(f"eval {eval_id}: attempt {attempt + 1}, engine: "
+              f"{'the app' + chr(39) + 's at ' + link['url'] if engine is not None else 'own (started on demand)'}",
+              flush=True)
+        try:
+            run_eval(eval_id, ctx.ws, ctx.store, engine=engine, progress=progress)
+            ctx.progress(1, 1, force=True, unit="done")
+            return
+        except (EngineError, EvalError) as e:
+            if engine is None or getattr(e, "where", None) not in ("engine", "vllm", "engine_url"):
+                raise
+            print(f"the app's engine failed mid-eval ({e}); waiting up to {ENGINE_WAIT_S:.0f}s for it", flush=True)
+            _wait_for_engine_change(ctx.ws, link, ENGINE_WAIT_S)
+        finally:
+            if engine is not None:
+                engine.close()  # an attached engine: closes only the client, never the app's server
+    raise EvalError("the engine kept failing; the eval can be resumed", "engine")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -118,3 +118,48 @@ def build_example(ws: Workspace | None = None, store: Store | None = None, name:
     dv: DatasetVersion = import_records(build_records(objects), name, cfg=DataConfig(), ws=ws, store=store,
                                         source="python-stdlib-docs", fmt="example")
     return {"dataset": dv, "corpus": corpus, "n_objects": len(objects)}
+
+
+# ------------------------------------------------------------------------------------------------
+# The example-domain bootstrap as a job (the app queues it on start; a worker process runs it)
+# ------------------------------------------------------------------------------------------------
+BOOTSTRAP_REF = "example-domain"
+
+
+def submit_bootstrap(ws: Workspace, store: Store, base_model: str, name: str = "pydocs") -> str | None:
+    """Queue the bootstrap unless a bootstrap job is queued or running, or the last one succeeded.
+    Returns the new job id, or None."""
+    from sft_core import jobs
+    jobs.reconcile(store, ws=ws)
+    with store.tx() as con:
+        last = con.execute("SELECT status FROM jobs WHERE kind='example' AND ref=? ORDER BY created_at DESC, rowid DESC",
+                           (BOOTSTRAP_REF,)).fetchone()
+        if last is not None and last["status"] in ("queued", "running", "succeeded"):
+            return None
+        return jobs._insert_job(con, "example", BOOTSTRAP_REF, {"base_model": base_model, "name": name})
+
+
+def bootstrap_state(ws: Workspace, store: Store) -> str | None:
+    """running | done | failed for the latest bootstrap job, None if there is none."""
+    row = store.query_one("SELECT status FROM jobs WHERE kind='example' AND ref=? ORDER BY created_at DESC, rowid DESC",
+                          (BOOTSTRAP_REF,))
+    if row is None:
+        return None
+    return {"queued": "running", "running": "running", "succeeded": "done"}.get(row["status"], "failed")
+
+
+def job_entry(ctx, payload: dict) -> None:
+    """Prepare the base model, build the example dataset, index its corpus (each step reported)."""
+    from sft_core import models, retrieval
+    name = payload.get("name", "pydocs")
+    ctx.progress(0, 3, force=True, unit="steps", step="preparing the base model")
+    models.resolve_model(payload["base_model"], ctx.ws)
+    ctx.check_cancel()
+    ctx.progress(1, 3, force=True, unit="steps", step="building the example dataset")
+    ex = build_example(ctx.ws, ctx.store, name=name)
+    ctx.check_cancel()
+    ctx.progress(2, 3, force=True, unit="steps", step="indexing the example corpus")
+    retrieval.build_kb([ex["corpus"]], name, ws=ctx.ws, store=ctx.store)
+    ds = ex["dataset"]
+    ctx.progress(3, 3, force=True, unit="steps",
+                 result=f"dataset {ds.name}@{ds.version} ({ds.n_rows} rows), knowledge base {name}")

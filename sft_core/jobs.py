@@ -45,18 +45,31 @@ class JobKind:
     build_command: Callable[[dict, Workspace, Store], list[str]]
     on_finish: Callable[[dict, str, Workspace, Store], None] | None = None
     outcome: Callable[[dict, Workspace, Store], tuple[str, str | None] | None] | None = None
+    accelerator: bool | Callable[[dict], bool] = True
 
 
 JOB_KINDS: dict[str, JobKind] = {}
+LIGHT_SLOTS = 2  # jobs that need no accelerator (a small index build) that may run at once, beside it
 
 
-def register_job_kind(kind: str, build_command, on_finish=None, outcome=None) -> None:
+def register_job_kind(kind: str, build_command, on_finish=None, outcome=None, accelerator=True) -> None:
     """A job kind.
 
     ``build_command(job, ws, store) -> argv`` (the worker process); ``on_finish(job, status, ws, store)``
     after the job's final state is stored; ``outcome(job, ws, store) -> (status, error) | None`` tells how
-    a worker that ended while nobody watched it finished (e.g. from a file it wrote), else it is failed."""
-    JOB_KINDS[kind] = JobKind(build_command, on_finish, outcome)
+    a worker that ended while nobody watched it finished (e.g. from a file it wrote), else it is failed.
+    ``accelerator`` (a bool, or a function of the job): whether the job needs the machine's one
+    accelerator slot (the GPU, or on a CPU machine the cores a model computes on); ``claim`` never runs
+    two such jobs at once, in any number of processes sharing the database."""
+    JOB_KINDS[kind] = JobKind(build_command, on_finish, outcome, accelerator)
+
+
+def needs_accelerator(job: dict) -> bool:
+    kind = JOB_KINDS.get(job["kind"])
+    if kind is None:
+        return True  # unknown kinds are treated as heavy
+    acc = kind.accelerator
+    return bool(acc(job) if callable(acc) else acc)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -119,6 +132,46 @@ def _train_outcome(job: dict, ws: Workspace, store: Store) -> tuple[str, str | N
 
 
 register_job_kind("train", _train_build, _train_finish, _train_outcome)
+
+
+# ------------------------------------------------------------------------------------------------
+# Every other kind: one worker process (sft_core.worker) with a shared context
+# ------------------------------------------------------------------------------------------------
+def _worker_build(job: dict, ws: Workspace, store: Store) -> list[str]:
+    return [sys.executable, "-m", "sft_core.worker", "--job-id", job["id"], "--db-url", store.url,
+            "--home", str(ws.root)]
+
+
+def _worker_outcome(job: dict, ws: Workspace, store: Store) -> tuple[str, str | None] | None:
+    from sft_core.worker import EXIT_CANCELLED, exit_path
+    p = exit_path(ws, job["id"])
+    try:
+        rec = loads(p.read_text(), {}) if p.exists() else None
+    except (OSError, ValueError):
+        return None
+    if not isinstance(rec, dict) or rec.get("job_id") != job["id"]:
+        return None
+    code = rec.get("code")
+    if code == 0:
+        return "succeeded", None
+    if code == EXIT_CANCELLED:
+        return "cancelled", None
+    return "failed", rec.get("error") or f"worker exited with code {code}"
+
+
+def _eval_finish(job: dict, status: str, ws: Workspace, store: Store) -> None:
+    """The eval row follows its job when the worker could not say so itself (killed, cancelled while
+    queued): failed, or interrupted (resumable) when cancelled; a worker that finished set it already."""
+    new = {"failed": "failed", "cancelled": "interrupted"}.get(status)
+    if new:
+        with store.tx() as con:
+            con.execute("UPDATE evals SET status=? WHERE id=? AND status IN ('queued','running')", (new, job["ref"]))
+
+
+register_job_kind("eval", _worker_build, _eval_finish, _worker_outcome,
+                  accelerator=lambda job: bool(loads(job["payload"], {}).get("accelerator", True)))
+register_job_kind("kb_build", _worker_build, None, _worker_outcome, accelerator=False)
+register_job_kind("example", _worker_build, None, _worker_outcome, accelerator=False)
 
 
 def new_run_id(cfg: TrainConfig) -> str:
@@ -190,8 +243,9 @@ def cancel(run_id: str, ws: Workspace | None = None, store: Store | None = None)
         job = dict(job)
         if job["status"] == "queued":
             con.execute("UPDATE jobs SET status='cancelled', ended_at=? WHERE id=?", (time.time(), job["id"]))
-            if job["kind"] == "train":
-                con.execute("UPDATE runs SET status='cancelled' WHERE id=?", (run_id,))
+            kind = JOB_KINDS.get(job["kind"])
+            if kind and kind.on_finish:
+                kind.on_finish(job, "cancelled", ws, store)  # joins this transaction
             return "cancelled"
         if job["status"] != "running":
             raise JobError(f"{run_id} is {job['status']}, nothing to cancel", "run")
@@ -308,12 +362,29 @@ def _finish(store: Store, job: dict, status: str, error: str | None = None, ws: 
 
 
 def claim(store: Store, job_id: str | None = None) -> dict | None:
-    """Take the oldest queued job (or ``job_id`` when it is next in line) if nothing is running."""
+    """Take the oldest queued job whose resources are free (or ``job_id`` when it is next in line).
+
+    Resources: one accelerator slot (jobs of kinds that declare it run one at a time, in queue order)
+    and ``LIGHT_SLOTS`` for the rest. The check and the claim are one write transaction (BEGIN
+    IMMEDIATE), so any number of processes sharing the database never run two accelerator jobs at once."""
     with store.tx() as con:
-        if con.execute("SELECT 1 FROM jobs WHERE status='running'").fetchone():
-            return None
-        row = con.execute("SELECT * FROM jobs WHERE status='queued' ORDER BY created_at, rowid LIMIT 1").fetchone()
-        if row is None or (job_id and row["id"] != job_id):
+        running = [dict(r) for r in con.execute("SELECT * FROM jobs WHERE status='running'")]
+        heavy_busy = any(needs_accelerator(r) for r in running)
+        light_free = LIGHT_SLOTS - sum(not needs_accelerator(r) for r in running)
+        row, heads = None, {}
+        for q in con.execute("SELECT * FROM jobs WHERE status='queued' ORDER BY created_at, rowid"):
+            heavy = needs_accelerator(dict(q))
+            heads.setdefault(heavy, q)  # first in line for each resource (FIFO within it)
+            if len(heads) == 2:
+                break
+        for heavy, q in sorted(heads.items(), key=lambda kv: (kv[1]["created_at"], kv[1]["id"])):
+            if (heavy and heavy_busy) or (not heavy and light_free <= 0):
+                continue
+            if job_id and q["id"] != job_id:
+                continue
+            row = q
+            break
+        if row is None:
             return None
         now = time.time()
         con.execute("UPDATE jobs SET status='running', started_at=?, heartbeat_at=? WHERE id=?", (now, now, row["id"]))
@@ -382,6 +453,9 @@ def _log_path(job: dict, ws: Workspace, store: Store) -> Path:
 
 
 def _error_reason(job: dict, ws: Workspace, store: Store) -> str | None:
+    if job["kind"] != "train":
+        recorded = _worker_outcome(job, ws, store)
+        return recorded[1] if recorded else None
     p = _log_path(job, ws, store).parent / "error.txt"
     if p.exists():
         text = p.read_text().strip()
@@ -397,16 +471,31 @@ _DISPATCHERS: dict[str, threading.Thread] = {}
 
 
 def dispatch_forever(ws: Workspace, store: Store, poll_s: float = 1.0, stop: threading.Event | None = None) -> None:
+    """Claim jobs as their resources free up and watch each in its own thread (an accelerator job and
+    light jobs side by side); settle jobs nobody watches any more (``reconcile``)."""
+    watching: dict[str, threading.Thread] = {}
     while not (stop and stop.is_set()):
         try:
-            reconcile(store, ws=ws)
+            for jid in [j for j, t in watching.items() if not t.is_alive()]:
+                watching.pop(jid)
+            reconcile(store, watched=set(watching), ws=ws)
             job = claim(store)
             if job:
-                run_job(job, ws, store)
+                t = threading.Thread(target=_watch_job, args=(job, ws, store), name=f"job-{job['id']}", daemon=True)
+                watching[job["id"]] = t
+                t.start()
                 continue
         except Exception:  # never let the dispatcher die; the job's own state says what failed
             log.exception("job dispatcher error")
         time.sleep(poll_s)
+
+
+def _watch_job(job: dict, ws: Workspace, store: Store) -> None:
+    try:
+        run_job(job, ws, store)
+    except Exception as e:  # the job must not stay 'running' because its watcher broke
+        log.exception("job %s watcher failed", job["id"])
+        _finish(store, job, "failed", f"watcher error: {type(e).__name__}: {e}", ws)
 
 
 def start_dispatcher(ws: Workspace, store: Store) -> threading.Thread:
@@ -433,3 +522,86 @@ def run_in_foreground(job_id: str, ws: Workspace, store: Store, on_wait: Callabl
         if on_wait:
             on_wait()
         time.sleep(1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Reading a job's state (app, CLI), and running one detached from the CLI
+# ------------------------------------------------------------------------------------------------
+def job_row(job_id: str, store: Store) -> dict:
+    job = store.query_one("SELECT * FROM jobs WHERE id=?", (job_id,))
+    if job is None:
+        raise JobError(f"unknown job {job_id!r}", "job")
+    return job
+
+
+def queue_position(job: dict, store: Store) -> int:
+    """1 + the number of queued jobs ahead of this queued one that compete for the same resource."""
+    heavy = needs_accelerator(job)
+    ahead = [q for q in store.query("SELECT * FROM jobs WHERE status='queued' AND (created_at < ? OR "
+                                     "(created_at = ? AND id < ?))", (job["created_at"], job["created_at"], job["id"]))
+             if needs_accelerator(q) == heavy]
+    return len(ahead) + 1
+
+
+def progress_of(job: dict) -> dict:
+    try:
+        return loads(job.get("progress") or "{}", {}) or {}
+    except ValueError:
+        return {}
+
+
+def describe(job: dict | None, store: Store) -> str:
+    """One line: where the job is (queue position and what it waits for, progress with rate and ETA)."""
+    if job is None:
+        return "no job"
+    st = job["status"]
+    if st == "queued":
+        heavy = needs_accelerator(job)
+        busy = [r for r in store.query("SELECT kind, ref, payload FROM jobs WHERE status='running'")
+                if needs_accelerator(r) == heavy]
+        wait = f", waiting for {busy[0]['kind']} {busy[0]['ref']}" if busy else ""
+        return f"{job['kind']} {job['ref']}: queued (position {queue_position(job, store)}{wait})"
+    p = progress_of(job)
+    line = f"{job['kind']} {job['ref']}: {st}"
+    if p.get("total"):
+        line += f" · {p.get('done', 0)}/{p['total']} {p.get('unit', '')}".rstrip()
+        if p.get("rate"):
+            line += f" · {p['rate']:.2f}/s"
+        if st == "running" and p.get("eta_s") is not None:
+            line += f" · ETA {_fmt_s(p['eta_s'])}"
+    if st == "failed" and job.get("error"):
+        line += f" — {job['error']}"
+    return line
+
+
+def _fmt_s(s: float) -> str:
+    s = max(0, int(s))
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def follow_detached(job_id: str, ws: Workspace, store: Store) -> int:
+    """Run the job in a background process that outlives this one (``python -m sft_core.jobs``); it
+    waits for the job's turn in the queue like the CLI's foreground mode. Returns its pid."""
+    ws.root.joinpath("logs").mkdir(parents=True, exist_ok=True)
+    with open(ws.root / "logs" / f"{job_id}.follow.log", "ab") as logf:
+        proc = subprocess.Popen([sys.executable, "-m", "sft_core.jobs", "--job-id", job_id, "--db-url", store.url,
+                                 "--home", str(ws.root)], stdout=logf, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                env={**os.environ, "SFT_STUDIO_HOME": str(ws.root)})
+    return proc.pid
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m sft_core.jobs", description="run one queued job when its turn comes")
+    ap.add_argument("--job-id", required=True)
+    ap.add_argument("--db-url", required=True)
+    ap.add_argument("--home", required=True)
+    args = ap.parse_args(argv)
+    ws, store = Workspace.at(args.home), open_store(args.db_url)
+    status = run_in_foreground(args.job_id, ws, store)
+    return 0 if status == "succeeded" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

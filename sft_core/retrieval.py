@@ -487,3 +487,41 @@ def evaluate_retrieval(kb: KnowledgeBase, records: list[dict], ks: tuple[int, ..
                     hits_at[k] += rank <= k
         out[mode] = {**{f"recall@{k}": hits_at[k] / len(rows) for k in ks}, "mrr": rr / len(rows), "n": len(rows)}
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Index builds as jobs (light: they declare no accelerator, so they may run beside a training run)
+# ------------------------------------------------------------------------------------------------
+def submit_build(paths: list[str | Path], name: str, ws: Workspace | None = None, store: Store | None = None) -> str:
+    """Copy the documents into the workspace (uploads are temporary files of the web server) and queue
+    a ``kb_build`` job. Bad names and missing files are refused before anything is queued."""
+    import shutil
+    import uuid
+    from sft_core import jobs
+    safe_name(name, "name")
+    ws = ws or Workspace.from_env()
+    store = store or open_store(ws.db_url)
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:
+        raise RetrievalError(f"no such file: {', '.join(missing)}", "files")
+    staged = ws.root / "uploads" / f"kb-{name}-{uuid.uuid4().hex[:8]}"
+    staged.mkdir(parents=True)
+    copies = []
+    for i, p in enumerate(paths):
+        src = Path(p)
+        dst = staged / f"{i:03d}-{src.name}"
+        (shutil.copytree if src.is_dir() else shutil.copy2)(src, dst)
+        copies.append(str(dst))
+    return jobs.submit("kb_build", name, {"paths": copies, "staged": str(staged)}, ws=ws, store=store)
+
+
+def job_entry(ctx, payload: dict) -> None:
+    import shutil
+    name = ctx.job["ref"]
+    ctx.progress(0, 1, force=True, unit="index", step="indexing")
+    try:
+        info = build_kb(payload["paths"], name, ws=ctx.ws, store=ctx.store)
+    finally:
+        if payload.get("staged") and ctx.ws.contains(payload["staged"]):
+            shutil.rmtree(payload["staged"], ignore_errors=True)
+    ctx.progress(1, 1, force=True, unit="index", result=str(info))

@@ -98,12 +98,17 @@ class Studio:
 
     # -- engine --------------------------------------------------------------------------------
     def engine(self):
-        """The inference engine, started on first use (vLLM where it imports, else transformers)."""
+        """The inference engine, started on first use (vLLM where it imports, else transformers).
+
+        A managed vLLM engine is announced to job workers (``engine.json``: URL and its per-start key),
+        so an eval worker attaches to it instead of loading a second copy of the model."""
         with self._engine_lock:
             if self._engine is None:
                 from sft_core.serving import get_engine
                 self._engine = get_engine(base_model=self.settings.base_model, ws=self.ws, store=self.store,
                                           engine=self.settings.engine, url=self.settings.engine_url or None)
+                self._engine.on_launch = lambda e: write_engine_link(self.ws, e, self.settings.base_model)
+                write_engine_link(self.ws, self._engine, self.settings.base_model)
             return self._engine
 
     def engine_ready(self) -> bool:
@@ -112,6 +117,7 @@ class Studio:
     def close(self) -> None:
         if self._engine is not None:
             try:
+                clear_engine_link(self.ws)
                 self._engine.close()
             finally:
                 self._engine = None
@@ -218,3 +224,46 @@ def delete_run(run_id: str, ws: Workspace, store: Store) -> None:
     for p in (run["path"], str(ws.runs_dir(run_id))):
         if ws.contains(p) and Path(p).resolve() != ws.root:
             shutil.rmtree(p, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# The app's engine, announced to job workers
+# ------------------------------------------------------------------------------------------------
+def engine_link_path(ws: Workspace) -> Path:
+    return ws.root / "run" / "engine.json"
+
+
+def write_engine_link(ws: Workspace, engine, base_name: str) -> None:
+    """``run/engine.json`` (mode 0600, like the workspace's other secrets): the managed engine's URL, its
+    per-start API key and the app's pid. Only a managed vLLM engine is announced (the transformers engine
+    lives inside the app's process and has no URL)."""
+    if not getattr(engine, "managed", False) or not getattr(engine, "url", ""):
+        return
+    import json
+    path = engine_link_path(ws)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"url": engine.url, "api_key": getattr(engine, "_api_key", None), "pid": os.getpid(),
+                   "base_model": str(getattr(engine, "base_model", "")), "base_name": base_name,
+                   "time": time.time()}, f)
+    os.replace(tmp, path)
+
+
+def clear_engine_link(ws: Workspace) -> None:
+    try:
+        engine_link_path(ws).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def read_engine_link(ws: Workspace) -> dict | None:
+    """The app's engine if one is announced and the app that announced it is alive, else None."""
+    import json
+    try:
+        link = json.loads(engine_link_path(ws).read_text())
+        os.kill(int(link["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return link

@@ -41,31 +41,38 @@ def test_four_systems_resume_and_reports(setup):
     ws, store, engine, base = setup
     eval_id = runner.create_eval("zorbia", SYSTEMS, split="train", kb="zkb", limit=3, base_model=base,
                                  max_new_tokens=24, ws=ws, store=store)
-    calls = []
-    real = engine.generate_batch
+    calls = []  # requests the engine received, through the eval's sliding window (generate_stream)
+    real = engine.generate_stream
 
-    def counting(reqs):
-        calls.append(len(reqs))
-        return real(reqs)
+    def counting(reqs, window=None, stop=None):
+        def sent():
+            for r in reqs:  # drawn by the window as each request is sent
+                calls.append(r)
+                yield r
+        return real(sent(), window=window, stop=stop)
 
-    engine.generate_batch = counting
+    engine.generate_stream = counting
 
     def interrupt(done, total):
-        raise KeyboardInterrupt  # the eval is stopped after its first batch
+        raise KeyboardInterrupt  # the eval is stopped after its first answer
 
     with pytest.raises(KeyboardInterrupt):
         runner.run_eval(eval_id, ws, store, engine=engine, progress=interrupt)
     path = ws.evals_dir(eval_id)
-    first = [json.loads(line) for line in (path / "outputs.jsonl").read_text().splitlines()]
-    assert len(first) == 3 and store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "interrupted"
+    first = [json.loads(line) for line in (path / "outputs.jsonl").read_text().splitlines()]  # each line whole
+    first_keys = {(o["set"], o["row_id"], o["system"]) for o in first}
+    assert len(first) == len(first_keys) == 1 and first[0]["output"] and first[0]["completion_tokens"] > 0
+    assert store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "interrupted"
+    assert len(calls) > 1  # the window was full (more than one request in flight) when it was stopped
 
+    calls.clear()
     runner.run_eval(eval_id, ws, store, engine=engine)
-    engine.generate_batch = real
+    del engine.generate_stream  # back to the class's method
     outs = [json.loads(line) for line in (path / "outputs.jsonl").read_text().splitlines()]
     keys = [(o["set"], o["row_id"], o["system"]) for o in outs]
     assert len(keys) == len(set(keys)) == (3 + 3) * 4  # 3 domain + 3 general rows x 4 systems, none twice
-    assert sum(calls) == len(keys)  # the rerun generated only what was missing
-    assert outs[:3] == first
+    assert len(calls) == len(keys) - len(first)  # the rerun generated exactly what was missing
+    assert outs[:len(first)] == first  # appended after what was there
 
     by = {(o["row_id"], o["system"]): o for o in outs if o["set"] == "domain"}
     rid = next(iter({o["row_id"] for o in outs if o["set"] == "domain"}))

@@ -18,6 +18,7 @@ import json
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -37,6 +38,7 @@ class ScriptedOpenAI:
 
     def __init__(self, models=MODELS, api_key: str | None = None):
         self.models, self.api_key = list(models), api_key
+        self.delay_s = 0.0  # per chat answer: lets a test catch a job mid-generation
         self.requests: list[dict] = []  # every chat request: {"model", "messages"}
         self.lock = threading.Lock()
         owner = self
@@ -77,6 +79,7 @@ class ScriptedOpenAI:
                     return self._send(404, {"error": {"message": "not found"}})
                 with owner.lock:
                     owner.requests.append({"model": body.get("model"), "messages": body.get("messages")})
+                time.sleep(owner.delay_s)
                 text = owner.reply(body.get("model"), body.get("messages") or [])
                 prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages") or [])
                 self._send(200, {

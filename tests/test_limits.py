@@ -298,3 +298,53 @@ def test_parquet_decoding_stops_when_the_decoded_data_exceeds_the_limit(tmp_path
     recs, issues, _ = data.load_records(p, cfg=cfg)
     errs = _errors(issues)
     assert len(errs) == 1 and "the decoded data is" in errs[0] and len(recs) < 600, (errs, len(recs))
+
+
+# ------------------------------------------------------------------------------------------------
+# The app: Gradio's upload limit, and /healthz during a large check
+# ------------------------------------------------------------------------------------------------
+APP_SCRIPT = r"""
+import io, json, sys, threading, time
+import app
+from fastapi.testclient import TestClient
+limit = int(sys.argv[2])
+c = TestClient(app.make_app())
+out = {"max_file_size": c.get("/config").json().get("max_file_size")}
+out["upload_over"] = c.post("/gradio_api/upload", files={"files": ("x.jsonl", io.BytesIO(b"x" * (limit + 1)))}).status_code
+out["upload_under"] = c.post("/gradio_api/upload", files={"files": ("x.jsonl", io.BytesIO(b"x" * 1000))}).status_code
+done = threading.Event()
+def work():  # what Gradio's worker thread runs for the "Check" button
+    out["report"] = app.data_check(sys.argv[1], "auto", "")[0][:300]
+    done.set()
+t0 = time.time()
+threading.Thread(target=work).start()
+lat = []
+while not done.is_set():
+    s = time.perf_counter()
+    assert c.get("/healthz").status_code == 200
+    lat.append(time.perf_counter() - s)
+    time.sleep(0.02)
+out.update(check_s=time.time() - t0, healthz_max_s=max(lat), n_healthz=len(lat))
+print(json.dumps(out))
+"""
+
+
+def test_app_upload_limit_and_healthz_during_a_large_check(tmp_path):
+    """make_app() hands max_upload_bytes to Gradio (413 while the upload streams in; /config tells the
+    browser), and /healthz answers within a second while data_check works through ~5 MB of adversarial
+    text. Before the fix there was no upload limit (/config: null) and the check of the first
+    100,000-letter field held the interpreter for ~13-19 s."""
+    n = 100_000
+    shapes = ["a" * n, "a." * (n // 2), "b" * (n - 1) + "@", "12-" * (n // 3), "a@" * (n // 2)]
+    p = _jsonl(tmp_path / "big.jsonl", [{"instruction": shapes[i % 5], "output": shapes[(i + 1) % 5]}
+                                        for i in range(25)])
+    limit = 8 * 2**20
+    env = {**__import__("os").environ, "SFT_STUDIO_HOME": str(tmp_path / "home"),
+           "SFT_STUDIO_MAX_UPLOAD_BYTES": str(limit), "GRADIO_ANALYTICS_ENABLED": "False"}
+    r = subprocess.run([sys.executable, "-c", APP_SCRIPT, str(p), str(limit)], capture_output=True, text=True,
+                       cwd=REPO, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["max_file_size"] == limit and out["upload_over"] == 413 and out["upload_under"] == 200, out
+    assert "valid" in out["report"], out
+    assert out["healthz_max_s"] < 1.0, out

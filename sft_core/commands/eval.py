@@ -24,10 +24,18 @@ def cmd_eval(args) -> int:
         max_new_tokens=args.max_new_tokens, base_model=args.base, ws=ws, store=store)
     print(f"eval {eval_id}: {ws.evals_dir(eval_id)}")
 
-    def progress(done, total):
-        print(f"\r{done}/{total} answers", end="", file=sys.stderr, flush=True)
-
-    runner.run_eval(eval_id, ws, store, progress=progress)
+    job_id = runner.submit_eval(eval_id, ws, store)
+    if args.detach:
+        from sft_core import jobs
+        jobs.follow_detached(job_id, ws, store)
+        print(f"job {job_id} queued; it runs in the background (`sft-studio jobs list`, `sft-studio evals list`)")
+        return 0
+    status = follow_job(job_id, ws, store)
+    if status != "succeeded":
+        from sft_core import jobs
+        job = jobs.job_row(job_id, store)
+        raise StudioError(f"eval {eval_id} {status}: {job.get('error') or 'see its log'}; "
+                          f"continue it with `sft-studio eval --resume {eval_id}`", "eval")
     print(file=sys.stderr)
     st = runner.eval_status(eval_id, ws, store)
     for row in st["table"]:
@@ -38,6 +46,34 @@ def cmd_eval(args) -> int:
     print(recommendation(json.loads((ws.evals_dir(eval_id) / "scores.json").read_text())).replace("**", ""))
     print(f"report: {ws.evals_dir(eval_id) / 'report.html'}")
     return 0
+
+
+def follow_job(job_id: str, ws: Workspace, store) -> str:
+    """Wait for the job's turn, run it here (a worker subprocess) and print its progress; returns the
+    final status. Ctrl-C cancels the job (it stays resumable)."""
+    import threading
+    from sft_core import jobs
+    done = threading.Event()
+
+    def show():
+        last = ""
+        while not done.wait(1.0):
+            line = jobs.describe(jobs.job_row(job_id, store), store)
+            if line != last:
+                print(f"\r{line}", end="", file=sys.stderr, flush=True)
+                last = line
+    t = threading.Thread(target=show, daemon=True)
+    t.start()
+    try:
+        return jobs.run_in_foreground(job_id, ws, store)
+    except KeyboardInterrupt:
+        job = jobs.job_row(job_id, store)
+        jobs.cancel(job["ref"], ws, store)
+        raise
+    finally:
+        done.set()
+        t.join(2)
+        print(file=sys.stderr)
 
 
 def cmd_list(args) -> int:
@@ -84,6 +120,7 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--base", default=None, help="base model (default: the app's)")
     p.add_argument("--resume", default=None, metavar="EVAL_ID", help="continue an interrupted eval")
+    p.add_argument("--detach", action="store_true", help="queue the eval job and return at once")
     p.set_defaults(func=cmd_eval)
     e = sub.add_parser("evals", help="list evaluations")
     es = e.add_subparsers(dest="evals_cmd", metavar="ACTION", required=True)

@@ -6,8 +6,13 @@ id); an engine maps names to paths inside the workspace and refuses anything els
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
+import queue
+import threading
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, runtime_checkable
+from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 from sft_core import StudioError
 from sft_core.config import DecodingConfig
@@ -45,7 +50,11 @@ class Engine(Protocol):
         """Stream the answer to one conversation as text deltas."""
 
     def generate_batch(self, requests: list[GenRequest]) -> list[GenResult]:
-        """Answer many conversations (each with its own adapter); results in request order."""
+        """Answer many conversations (each with its own adapter); results in request order.
+
+        Optional, for continuous batching (see :func:`generate_stream`): ``capacity()`` (requests
+        that keep the engine busy) and ``generate_stream(requests, window, stop)`` (yield
+        ``(index, GenResult)`` as each completes, at most ``window`` in flight)."""
 
     def list_adapters(self) -> list[str]: ...
 
@@ -69,3 +78,133 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """Text up to the first stop string (excluded, as vLLM and OpenAI do), and whether one occurred."""
     cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+# -- continuous batching: a sliding window of requests in flight ---------------------------------
+DEFAULT_CAPACITY = 16  # requests in flight for an engine that states no capacity
+
+
+def engine_capacity(engine) -> int:
+    """How many requests keep ``engine`` busy: its ``capacity()`` (or attribute), else 16."""
+    cap = getattr(engine, "capacity", None)
+    cap = cap() if callable(cap) else cap
+    return max(1, int(cap or DEFAULT_CAPACITY))
+
+
+def run_window(fn, items: Iterable, window: int, stop_on_error: bool = True,
+               stop: threading.Event | None = None, name: str = "window") -> Iterator[tuple[int, GenResult]]:
+    """Call ``fn(item)`` (-> GenResult; an exception becomes a GenResult with ``error``) on a thread
+    pool with at most ``window`` calls in flight, refilled the moment one finishes; yields
+    ``(index, result)`` in completion order. ``items`` may be lazy: it is drawn as calls are submitted.
+
+    Submission stops at the first result with an ``error`` (``stop_on_error``) or once ``stop`` is
+    set; the calls already in flight are still awaited and yielded (their answers are paid for), then
+    the iterator ends. A consumer that stops iterating (break, an exception, ``close()``) stops
+    submission too; running calls cannot be cancelled (an HTTP request is under way), so they are
+    waited for: no thread outlives the iterator."""
+    window = max(1, int(window))
+
+    def call(item) -> GenResult:
+        try:
+            return fn(item)
+        except Exception as e:  # noqa: BLE001 - per request, like generate_batch
+            return GenResult(text="", error=str(e) if isinstance(e, StudioError) else f"{type(e).__name__}: {e}")
+
+    source = iter(items)
+    pool = ThreadPoolExecutor(max_workers=window, thread_name_prefix=name)
+    pending: dict = {}
+    nxt = 0
+    halted = False
+    try:
+        while True:
+            while not halted and len(pending) < window and not (stop is not None and stop.is_set()):
+                try:
+                    item = next(source)
+                except StopIteration:
+                    halted = True
+                    break
+                pending[pool.submit(call, item)] = nxt
+                nxt += 1
+            if not pending:
+                return
+            finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                i = pending.pop(fut)
+                res = fut.result()
+                if res.error and stop_on_error:
+                    halted = True
+                yield i, res
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def stream_batches(generate_batch, requests: Iterable[GenRequest], window: int,
+                   stop: threading.Event | None = None) -> Iterator[tuple[int, GenResult]]:
+    """``generate_stream`` for an engine that batches (and serialises) inside: chunks of ``window``
+    through ``generate_batch``; stops after a chunk with an error, or once ``stop`` is set."""
+    window = max(1, int(window))
+    source, start = iter(requests), 0
+    while not (stop is not None and stop.is_set()):
+        chunk = list(itertools.islice(source, window))
+        if not chunk:
+            return
+        gens = generate_batch(chunk)
+        yield from ((start + k, g) for k, g in enumerate(gens))
+        start += len(chunk)
+        if any(g.error for g in gens):
+            return
+
+
+def generate_stream(engine, requests: Iterable[GenRequest], window: int | None = None,
+                    stop: threading.Event | None = None) -> Iterator[tuple[int, GenResult]]:
+    """``engine.generate_stream`` where the engine has one (vLLM: a thread per request, window
+    refilled as each answer completes), else batches of ``window`` through ``generate_batch``.
+    ``window`` defaults to the engine's capacity. Yields ``(index, GenResult)`` as answers complete;
+    after the first error no new request is started (the ones in flight are still yielded)."""
+    window = window or engine_capacity(engine)
+    own = getattr(engine, "generate_stream", None)
+    if own is not None:
+        return own(requests, window=window, stop=stop)
+    return stream_batches(engine.generate_batch, requests, window, stop)
+
+
+def merge_streams(streams: list, stop: threading.Event) -> Iterator[tuple[int, object]]:
+    """Drive several ``(key, iterator factory)`` streams at once (each in its own thread) and yield
+    ``(key, item)`` as any produces one. The consumer ending (or ``stop`` set) stops them all; their
+    threads finish what they have in flight and are joined before this returns."""
+    if len(streams) == 1:  # no thread needed
+        key, make = streams[0]
+        with contextlib.closing(make()) as it:
+            for item in it:
+                yield key, item
+        return
+    q: queue.Queue = queue.Queue()
+    done = object()
+
+    def drive(key, make):
+        try:
+            with contextlib.closing(make()) as it:
+                for item in it:
+                    q.put((key, item))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((key, e))
+        finally:
+            q.put((key, done))
+
+    threads = [threading.Thread(target=drive, args=s, name=f"stream-{s[0]}", daemon=True) for s in streams]
+    for t in threads:
+        t.start()
+    live = len(threads)
+    try:
+        while live:
+            key, item = q.get()
+            if item is done:
+                live -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield key, item
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()

@@ -104,6 +104,10 @@ class HFEngine:
         return {"adapter_names": names}
 
     # -- generation ----------------------------------------------------------------------------
+    def capacity(self) -> int:
+        """One generate() batch: requests are served under one lock, so a larger window only queues."""
+        return self.batch_size
+
     def generate_batch(self, requests: list[GenRequest]) -> list[GenResult]:
         """Group requests by decoding options; each group runs in left-padded batches of mixed adapters."""
         results: list[GenResult | None] = [None] * len(requests)

@@ -52,7 +52,7 @@ from typing import Iterator
 
 from sft_core.config import LORA_RANKS, DecodingConfig, ServeConfig
 from sft_core.serving.adapters import AdapterInfo, AdapterRegistry
-from sft_core.serving.base import EngineError, GenRequest, GenResult, resolve_decoding
+from sft_core.serving.base import EngineError, GenRequest, GenResult, resolve_decoding, run_window
 from sft_core.store import Store, open_store
 from sft_core.workspace import NameError_, Workspace, safe_name
 
@@ -391,6 +391,12 @@ class VLLMEngine:
         self.url = base
         self._client = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0,
                                      timeout=httpx.Timeout(self.cfg.request_timeout_s, connect=5.0))
+        hook = getattr(self, "on_launch", None)  # the app publishes the new URL and key to its job workers
+        if hook is not None:
+            try:
+                hook(self)
+            except Exception as e:  # never fail a start over the announcement
+                log.warning("engine on_launch hook failed: %s", e)
 
     def _pick_port(self) -> int:
         """The configured port (also after a restart); a free one when none is set, or when the
@@ -582,16 +588,35 @@ class VLLMEngine:
                          completion_tokens=usage.completion_tokens if usage else 0,
                          latency_s=time.perf_counter() - t0, finish_reason=choice.finish_reason, extra=extra)
 
-    def generate_batch(self, requests: list[GenRequest]) -> list[GenResult]:
-        """All requests in flight at once (up to max_concurrency); vLLM batches them, adapters mixed."""
-        if not requests:
-            return []
+    def _preload(self, requests: list[GenRequest]) -> None:
         # load each distinct adapter once, before the burst, so errors are per adapter not per request
         for name in {r.adapter for r in requests if r.adapter}:
             try:
                 self._model_for(name)
             except EngineError:
                 pass  # reported on each request that names it
+
+    def capacity(self) -> int:
+        """Requests that keep the server busy: the most this engine sends at once (``max_concurrency``)."""
+        return self.cfg.max_concurrency
+
+    def generate_stream(self, requests, window: int | None = None,
+                        stop: threading.Event | None = None) -> Iterator[tuple[int, GenResult]]:
+        """Continuous batching from the client side: a thread per request, at most ``window``
+        (default and cap: ``max_concurrency``) in flight, a new one sent the moment any answer
+        arrives, so vLLM's running batch never drains to its slowest request. Yields
+        ``(index, GenResult)`` in completion order; after the first error nothing new is sent.
+        ``requests`` may be lazy (drawn as they are sent); a list has its adapters loaded first."""
+        if isinstance(requests, list):
+            self._preload(requests)
+        window = min(window or self.cfg.max_concurrency, self.cfg.max_concurrency)
+        yield from run_window(self._one, requests, window, stop=stop, name="vllm-stream")
+
+    def generate_batch(self, requests: list[GenRequest]) -> list[GenResult]:
+        """All requests in flight at once (up to max_concurrency); vLLM batches them, adapters mixed."""
+        if not requests:
+            return []
+        self._preload(requests)
         with ThreadPoolExecutor(max_workers=min(len(requests), self.cfg.max_concurrency),
                                 thread_name_prefix="vllm-req") as pool:
             return list(pool.map(self._one, requests))

@@ -1,0 +1,163 @@
+"""Concurrent visitors: N visitors chat at once through the app's HTTP API, against one visitor alone.
+
+    python bench/concurrent_visitors.py [--visitors 8] [--tokens 48] [--engine vllm|hf] [--model NAME|DIR]
+                                        [--compare-limit-1]
+
+Starts the real app (``python app.py``, no admin password) in a temporary workspace, lets the first chat
+start the engine (not timed), then measures in the same run:
+
+* single: one visitor (one gradio_client session) sends a prompt-only chat and reads the whole answer;
+  median wall time of 3 tries;
+* concurrent: ``--visitors`` sessions send the same chat at the same moment; wall time until the last
+  answer is complete, plus each visitor's time to its first token.
+
+Every visitor asks the same question at temperature 0, so each does the same work. The last line reads
+``concurrent/single R`` (wall-time ratio, two decimals): close to 1 when the engine batches the visitors,
+about N when they are served one at a time. ``--compare-limit-1`` also runs the app with
+SFT_STUDIO_CHAT_CONCURRENCY=1 (Gradio's old default of one event at a time) and prints its ratio first.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+QUESTION = "In two sentences, what is a Python list comprehension?"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(home: Path, engine: str, model: str, env_extra: dict) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    env = {**os.environ, "SFT_STUDIO_HOME": str(home), "SFT_STUDIO_ENGINE": engine, "SFT_STUDIO_BASE_MODEL": model,
+           "SFT_STUDIO_SKIP_EXAMPLE": "1", "GRADIO_SERVER_NAME": "127.0.0.1", "GRADIO_SERVER_PORT": str(port),
+           "GRADIO_ANALYTICS_ENABLED": "False", **env_extra}
+    if (REPO / ".cache" / "models").is_dir():
+        env.setdefault("SFT_STUDIO_MODEL_CACHE", str(REPO / ".cache" / "models"))
+    log = home.parent / f"app-{port}.log"
+    proc = subprocess.Popen([sys.executable, "app.py"], cwd=REPO, env=env, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    end = time.time() + 300
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise SystemExit(f"app exited:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2):
+                return proc, url, log
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("app did not become healthy in 300 s")
+
+
+def chat_args(tokens: int) -> tuple:
+    # message, 4 systems, knowledge base, temperature, max new tokens, 4 chat histories
+    return (QUESTION, "prompt", None, None, None, None, 0.0, tokens, [], [], [], [])
+
+
+def one_visitor(url: str, tokens: int, start: threading.Event | None = None) -> dict:
+    from gradio_client import Client
+    c = Client(url + "/", verbose=False)
+    try:
+        if start is not None:
+            start.wait()
+        t0 = time.perf_counter()
+        job = c.submit(*chat_args(tokens), api_name="/chat_send")
+        first = None
+        while not job.done():
+            outs = job.outputs()
+            if first is None and outs and _text(outs[-1]):
+                first = time.perf_counter() - t0
+            time.sleep(0.01)
+        result = job.result()
+        wall = time.perf_counter() - t0
+        text = _text(result)
+        if not text or "⚠️" in text:
+            raise SystemExit(f"chat failed: {text!r}")
+        return {"wall": wall, "first": first if first is not None else wall, "chars": len(text)}
+    finally:
+        c.close()
+
+
+def _text(outputs) -> str:
+    hist = outputs[0] if outputs else []
+    if not hist:
+        return ""
+    content = hist[-1].get("content") if isinstance(hist[-1], dict) else hist[-1]
+    if isinstance(content, list):
+        return "".join(part.get("text", "") for part in content if isinstance(part, dict))
+    return content or ""
+
+
+def measure(url: str, visitors: int, tokens: int) -> tuple[float, float, list[dict]]:
+    one_visitor(url, tokens)  # starts the engine and warms it: not timed
+    single = statistics.median(one_visitor(url, tokens)["wall"] for _ in range(3))
+    start = threading.Event()
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda: results.append(one_visitor(url, tokens, start)))
+               for _ in range(visitors)]
+    for t in threads:
+        t.start()
+    time.sleep(2.0)  # every client has connected and waits at the gate
+    t0 = time.perf_counter()
+    start.set()
+    for t in threads:
+        t.join()
+    concurrent = time.perf_counter() - t0
+    if len(results) != visitors:
+        raise SystemExit(f"only {len(results)} of {visitors} visitors got an answer")
+    return single, concurrent, results
+
+
+def run(args, env_extra: dict, label: str) -> float:
+    with tempfile.TemporaryDirectory(prefix="sft-visitors-") as tmp:
+        proc, url, log = start_app(Path(tmp) / "home", args.engine, args.model, env_extra)
+        try:
+            single, concurrent, res = measure(url, args.visitors, args.tokens)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    firsts = sorted(r["first"] for r in res)
+    ratio = concurrent / single
+    print(f"[{label}] single visitor: {single:.2f} s; {args.visitors} visitors at once: {concurrent:.2f} s "
+          f"(first token: median {statistics.median(firsts):.2f} s, worst {firsts[-1]:.2f} s); "
+          f"ratio {ratio:.2f}", flush=True)
+    return ratio
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--visitors", type=int, default=8)
+    p.add_argument("--tokens", type=int, default=48, help="max new tokens per answer (the UI's slider: 16..1024)")
+    p.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
+    p.add_argument("--model", default="smollm2-135m-instruct")
+    p.add_argument("--compare-limit-1", action="store_true")
+    args = p.parse_args(argv)
+    print(f"engine {args.engine}, model {args.model}, {os.cpu_count()} CPUs, {args.visitors} visitors, "
+          f"{args.tokens} tokens", flush=True)
+    if args.compare_limit_1:
+        run(args, {"SFT_STUDIO_CHAT_CONCURRENCY": "1"}, "one event at a time (old default)")
+    ratio = run(args, {}, "as configured")
+    print(f"concurrent/single {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

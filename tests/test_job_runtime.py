@@ -1,0 +1,236 @@
+"""One job runtime: evals, index builds and the example bootstrap run as jobs in worker processes.
+
+Real processes and real SQLite throughout. The eval's systems are ``openai:*`` models served by the
+scripted local endpoint of tests/test_judge.py (the boundary that stands in for a remote model), slowed
+down per answer so a test can act while the worker is mid-generation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from evals import runner
+from sft_core import jobs
+from sft_core.workspace import read_jsonl
+from tests.test_judge import ScriptedOpenAI, import_tiny
+
+ROWS = [(f"Question number {i}?", f"Answer {i}.") for i in range(12)]
+SYSTEMS = ["openai:zorbia", "openai:echo"]
+
+
+def _wait(pred, timeout=120, what="condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        if pred():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def slow_server(monkeypatch):
+    srv = ScriptedOpenAI()
+    srv.delay_s = 0.4
+    monkeypatch.setenv("SFT_STUDIO_OPENAI_BASE_URL", srv.url)
+    yield srv
+    srv.close()
+
+
+def _new_eval(ws, store) -> str:
+    import_tiny(ws, store, test_rows=ROWS)
+    return runner.create_eval("tiny", SYSTEMS, metrics=["exact_match"], general=False, ws=ws, store=store)
+
+
+def _watch(ws, store):
+    """Claim the next job and watch it in a thread, as the app's dispatcher does."""
+    job = jobs.claim(store)
+    assert job is not None
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("status", jobs.run_job(job, ws, store)))
+    t.start()
+    return job, t, out
+
+
+def _outputs(ws, eval_id):
+    return read_jsonl(ws.evals_dir(eval_id) / "outputs.jsonl")
+
+
+def _assert_complete(ws, eval_id):
+    keys = [(o["set"], o["row_id"], o["system"]) for o in _outputs(ws, eval_id)]
+    assert len(keys) == len(set(keys)) == len(ROWS) * len(SYSTEMS), len(keys)
+
+
+def test_eval_job_killed_then_resumed_answers_each_row_once(ws, store, slow_server):
+    eval_id = _new_eval(ws, store)
+    job_id = runner.submit_eval(eval_id, ws, store)
+    assert json.loads(jobs.job_row(job_id, store)["payload"])["accelerator"] is False  # only remote systems
+    job, t, out = _watch(ws, store)
+    _wait(lambda: len(_outputs(ws, eval_id)) >= 3, what="the first answers")
+    pid = jobs.job_row(job_id, store)["pid"]
+    os.kill(pid, signal.SIGKILL)  # mid-generation
+    t.join(60)
+    assert out["status"] == "failed" and "SIGKILL" in jobs.job_row(job_id, store)["error"]
+    assert store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "failed"
+    before = len(_outputs(ws, eval_id))
+    assert 3 <= before < len(ROWS) * len(SYSTEMS)
+
+    slow_server.requests.clear()
+    runner.submit_eval(eval_id, ws, store)  # resume
+    job, t, out = _watch(ws, store)
+    t.join(240)
+    assert out["status"] == "succeeded", jobs.job_row(job["id"], store)
+    _assert_complete(ws, eval_id)
+    answered = [r for r in slow_server.requests if not r["messages"][-1]["content"].startswith(("You are judging", "Score"))]
+    assert len(answered) == len(ROWS) * len(SYSTEMS) - before  # nothing stored was asked again
+    assert store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "succeeded"
+    assert (ws.evals_dir(eval_id) / "report.html").exists()
+    p = jobs.progress_of(jobs.job_row(job["id"], store))
+    assert p["done"] == p["total"]
+
+
+def test_eval_worker_outlives_its_watcher_and_reconcile_settles_it(ws, store, slow_server):
+    """The app (the watcher) goes away mid-eval; the worker goes on and finishes; a later reconcile
+    (the restarted app) settles the job from the worker's exit record. A worker that died with its
+    watcher is failed by reconcile instead, and the eval resumes."""
+    eval_id = _new_eval(ws, store)
+    job_id = runner.submit_eval(eval_id, ws, store)
+    job = jobs.claim(store)
+    argv = jobs.JOB_KINDS["eval"].build_command(job, ws, store)
+    proc = subprocess.Popen(argv, start_new_session=True, env={**os.environ, "SFT_STUDIO_HOME": str(ws.root)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store.execute("UPDATE jobs SET pid=?, pid_start=? WHERE id=?", (proc.pid, jobs._proc_start(proc.pid), job_id))
+    _wait(lambda: len(_outputs(ws, eval_id)) >= 2, what="the first answers")
+    assert jobs.reconcile(store, ws=ws) == []  # alive and heartbeating: left alone
+    assert jobs.describe(jobs.job_row(job_id, store), store).startswith(f"eval {eval_id}: running")
+    proc.wait(240)  # nobody watches it; it finishes on its own
+    assert jobs.reconcile(store, ws=ws) == [job_id]
+    assert jobs.job_row(job_id, store)["status"] == "succeeded"
+    _assert_complete(ws, eval_id)
+
+    # the same, but the worker dies too (kill -9 while unwatched): failed by reconcile, resumable
+    eval2 = runner.create_eval("tiny", SYSTEMS, metrics=["exact_match"], general=False, ws=ws, store=store)
+    job2 = runner.submit_eval(eval2, ws, store)
+    job = jobs.claim(store)
+    proc = subprocess.Popen(jobs.JOB_KINDS["eval"].build_command(job, ws, store), start_new_session=True,
+                            env={**os.environ, "SFT_STUDIO_HOME": str(ws.root)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    store.execute("UPDATE jobs SET pid=?, pid_start=? WHERE id=?", (proc.pid, jobs._proc_start(proc.pid), job2))
+    _wait(lambda: len(_outputs(ws, eval2)) >= 2, what="the first answers")
+    proc.kill()
+    proc.wait()
+    assert jobs.reconcile(store, ws=ws) == [job2]
+    assert jobs.job_row(job2, store)["status"] == "failed"
+    assert store.query_one("SELECT status FROM evals WHERE id=?", (eval2,))["status"] == "failed"
+    runner.submit_eval(eval2, ws, store)
+    _, t, out = _watch(ws, store)
+    t.join(240)
+    assert out["status"] == "succeeded"
+    _assert_complete(ws, eval2)
+
+
+def test_cancel_every_kind(ws, store, slow_server, tmp_path):
+    from sft_core import example, retrieval
+    # queued: cancelled at once, whatever the kind
+    eval_id = _new_eval(ws, store)
+    runner.submit_eval(eval_id, ws, store)
+    doc = tmp_path / "a.md"
+    doc.write_text("# A\n\nSome text.")
+    retrieval.submit_build([doc], "kb1", ws=ws, store=store)
+    example.submit_bootstrap(ws, store, base_model="m")
+    for ref in (eval_id, "kb1", example.BOOTSTRAP_REF):
+        assert jobs.cancel(ref, ws, store) == "cancelled"
+        assert jobs.latest_job(ref, store)["status"] == "cancelled"
+    assert store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "interrupted"
+    # running: the worker stops between answers, keeps them, and the eval can resume
+    runner.submit_eval(eval_id, ws, store)
+    job, t, out = _watch(ws, store)
+    _wait(lambda: len(_outputs(ws, eval_id)) >= 2, what="the first answers")
+    assert jobs.cancel(eval_id, ws, store) == "cancelling"
+    t.join(60)
+    assert out["status"] == "cancelled"
+    assert store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "interrupted"
+    kept = len(_outputs(ws, eval_id))
+    assert 2 <= kept < len(ROWS) * len(SYSTEMS)
+
+
+def test_kb_build_job_builds_the_index(ws, store, tmp_path):
+    from sft_core import retrieval
+    doc = tmp_path / "zorbia.md"
+    doc.write_text("# Zorbia\n\nThe capital of Zorbia is Quuxville.")
+    job_id = retrieval.submit_build([doc], "zkb", ws=ws, store=store)
+    assert jobs.run_in_foreground(job_id, ws, store) == "succeeded"
+    assert jobs.progress_of(jobs.job_row(job_id, store))["result"]  # what the build reported
+    hits = retrieval.open_kb("zkb", ws).search("capital of Zorbia", k=1)
+    assert "Quuxville" in hits[0].text
+    assert not list((ws.root / "uploads").iterdir())  # the staged copies are gone
+
+
+def test_accelerator_jobs_wait_light_jobs_do_not(ws, store):
+    """A queued eval that computes locally waits for a running training job; an index build (no
+    accelerator) runs beside it; queue order holds within each resource."""
+    now = time.time()
+    for i, (kind, ref, payload) in enumerate([("train", "run-1", {}), ("eval", "eval-1", {"accelerator": True}),
+                                              ("kb_build", "kb-1", {}), ("eval", "eval-2", {"accelerator": False})]):
+        store.execute("INSERT INTO jobs (id, kind, status, ref, payload, created_at) VALUES (?,?,?,?,?,?)",
+                      (f"j{i}", kind, "queued", ref, json.dumps(payload), now + i))
+    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
+                  "VALUES ('run-1', 'd', 'v', 'm', 'queued', 0, '/x')")
+    assert jobs.claim(store)["id"] == "j0"  # training takes the accelerator
+    assert jobs.claim(store, "j1") is None  # the local eval waits for it
+    assert "waiting for train run-1" in jobs.describe(jobs.job_row("j1", store), store)
+    assert jobs.claim(store)["id"] == "j2"  # the index build runs beside it
+    assert jobs.claim(store)["id"] == "j3"  # so does an eval of remote systems (second light slot)
+    assert jobs.claim(store) is None
+    jobs._finish(store, jobs.job_row("j0", store), "succeeded")
+    assert jobs.claim(store)["id"] == "j1"  # now the eval
+
+
+WORKER_SCRIPT = r"""
+import json, sys, time
+sys.path.insert(0, {repo!r})
+from sft_core import jobs
+from sft_core.store import Store
+store = Store({url!r})
+end = time.time() + 60
+while time.time() < end:
+    job = jobs.claim(store)
+    if job is None:
+        if not store.query("SELECT 1 FROM jobs WHERE status IN ('queued','running')"):
+            break
+        time.sleep(0.02)
+        continue
+    start = time.time()
+    time.sleep(0.15)
+    with open({log!r}, "a") as f:
+        f.write(json.dumps([{name!r}, job["id"], start, time.time()]) + "\n")
+    jobs._finish(store, job, "succeeded")
+"""
+
+
+def test_two_processes_never_run_two_accelerator_jobs_at_once(ws, store, tmp_path):
+    """Two processes (two apps on one workspace) claim from one queue of accelerator jobs; the recorded
+    run intervals never overlap, and every job runs exactly once."""
+    now = time.time()
+    for i in range(10):
+        store.execute("INSERT INTO jobs (id, kind, status, ref, payload, created_at) VALUES (?,?,?,?,?,?)",
+                      (f"acc{i}", "eval", "queued", f"e{i}", json.dumps({"accelerator": True}), now + i))
+    log = tmp_path / "runs.jsonl"
+    repo = str(Path(__file__).resolve().parents[1])
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT.format(repo=repo, url=store.url, log=str(log),
+                                                                         name=name)])
+             for name in ("app-a", "app-b")]
+    for p in procs:
+        assert p.wait(120) == 0
+    runs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert sorted(r[1] for r in runs) == [f"acc{i}" for i in range(10)]
+    runs.sort(key=lambda r: r[2])
+    for a, b in zip(runs, runs[1:]):
+        assert a[3] <= b[2], (a, b)
