@@ -212,8 +212,9 @@ def test_knowledge_build_and_search(app, browser, tmp_path):
     page.locator("#kb-files input[type=file]").set_input_files(str(doc))
     fill(page, "kb-name", "widgets")
     page.locator("#kb-build").click()
-    page.locator("#kb-msg").get_by_text("widgets").first.wait_for(timeout=120000)
-    assert "updated" in page.locator("#kb-msg").inner_text()
+    # the build is a job: the message follows it (queued, running) until the index is updated
+    page.locator("#kb-msg").get_by_text("updated").first.wait_for(timeout=120000)
+    assert "Knowledge base widgets updated" in page.locator("#kb-msg").inner_text()
     # building selects the new base for searching
     fill(page, "kb-query", "how often is the flux capacitor recalibrated")
     page.locator("#kb-query input, #kb-query textarea").first.press("Enter")
@@ -329,6 +330,8 @@ def test_eval_then_blind_vote_moves_leaderboard(app, browser):
     page.locator("#rate-progress").get_by_text("1 rated").wait_for(timeout=30000)
 
     page.get_by_role("tab", name="Results").click()
+    page.locator("#results-campaign input").click()  # the invite link opened a fresh page: choose it again
+    page.get_by_role("option").first.click()
     page.locator("#results-refresh").click()
     page.locator("#results-summary").get_by_text("1 votes").wait_for(timeout=30000)
     page.locator("#results-board").get_by_text("bt_score").wait_for(timeout=30000)
@@ -336,7 +339,7 @@ def test_eval_then_blind_vote_moves_leaderboard(app, browser):
     board_after = page.locator("#results-board").inner_text()
     assert board_after != board_before, board_after
     assert "prompt" in board_after and "rag" in board_after, board_after
-    assert eval_id
+    assert eval_id.startswith("eval-"), eval_id
 
 
 def train_values(**overrides) -> list:

@@ -234,3 +234,47 @@ def test_two_processes_never_run_two_accelerator_jobs_at_once(ws, store, tmp_pat
     runs.sort(key=lambda r: r[2])
     for a, b in zip(runs, runs[1:]):
         assert a[3] <= b[2], (a, b)
+
+
+def test_app_killed_mid_eval_shows_the_true_state_and_the_eval_finishes(tmp_path, tiny_model_dir, slow_server):
+    """The app is killed (SIGKILL) while its eval job runs; the worker goes on. The restarted app shows
+    the eval as it really is (running, with progress), and settles it as succeeded when the worker ends."""
+    from gradio_client import Client
+    from sft_core.store import Store
+    from sft_core.workspace import Workspace
+    from tests.test_app import start_app, stop_app
+    home = tmp_path / "home"
+    ws = Workspace.at(home)
+    st = Store(ws.db_url)
+    try:
+        eval_id = _new_eval(ws, st)
+    finally:
+        st.close()
+    proc, url = start_app(home, tiny_model_dir, SFT_STUDIO_SKIP_EXAMPLE="1",
+                          SFT_STUDIO_OPENAI_BASE_URL=slow_server.url)
+    try:
+        c = Client(url + "/", verbose=False)
+        assert "queued again" in c.predict(eval_id, api_name="/eval_resume")
+        c.close()
+        _wait(lambda: len(_outputs(ws, eval_id)) >= 2, what="the first answers")
+        proc.kill()
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            stop_app(proc)
+    st = Store(ws.db_url)
+    job = jobs.latest_job(eval_id, st)
+    assert job["status"] == "running" and jobs._same_process(job["pid"], job["pid_start"])  # the worker lives on
+    proc, url = start_app(home, tiny_model_dir, SFT_STUDIO_SKIP_EXAMPLE="1",
+                          SFT_STUDIO_OPENAI_BASE_URL=slow_server.url)
+    try:
+        c = Client(url + "/", verbose=False)
+        summary = c.predict(eval_id, api_name="/eval_poll")[0]
+        assert f"eval {eval_id}: running" in summary and "answers" in summary, summary
+        _wait(lambda: "succeeded" in c.predict(eval_id, api_name="/eval_poll")[0], timeout=240, what="the eval")
+        _wait(lambda: jobs.latest_job(eval_id, st)["status"] == "succeeded", what="the job settled")
+        c.close()
+    finally:
+        stop_app(proc)
+        st.close()
+    _assert_complete(ws, eval_id)

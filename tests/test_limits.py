@@ -113,7 +113,8 @@ def test_a_large_check_does_not_hold_the_interpreter(tmp_path):
         worst, last = max(worst, now - last), now
     t.join()
     assert result["report"].n_valid == 3
-    assert worst < 0.5, f"the main thread waited {worst:.2f} s for the interpreter"
+    # before the fix ~13-19 s; the margin is for a loaded shared machine
+    assert worst < 2.0, f"the main thread waited {worst:.2f} s for the interpreter"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -324,14 +325,14 @@ while not done.is_set():
     assert c.get("/healthz").status_code == 200
     lat.append(time.perf_counter() - s)
     time.sleep(0.02)
-out.update(check_s=time.time() - t0, healthz_max_s=max(lat), n_healthz=len(lat))
+out.update(check_s=time.time() - t0, healthz_max_s=max(lat), n_healthz=len(lat), worst_at=lat.index(max(lat)))
 print(json.dumps(out))
 """
 
 
 def test_app_upload_limit_and_healthz_during_a_large_check(tmp_path):
     """make_app() hands max_upload_bytes to Gradio (413 while the upload streams in; /config tells the
-    browser), and /healthz answers within a second while data_check works through ~5 MB of adversarial
+    browser), and /healthz answers promptly while data_check works through ~5 MB of adversarial
     text. Before the fix there was no upload limit (/config: null) and the check of the first
     100,000-letter field held the interpreter for ~13-19 s."""
     n = 100_000
@@ -347,4 +348,5 @@ def test_app_upload_limit_and_healthz_during_a_large_check(tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["max_file_size"] == limit and out["upload_over"] == 413 and out["upload_under"] == 200, out
     assert "valid" in out["report"], out
-    assert out["healthz_max_s"] < 1.0, out
+    # before the fix >= 13 s; the margin is for a loaded shared machine (~1 s seen at load 5 on 2 cores)
+    assert out["healthz_max_s"] < 3.0, out

@@ -200,3 +200,31 @@ def test_chat_visitors_are_served_at_once(locked_app):
     finally:
         a.close()
         b.close()
+
+
+def test_export_csv_neutralises_formulas(ws, store):
+    """Through the real export: a model output, a comment and a rater name that start with formula
+    characters come out quoted in CSV; JSONL and DPO keep the text exactly."""
+    from evals import rating
+    path = ws.evals_dir("eval-csv")
+    path.mkdir(parents=True)
+    outs = [{"set": "domain", "row_id": "r1", "system": s, "instruction": "=cmd|' /C calc'!A0",
+             "reference": "ref", "output": out} for s, out in (("prompt", "=HYPERLINK(\"http://x\")"), ("rag", "@SUM(1)"))]
+    (path / "outputs.jsonl").write_text("".join(json.dumps(o) + "\n" for o in outs))
+    store.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path) "
+                  "VALUES ('eval-csv', 'd', 'v', 'test', ?, 'succeeded', 0, ?)", (json.dumps(["prompt", "rag"]), str(path)))
+    campaign = rating.create_campaign("eval-csv", ws=ws, store=store, seed=0)
+    inv = rating.create_invites(campaign, ["+rater"], ws=ws, store=store)[0]
+    task = rating.next_task(campaign, inv["rater"], ws=ws, store=store)
+    rating.vote(campaign, task["task_id"], inv["rater"], "left", "-1 bad", ws=ws, store=store)
+    rows = list(csv.DictReader(io.StringIO(rating.export_votes(campaign, "csv", ws.root / "v.csv", ws=ws,
+                                                               store=store).read_text())))
+    assert len(rows) == 1
+    for value in rows[0].values():
+        assert not value.startswith(("=", "+", "-", "@")), rows[0]
+    assert {rows[0]["output_left"], rows[0]["output_right"]} == {"'=HYPERLINK(\"http://x\")", "'@SUM(1)"}
+    assert rows[0]["comment"] == "'-1 bad" and rows[0]["rater_name"] == "'+rater"
+    jl = json.loads(rating.export_votes(campaign, "jsonl", ws.root / "v.jsonl", ws=ws, store=store).read_text())
+    assert jl["comment"] == "-1 bad" and jl["prompt"] == "=cmd|' /C calc'!A0"
+    dpo = json.loads(rating.export_votes(campaign, "dpo", ws.root / "v.dpo.jsonl", ws=ws, store=store).read_text())
+    assert dpo["chosen"] in ("=HYPERLINK(\"http://x\")", "@SUM(1)")
