@@ -123,7 +123,7 @@ def status_text() -> str:
     from sft_core import jobs
     engine = "running" if STUDIO.engine_ready() else "starts on first chat/eval"
     active = STUDIO.store.query("SELECT * FROM jobs WHERE status IN ('running','queued') ORDER BY created_at LIMIT 4")
-    lines = [("⏳ " if j["status"] == "running" else "· ") + jobs.describe(j, STUDIO.store) for j in active]
+    lines = ["Job: " + jobs.describe(j, STUDIO.store) for j in active]
     return (f"**Workspace** `{STUDIO.ws.root}` · **base model** `{STUDIO.settings.base_model}` · "
             f"**engine** {engine}\n\n" + "  \n".join(lines + [STUDIO.status_lines()]))
 

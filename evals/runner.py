@@ -499,7 +499,6 @@ def job_entry(ctx, payload: dict) -> None:
               flush=True)
         try:
             run_eval(eval_id, ctx.ws, ctx.store, engine=engine, progress=progress)
-            ctx.progress(1, 1, force=True, unit="done")
             return
         except (EngineError, EvalError) as e:
             if engine is None or getattr(e, "where", None) not in ("engine", "vllm", "engine_url"):

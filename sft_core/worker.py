@@ -103,7 +103,9 @@ class WorkerContext:
             return
         self._last_progress = now
         t0, d0 = self._first
-        rate = (done - d0) / (now - t0) if now > t0 and done > d0 else None
+        # the rate counts only work done in this process (a resumed eval starts at its stored answers)
+        # and only once it has run a few seconds, so one quick first batch does not show a silly rate
+        rate = (done - d0) / (now - t0) if now - t0 >= 2.0 and done > d0 else None
         eta = (total - done) / rate if rate and total else None
         info = {"done": done, "total": total, "rate": rate, "eta_s": eta, "elapsed_s": now - self._started,
                 "updated_at": now, **extra}

@@ -278,3 +278,26 @@ def test_app_killed_mid_eval_shows_the_true_state_and_the_eval_finishes(tmp_path
         stop_app(proc)
         st.close()
     _assert_complete(ws, eval_id)
+
+
+def test_cli_eval_follows_its_job_and_detach_returns_at_once(ws, store, slow_server, capsys):
+    """`sft-studio eval` submits a job and follows it to the end (blocking, as before); with --detach it
+    returns at once and a background process runs the job when its turn comes."""
+    from sft_core import cli
+    slow_server.delay_s = 0.0
+    import_tiny(ws, store, test_rows=ROWS[:3])
+    assert cli.main(["eval", "--dataset", "tiny", "--systems", ",".join(SYSTEMS), "--metrics", "exact_match"]) == 0
+    out = capsys.readouterr().out
+    assert "report:" in out
+    done = store.query("SELECT id, status FROM evals")
+    assert [r["status"] for r in done] == ["succeeded"]
+    assert jobs.latest_job(done[0]["id"], store)["status"] == "succeeded"
+
+    slow_server.delay_s = 0.3  # 6 answers: the detached job cannot be done when the command returns
+    assert cli.main(["eval", "--dataset", "tiny", "--systems", ",".join(SYSTEMS), "--metrics", "exact_match",
+                     "--detach"]) == 0
+    assert "queued; it runs in the background" in capsys.readouterr().out
+    new = next(r["id"] for r in store.query("SELECT id FROM evals") if r["id"] != done[0]["id"])
+    assert store.query_one("SELECT status FROM evals WHERE id=?", (new,))["status"] in ("queued", "running")  # not done
+    _wait(lambda: jobs.latest_job(new, store)["status"] == "succeeded", timeout=180, what="the detached eval")
+    assert store.query_one("SELECT status FROM evals WHERE id=?", (new,))["status"] == "succeeded"
