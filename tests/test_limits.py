@@ -4,6 +4,7 @@ line and field. Each test failed before the fix (its docstring says how)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -104,17 +105,35 @@ def test_a_large_check_does_not_hold_the_interpreter(tmp_path):
         result["report"] = data.check_file(p, cfg)
         done.set()
 
-    t = threading.Thread(target=work)
-    t.start()
-    worst, last = 0.0, time.perf_counter()
-    while not done.is_set():
-        time.sleep(0.005)
-        now = time.perf_counter()
-        worst, last = max(worst, now - last), now
-    t.join()
+    def longest_wait(target) -> tuple[float, float]:
+        """(longest gap between 5 ms ticks of this thread while ``target`` runs in another, its duration)."""
+        done.clear()
+        t = threading.Thread(target=target)
+        t0 = last = time.perf_counter()
+        t.start()
+        worst = 0.0
+        while not done.is_set():
+            time.sleep(0.005)
+            now = time.perf_counter()
+            worst, last = max(worst, now - last), now
+        t.join()
+        return worst, time.perf_counter() - t0
+
+    small = _jsonl(tmp_path / "small.jsonl", [{"instruction": "what is 2+2?", "output": "4"}] * 50)
+
+    def trivial():
+        for _ in range(20):
+            data.check_file(small, cfg)
+        done.set()
+
+    base_worst, _ = longest_wait(trivial)  # scheduler noise on this machine, same run
+    worst, took = longest_wait(work)
     assert result["report"].n_valid == 3
-    # before the fix ~13-19 s; the margin is for a loaded shared machine
-    assert worst < 2.0, f"the main thread waited {worst:.2f} s for the interpreter"
+    # Relative bound, no absolute time: a super-linear pattern holds the interpreter for one long C call,
+    # i.e. for most of the check (before the fix ~13-19 s of a check that long); a linear check yields
+    # it between calls, so the longest wait stays near the machine's noise. Both terms scale with load.
+    assert worst < 0.25 * took + 5 * base_worst, (f"the main thread waited {worst:.2f} s for the interpreter "
+                                                   f"during a {took:.2f} s check (noise {base_worst:.3f} s)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -317,6 +336,12 @@ done = threading.Event()
 def work():  # what Gradio's worker thread runs for the "Check" button
     out["report"] = app.data_check(sys.argv[1], "auto", "")[0][:300]
     done.set()
+base = []
+for _ in range(50):  # a trivial request, same process and run: the machine's own latency
+    s = time.perf_counter()
+    assert c.get("/healthz").status_code == 200
+    base.append(time.perf_counter() - s)
+    time.sleep(0.02)
 t0 = time.time()
 threading.Thread(target=work).start()
 lat = []
@@ -325,7 +350,8 @@ while not done.is_set():
     assert c.get("/healthz").status_code == 200
     lat.append(time.perf_counter() - s)
     time.sleep(0.02)
-out.update(check_s=time.time() - t0, healthz_max_s=max(lat), n_healthz=len(lat), worst_at=lat.index(max(lat)))
+out.update(check_s=time.time() - t0, healthz_max_s=max(lat), n_healthz=len(lat), worst_at=lat.index(max(lat)),
+           base_max_s=max(base))
 print(json.dumps(out))
 """
 
@@ -340,7 +366,7 @@ def test_app_upload_limit_and_healthz_during_a_large_check(tmp_path):
     p = _jsonl(tmp_path / "big.jsonl", [{"instruction": shapes[i % 5], "output": shapes[(i + 1) % 5]}
                                         for i in range(25)])
     limit = 8 * 2**20
-    env = {**__import__("os").environ, "SFT_STUDIO_HOME": str(tmp_path / "home"),
+    env = {**os.environ, "SFT_STUDIO_HOME": str(tmp_path / "home"),
            "SFT_STUDIO_MAX_UPLOAD_BYTES": str(limit), "GRADIO_ANALYTICS_ENABLED": "False"}
     r = subprocess.run([sys.executable, "-c", APP_SCRIPT, str(p), str(limit)], capture_output=True, text=True,
                        cwd=REPO, env=env, timeout=300)
@@ -348,5 +374,7 @@ def test_app_upload_limit_and_healthz_during_a_large_check(tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["max_file_size"] == limit and out["upload_over"] == 413 and out["upload_under"] == 200, out
     assert "valid" in out["report"], out
-    # before the fix >= 13 s; the margin is for a loaded shared machine (~1 s seen at load 5 on 2 cores)
-    assert out["healthz_max_s"] < 3.0, out
+    # Relative bound (no absolute time): before the fix one regex call held the interpreter for most of
+    # the check (>= 13 s of it), so /healthz waited about as long as the check; now it waits about as
+    # long as a trivial /healthz in the same run. Both terms scale with the machine's load.
+    assert out["healthz_max_s"] < 0.25 * out["check_s"] + 5 * out["base_max_s"], out
