@@ -38,6 +38,18 @@ def seed(home) -> dict:
         out = {k: rating.create_campaign("eval-r", ws=ws, store=st, name=k, seed=i)
                for i, k in enumerate(("votes", "blind", "fakes"))}
         out["open"] = rating.create_campaign("eval-r", ws=ws, store=st, name="open", open_rating=True)
+        # model outputs and a dataset question that would load remote resources in the rater's browser
+        path = ws.evals_dir("eval-img")
+        path.mkdir(parents=True)
+        evil = [{"set": "domain", "row_id": "r1", "system": s, "instruction": "see ![q](http://evil.example/q.png)",
+                 "reference": '<img src="http://evil.example/r.png">', "output": out}
+                for s, out in (("prompt", "look ![cat](http://evil.example/cat.png) here"),
+                               ("rag", '<iframe src="http://evil.example/"></iframe> and ![x][1]\n\n[1]: http://evil.example/x.png'))]
+        (path / "outputs.jsonl").write_text("".join(json.dumps(o) + "\n" for o in evil))
+        st.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path) "
+                   "VALUES ('eval-img', 'd', 'v0', 'test', ?, 'succeeded', ?, ?)",
+                   (json.dumps(["prompt", "rag"]), time.time(), str(path)))
+        out["images"] = rating.create_campaign("eval-img", ws=ws, store=st, name="images", seed=0)
     finally:
         st.close()
     return out
@@ -271,3 +283,14 @@ def test_invite_link_prefills_the_rate_tab(monkeypatch, ws, store):
     box, camp, msg, tab = app.rate_link(types.SimpleNamespace(query_params={"invite": "forged"}))
     assert "not valid" in msg and camp == {"__type__": "update"}
     assert all(u == {"__type__": "update"} for u in app.rate_link(types.SimpleNamespace(query_params={})))
+
+
+def test_rated_texts_load_nothing_remote(locked, client):
+    """Model outputs, the question and the reference reach the rater's browser with every image turned
+    into a plain link and resource-loading HTML escaped: nothing names a host the browser would fetch."""
+    url, home, camps = locked
+    token = invites(client(admin=True), camps["images"], "ivan")["ivan"]
+    prompt, left, right, progress, key = client().predict(camps["images"], token, "", None, api_name="/rate_next")
+    shown = prompt + left + right
+    assert "![" not in shown and "<img" not in shown.lower() and "<iframe" not in shown.lower(), shown
+    assert "[image: cat](<http://evil.example/cat.png>)" in left + right  # still there, as a link to follow
