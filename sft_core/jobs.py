@@ -110,15 +110,12 @@ def _train_finish(job: dict, status: str, ws: Workspace, store: Store) -> None:
         con.execute("UPDATE runs SET status=? WHERE id=?", (status, job["ref"]))
 
 
-def _train_outcome(job: dict, ws: Workspace, store: Store) -> tuple[str, str | None] | None:
-    """The worker's own exit record (``exit.json``), if this job's worker wrote one."""
-    from sft_core.train import EXIT_CANCELLED, EXIT_FILE
-    run = store.query_one("SELECT path FROM runs WHERE id=?", (job["ref"],))
-    p = Path(run["path"]) / EXIT_FILE if run else None
-    if p is None or not p.exists():
-        return None
+def _exit_record(path: Path, job: dict) -> tuple[str, str | None] | None:
+    """(status, error) from a worker's exit record at ``path`` if this job's worker wrote it (train
+    workers and generic workers both exit 0 = succeeded, 3 = cancelled, else failed)."""
+    from sft_core.train import EXIT_CANCELLED
     try:
-        rec = loads(p.read_text(), {})
+        rec = loads(path.read_text(), {}) if path.exists() else None
     except (OSError, ValueError):
         return None
     if not isinstance(rec, dict) or rec.get("job_id") != job["id"]:
@@ -129,6 +126,13 @@ def _train_outcome(job: dict, ws: Workspace, store: Store) -> tuple[str, str | N
     if code == EXIT_CANCELLED:
         return "cancelled", None
     return "failed", rec.get("error") or f"worker exited with code {code}"
+
+
+def _train_outcome(job: dict, ws: Workspace, store: Store) -> tuple[str, str | None] | None:
+    """The worker's own exit record (``runs/<id>/exit.json``), if this job's worker wrote one."""
+    from sft_core.train import EXIT_FILE
+    run = store.query_one("SELECT path FROM runs WHERE id=?", (job["ref"],))
+    return _exit_record(Path(run["path"]) / EXIT_FILE, job) if run else None
 
 
 register_job_kind("train", _train_build, _train_finish, _train_outcome)
@@ -143,20 +147,8 @@ def _worker_build(job: dict, ws: Workspace, store: Store) -> list[str]:
 
 
 def _worker_outcome(job: dict, ws: Workspace, store: Store) -> tuple[str, str | None] | None:
-    from sft_core.worker import EXIT_CANCELLED, exit_path
-    p = exit_path(ws, job["id"])
-    try:
-        rec = loads(p.read_text(), {}) if p.exists() else None
-    except (OSError, ValueError):
-        return None
-    if not isinstance(rec, dict) or rec.get("job_id") != job["id"]:
-        return None
-    code = rec.get("code")
-    if code == 0:
-        return "succeeded", None
-    if code == EXIT_CANCELLED:
-        return "cancelled", None
-    return "failed", rec.get("error") or f"worker exited with code {code}"
+    from sft_core.worker import exit_path
+    return _exit_record(exit_path(ws, job["id"]), job)
 
 
 def _eval_finish(job: dict, status: str, ws: Workspace, store: Store) -> None:

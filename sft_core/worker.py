@@ -33,7 +33,9 @@ from sft_core import StudioError
 from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, atomic_write_json
 
-EXIT_OK, EXIT_FAILED, EXIT_CANCELLED = 0, 1, 3
+from sft_core.train import EXIT_CANCELLED  # noqa: E402  (3: the same code for every kind of worker)
+
+EXIT_OK, EXIT_FAILED = 0, 1
 HEARTBEAT_EVERY_S = 5.0
 PROGRESS_EVERY_S = 1.0
 

@@ -136,6 +136,8 @@ def run_window(fn, items: Iterable, window: int, stop_on_error: bool = True,
                 yield i, res
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        if hasattr(source, "close"):  # a lazy source (e.g. prefetch's thread) stops with the window
+            source.close()
 
 
 def stream_batches(generate_batch, requests: Iterable[GenRequest], window: int,
@@ -144,15 +146,16 @@ def stream_batches(generate_batch, requests: Iterable[GenRequest], window: int,
     through ``generate_batch``; stops after a chunk with an error, or once ``stop`` is set."""
     window = max(1, int(window))
     source, start = iter(requests), 0
-    while not (stop is not None and stop.is_set()):
-        chunk = list(itertools.islice(source, window))
-        if not chunk:
-            return
-        gens = generate_batch(chunk)
-        yield from ((start + k, g) for k, g in enumerate(gens))
-        start += len(chunk)
-        if any(g.error for g in gens):
-            return
+    with contextlib.closing(source) if hasattr(source, "close") else contextlib.nullcontext():
+        while not (stop is not None and stop.is_set()):
+            chunk = list(itertools.islice(source, window))
+            if not chunk:
+                return
+            gens = generate_batch(chunk)
+            yield from ((start + k, g) for k, g in enumerate(gens))
+            start += len(chunk)
+            if any(g.error for g in gens):
+                return
 
 
 def generate_stream(engine, requests: Iterable[GenRequest], window: int | None = None,
@@ -166,6 +169,48 @@ def generate_stream(engine, requests: Iterable[GenRequest], window: int | None =
     if own is not None:
         return own(requests, window=window, stop=stop)
     return stream_batches(engine.generate_batch, requests, window, stop)
+
+
+def prefetch(source: Iterable, n: int, name: str = "prefetch") -> Iterator:
+    """Draw ``source`` in a background thread, up to ``n`` items ahead of the consumer, so preparing
+    a request (retrieval, templating) overlaps with waiting for answers instead of delaying each
+    refill of the window. Exceptions reach the consumer; closing the iterator stops the thread."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, int(n)))
+    closed = threading.Event()
+    end = object()
+
+    def put(x) -> bool:
+        while not closed.is_set():
+            try:
+                q.put(x, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def fill():
+        try:
+            for item in source:
+                if not put((item, None)):
+                    return
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            put((end, e))
+            return
+        put((end, None))
+
+    t = threading.Thread(target=fill, name=name, daemon=True)
+    t.start()
+    try:
+        while True:
+            item, err = q.get()
+            if item is end:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        closed.set()
+        t.join()
 
 
 def merge_streams(streams: list, stop: threading.Event) -> Iterator[tuple[int, object]]:
