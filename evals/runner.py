@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import sys
 import threading
@@ -158,6 +159,26 @@ def missing_answers(sets: dict[str, list[dict]], systems: list[S.System], done: 
     return out
 
 
+class _SearchCache:
+    """A knowledge base whose ``search`` remembers its answers (one eval asks each question per RAG system)."""
+
+    def __init__(self, kb):
+        self._kb, self._hits, self._lock = kb, {}, threading.Lock()
+
+    def search(self, query: str, *args, **kw):
+        key = (query, args, tuple(sorted(kw.items())))
+        with self._lock:
+            if key in self._hits:
+                return self._hits[key]
+        hits = self._kb.search(query, *args, **kw)
+        with self._lock:
+            self._hits[key] = hits
+        return hits
+
+    def __getattr__(self, name):
+        return getattr(self._kb, name)
+
+
 def _progress_caller(progress):
     """``progress(done, total)`` as before, or ``progress(done, total, info)`` when it takes a third
     argument; ``info``: answers_per_s and eta_s (this run's rate), generated (this run), elapsed_s."""
@@ -182,26 +203,32 @@ def generate_answers(todo: list[tuple], ctx: S.Context, decoding: DecodingConfig
     Each answer is appended to ``outputs.jsonl`` the moment it completes (one line per (set, row,
     system), in completion order). The first error stops submission everywhere; the answers in
     flight are still written, then EvalError is raised. Returns the number of answers written."""
-    from sft_core.serving.base import GenRequest, generate_stream, merge_streams, run_window
+    from sft_core.serving.base import GenRequest, engine_capacity, generate_stream, merge_streams, prefetch, run_window
     lanes = {"engine": [j for j in todo if j[2].kind != "openai"], "openai": [j for j in todo if j[2].kind == "openai"]}
     used: dict[tuple[str, int], list] = {}   # passages of each request, by (lane, index)
     stop = threading.Event()
+    if ctx.kb is not None:  # rag and sft+rag ask the same question: retrieve it once
+        ctx = dataclasses.replace(ctx, kb=_SearchCache(ctx.kb))
 
-    def built(lane: str):
-        for k, (set_name, r, system) in enumerate(lanes[lane]):
-            msgs, passages = S.build_messages(system, r, ctx)
-            used[(lane, k)] = passages
-            yield system, msgs
+    def built(lane: str, ahead: int):
+        def build():
+            for k, (set_name, r, system) in enumerate(lanes[lane]):
+                msgs, passages = S.build_messages(system, r, ctx)
+                used[(lane, k)] = passages
+                yield system, msgs
+        return prefetch(build(), ahead, name=f"build-{lane}")  # built while the window waits on answers
 
     streams = []
     if lanes["engine"]:
+        window = window or engine_capacity(engine)
         streams.append(("engine", lambda: generate_stream(
-            engine, (GenRequest(m, s.adapter, decoding) for s, m in built("engine")), window=window, stop=stop)))
+            engine, (GenRequest(m, s.adapter, decoding) for s, m in built("engine", window)), window=window, stop=stop)))
     if lanes["openai"]:
         client, base = _openai_client()
+        ow = openai_window or OPENAI_WINDOW
         streams.append(("openai", lambda: run_window(
-            lambda sm: _openai_one(client, base, sm[0].model, sm[1], decoding), built("openai"),
-            openai_window or OPENAI_WINDOW, stop=stop, name="openai")))
+            lambda sm: _openai_one(client, base, sm[0].model, sm[1], decoding), built("openai", ow), ow,
+            stop=stop, name="openai")))
     call = _progress_caller(progress)
     lock = threading.Lock()
     count, written, error, t0 = done_before, 0, None, time.time()
@@ -276,7 +303,6 @@ def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = No
 
     An engine passed in is the caller's; one this function had to start (no ``engine`` given and a
     system, or the local judge, needs it) is closed before it returns."""
-    from sft_core.serving.base import GenRequest
     from evals import judge as J
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)

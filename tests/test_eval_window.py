@@ -181,3 +181,55 @@ def test_generate_answers_first_error_raises_and_keeps_answers(tmp_path):
     assert len(eng.started) < len(todo) and eng.in_flight == 0  # submission stopped
     assert len(written) == sum(c != "question 1" for c in eng.started)  # all else that was sent was written
     assert all(o["output"].startswith("A:") for o in written)
+
+
+def test_prefetch_builds_ahead_and_stops_with_the_window():
+    from sft_core.serving.base import prefetch
+    built: list[int] = []
+
+    def source():
+        for k in range(100):
+            built.append(k)
+            yield k
+
+    it = prefetch(source(), 5)
+    assert next(it) == 0
+    end = time.time() + 10
+    while len(built) < 6 and time.time() < end:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert 6 <= len(built) <= 7  # ahead of the consumer (5 queued, one waiting to be), but bounded
+    it.close()  # the thread is joined: nothing more is built
+    n = len(built)
+    time.sleep(0.2)
+    assert len(built) == n < 100
+
+    def broken():
+        yield 1
+        raise ValueError("no KB")
+
+    with pytest.raises(ValueError, match="no KB"):
+        list(prefetch(broken(), 2))
+
+
+def test_rag_systems_retrieve_each_question_once(tmp_path):
+    class KB:
+        def __init__(self):
+            self.queries = []
+
+        def search(self, query, k=None):
+            self.queries.append(query)
+            return []
+
+    kb = KB()
+    systems = [S.parse_system(n) for n in ("rag", "sft+rag:run-a")]
+    todo = runner.missing_answers({"domain": ROWS}, systems, set())
+    ctx = S.Context(kb=kb, tokenizer=lambda text, add_special_tokens=False: {"input_ids": text.split()})
+    runner.generate_answers(todo, ctx, runner.DecodingConfig(temperature=0.0), FakeEngine(cap=3),
+                            tmp_path / "o.jsonl", 0, len(todo))
+    assert sorted(kb.queries) == sorted(r["instruction"] for r in ROWS)  # once per row, not once per system
+    assert len(read_lines(tmp_path / "o.jsonl")) == len(todo)
+
+
+def read_lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
