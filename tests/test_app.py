@@ -293,7 +293,7 @@ def test_eval_then_blind_vote_moves_leaderboard(app, browser):
     page.get_by_label("Rows (limit)").fill("2")
     page.locator("#eval-start").click()
     page.get_by_text("Queued eval").wait_for(timeout=60000)
-    page.locator("#eval-summary").get_by_text("succeeded").wait_for(timeout=300000)
+    page.locator("#eval-summary").get_by_text("succeeded").first.wait_for(timeout=300000)
     page.locator("#eval-table").get_by_text("token_f1").first.wait_for(timeout=30000)
     shot(page, "evaluate")
     eval_id = page.locator("#eval-msg").inner_text().split("**")[-1].strip().split()[-1].strip(".*")
