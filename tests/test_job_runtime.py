@@ -20,19 +20,11 @@ import pytest
 from evals import runner
 from sft_core import jobs
 from sft_core.workspace import read_jsonl
+from tests.test_jobs import _wait
 from tests.test_judge import ScriptedOpenAI, import_tiny
 
 ROWS = [(f"Question number {i}?", f"Answer {i}.") for i in range(12)]
 SYSTEMS = ["openai:zorbia", "openai:echo"]
-
-
-def _wait(pred, timeout=120, what="condition"):
-    end = time.time() + timeout
-    while time.time() < end:
-        if pred():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture
