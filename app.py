@@ -14,7 +14,9 @@ asks for a confirmation first.
 """
 from __future__ import annotations
 
+import asyncio
 import functools
+import inspect
 import json
 import os
 import queue
@@ -39,7 +41,16 @@ SYSTEM_CHOICES_BASE = ["prompt", "rag"]
 # ------------------------------------------------------------------------------------------------
 def ui_errors(fn):
     """Turn StudioError (bad input, bad state) into a readable UI message instead of a traceback."""
-    if _is_gen(fn):
+    if inspect.isasyncgenfunction(fn):
+        @functools.wraps(fn)
+        async def agen_wrapper(*a, **k):
+            try:
+                async for item in fn(*a, **k):
+                    yield item
+            except StudioError as e:
+                raise gr.Error(str(e), print_exception=False) from None
+        return agen_wrapper
+    if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
         def gen_wrapper(*a, **k):
             try:
@@ -55,11 +66,6 @@ def ui_errors(fn):
         except StudioError as e:
             raise gr.Error(str(e), print_exception=False) from None
     return wrapper
-
-
-def _is_gen(fn) -> bool:
-    import inspect
-    return inspect.isgeneratorfunction(fn)
 
 
 ADMIN = AdminSessions(STUDIO.settings.admin_password, base_delay_s=STUDIO.settings.login_backoff_s)
@@ -446,7 +452,13 @@ CHAT_UPDATE_S = 0.25
 
 
 @ui_errors
-def chat_send(message, s1, s2, s3, s4, kb, temperature, max_new_tokens, is_admin, h1, h2, h3, h4):
+async def chat_send(message, s1, s2, s3, s4, kb, temperature, max_new_tokens, is_admin, h1, h2, h3, h4):
+    """Stream up to four systems' answers side by side.
+
+    An async generator on purpose: Gradio runs a sync generator's every step in a worker thread, and with
+    many visitors those thread hops (each waiting for the GIL and a core the engine is using) were most of
+    the latency the app added on top of the engine. The engine's blocking streams run in threads of their
+    own and hand their text to the event loop through an asyncio queue."""
     chat_allowed(is_admin)
     if not (message or "").strip():
         raise StudioError("type a message", "message")
@@ -456,7 +468,11 @@ def chat_send(message, s1, s2, s3, s4, kb, temperature, max_new_tokens, is_admin
     hists = [list(h or []) for h in (h1, h2, h3, h4)]
     passages = [""] * 4
     raw = [""] * 4  # the model's text; the chat shows safe_markdown(raw): no remote image is ever fetched
-    q: queue.Queue = queue.Queue()
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+
+    def put(item) -> None:
+        loop.call_soon_threadsafe(q.put_nowait, item)
 
     def worker(i: int, system: str):
         try:
@@ -464,13 +480,13 @@ def chat_send(message, s1, s2, s3, s4, kb, temperature, max_new_tokens, is_admin
             if req.get("passages"):
                 passages[i] = _hits_markdown(req["passages"])
             for delta in engine.chat(req["messages"], adapter=req.get("adapter"), decoding=decoding):
-                q.put((i, delta))
+                put((i, delta))
         except StudioError as e:
-            q.put((i, f"\n⚠️ {e}"))
+            put((i, f"\n⚠️ {e}"))
         except Exception as e:  # engine trouble: show it in that column
-            q.put((i, f"\n⚠️ {type(e).__name__}: {e}"))
+            put((i, f"\n⚠️ {type(e).__name__}: {e}"))
         finally:
-            q.put((i, None))
+            put((i, None))
 
     live = []
     for i, system in enumerate(chosen):
@@ -481,20 +497,22 @@ def chat_send(message, s1, s2, s3, s4, kb, temperature, max_new_tokens, is_admin
             live.append(i)
     pending = set(live)
     yield (*hists, *passages)
-    last = time.time()
+    last = time.monotonic()
+    changed: set[int] = set()
     while pending:
-        try:
-            i, delta = q.get(timeout=0.1)
-        except queue.Empty:
-            continue
+        i, delta = await q.get()
         if delta is None:
             pending.discard(i)
         else:
             raw[i] += delta
             hists[i][-1]["content"] = safe_markdown(raw[i])
-        if time.time() - last > CHAT_UPDATE_S or not pending:
-            last = time.time()
-            yield (*hists, *passages)
+            changed.add(i)
+        if pending and changed and time.monotonic() - last > CHAT_UPDATE_S:
+            last = time.monotonic()
+            # only the panes that changed: Gradio postprocesses and diffs every output it is given, and on a
+            # small CPU that server work competes with the engine for the cores
+            yield (*(hists[k] if k in changed else gr.skip() for k in range(4)), *(gr.skip(),) * 4)
+            changed.clear()
     yield (*hists, *passages)
 
 

@@ -9,7 +9,10 @@ start the engine (not timed), then measures in the same run:
 * single: one visitor (one gradio_client session) sends a prompt-only chat and reads the whole answer;
   median wall time of 3 tries;
 * concurrent: ``--visitors`` sessions send the same chat at the same moment; wall time until the last
-  answer is complete, plus each visitor's time to its first token.
+  answer is complete (each visitor's own clock, from the gate to its whole answer), median of 3 rounds,
+  plus each visitor's time to its first token;
+* the engine alone: the same chat sent straight to the app's vLLM server, 1 against N, so the app's own
+  share of the ratio is visible.
 
 Every visitor asks the same question at temperature 0, so each does the same work. The last line reads
 ``concurrent/single R`` (wall-time ratio, two decimals): close to 1 when the engine batches the visitors,
@@ -103,24 +106,69 @@ def _text(outputs) -> str:
     return content or ""
 
 
-def measure(url: str, visitors: int, tokens: int) -> tuple[float, float, list[dict]]:
+def measure(url: str, visitors: int, tokens: int, rounds: int = 3) -> tuple[float, float, list[dict]]:
+    """Median single-visitor wall time and median N-visitor wall time over ``rounds`` each (one shot of
+    each is too noisy on a 2-core machine: the engine's threads and the server share the cores)."""
     one_visitor(url, tokens)  # starts the engine and warms it: not timed
-    single = statistics.median(one_visitor(url, tokens)["wall"] for _ in range(3))
-    start = threading.Event()
-    results: list[dict] = []
-    threads = [threading.Thread(target=lambda: results.append(one_visitor(url, tokens, start)))
-               for _ in range(visitors)]
-    for t in threads:
-        t.start()
-    time.sleep(2.0)  # every client has connected and waits at the gate
-    t0 = time.perf_counter()
-    start.set()
-    for t in threads:
-        t.join()
-    concurrent = time.perf_counter() - t0
-    if len(results) != visitors:
-        raise SystemExit(f"only {len(results)} of {visitors} visitors got an answer")
-    return single, concurrent, results
+    single = statistics.median(one_visitor(url, tokens)["wall"] for _ in range(rounds))
+    walls, every = [], []
+    for _ in range(rounds):
+        start = threading.Event()
+        results: list[dict] = []
+        threads = [threading.Thread(target=lambda: results.append(one_visitor(url, tokens, start)))
+                   for _ in range(visitors)]
+        for t in threads:
+            t.start()
+        time.sleep(2.0)  # every client has connected and waits at the gate
+        start.set()
+        for t in threads:
+            t.join()
+        if len(results) != visitors:
+            raise SystemExit(f"only {len(results)} of {visitors} visitors got an answer")
+        # Each visitor's own wall time runs from the gate to its complete answer, as the single visitor's
+        # does; closing the client afterwards (gradio_client's threads) is not what a visitor waits for.
+        walls.append(max(r["wall"] for r in results))
+        every += results
+    return single, statistics.median(walls), every
+
+
+def engine_direct(home: Path, visitors: int, tokens: int) -> tuple[float, float]:
+    """The engine's own ratio: the same chat sent straight to the app's vLLM server (URL and per-start key
+    from ``run/engine.json``), one request against ``visitors`` at once, streamed like the app streams.
+    What the app adds on top of this is its own overhead; this part is the engine's batching on this CPU."""
+    import json
+    from openai import OpenAI
+    link = json.loads((home / "run" / "engine.json").read_text())
+    client = OpenAI(base_url=link["url"].rstrip("/") + "/v1", api_key=link["api_key"] or "none")
+    model = client.models.list().data[0].id
+    from evals.systems import DEFAULT_SYSTEM_PROMPT as SYSTEM_PROMPT  # the prompt-only system's
+
+    def one(start: threading.Event | None = None) -> float:
+        if start is not None:
+            start.wait()
+        t0 = time.perf_counter()
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": QUESTION}],
+            temperature=0.0, max_tokens=tokens, stream=True)
+        for _ in stream:
+            pass
+        return time.perf_counter() - t0
+
+    one()
+    single = statistics.median(one() for _ in range(3))
+    walls = []
+    for _ in range(3):
+        start = threading.Event()
+        threads = [threading.Thread(target=one, args=(start,)) for _ in range(visitors)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        t0 = time.perf_counter()
+        start.set()
+        for t in threads:
+            t.join()
+        walls.append(time.perf_counter() - t0)
+    return single, statistics.median(walls)
 
 
 def run(args, env_extra: dict, label: str) -> float:
@@ -128,6 +176,10 @@ def run(args, env_extra: dict, label: str) -> float:
         proc, url, log = start_app(Path(tmp) / "home", args.engine, args.model, env_extra)
         try:
             single, concurrent, res = measure(url, args.visitors, args.tokens)
+            if args.engine == "vllm":
+                e1, en = engine_direct(Path(tmp) / "home", args.visitors, args.tokens)
+                print(f"[{label}] engine alone (no app): single {e1:.2f} s; {args.visitors} at once {en:.2f} s; "
+                      f"ratio {en / e1:.2f}", flush=True)
         finally:
             proc.terminate()
             try:
