@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from sft_core import StudioError
-from sft_core.config import RetrievalConfig
+from sft_core.config import RetrievalConfig, load_config
 from sft_core.store import Store, open_store
 from sft_core.workspace import Workspace, atomic_write_json, safe_name, sha256_file, write_jsonl
 
@@ -492,9 +492,12 @@ def evaluate_retrieval(kb: KnowledgeBase, records: list[dict], ks: tuple[int, ..
 # ------------------------------------------------------------------------------------------------
 # Index builds as jobs (light: they declare no accelerator, so they may run beside a training run)
 # ------------------------------------------------------------------------------------------------
-def submit_build(paths: list[str | Path], name: str, ws: Workspace | None = None, store: Store | None = None) -> str:
-    """Copy the documents into the workspace (uploads are temporary files of the web server) and queue
-    a ``kb_build`` job. Bad names and missing files are refused before anything is queued."""
+def submit_build(paths: list[str | Path], name: str, ws: Workspace | None = None, store: Store | None = None,
+                 stage: bool = True, config: dict | None = None) -> str:
+    """Queue a ``kb_build`` job. With ``stage`` (the app) the documents are first copied into the
+    workspace, because uploads are temporary files of the web server; the CLI indexes them in place.
+    ``config`` is a RetrievalConfig as a dict (None: the knowledge base's own or the defaults). Bad names,
+    bad options and missing files are refused before anything is queued."""
     import shutil
     import uuid
     from sft_core import jobs
@@ -504,6 +507,11 @@ def submit_build(paths: list[str | Path], name: str, ws: Workspace | None = None
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:
         raise RetrievalError(f"no such file: {', '.join(missing)}", "files")
+    if config is not None:
+        load_config(RetrievalConfig, overrides=config)  # validates: a bad option fails here, not in the worker
+    if not stage:
+        return jobs.submit("kb_build", name, {"paths": [str(Path(p).resolve()) for p in paths], "config": config},
+                           ws=ws, store=store)
     staged = ws.root / "uploads" / f"kb-{name}-{uuid.uuid4().hex[:8]}"
     staged.mkdir(parents=True)
     copies = []
@@ -519,9 +527,11 @@ def job_entry(ctx, payload: dict) -> None:
     import shutil
     name = ctx.job["ref"]
     ctx.progress(0, 1, force=True, unit="index", step="indexing")
+    cfg = load_config(RetrievalConfig, overrides=payload["config"]) if payload.get("config") else None
     try:
-        info = build_kb(payload["paths"], name, ws=ctx.ws, store=ctx.store)
+        info = build_kb(payload["paths"], name, cfg, ws=ctx.ws, store=ctx.store)
     finally:
         if payload.get("staged") and ctx.ws.contains(payload["staged"]):
             shutil.rmtree(payload["staged"], ignore_errors=True)
-    ctx.progress(1, 1, force=True, unit="index", result=str(info))
+    ctx.progress(1, 1, force=True, unit="index", result=str(info),
+                 empty=bool(info.problems and not info.indexed_sources and not info.reused_sources))

@@ -43,6 +43,8 @@ ENTRIES = {
     "eval": "evals.runner:job_entry",
     "kb_build": "sft_core.retrieval:job_entry",
     "example": "sft_core.example:job_entry",
+    "merge": "sft_core.artifacts:job_entry",
+    "export": "sft_core.artifacts:job_entry",
 }
 
 

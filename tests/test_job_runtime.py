@@ -293,3 +293,64 @@ def test_cli_eval_follows_its_job_and_detach_returns_at_once(ws, store, slow_ser
     assert store.query_one("SELECT status FROM evals WHERE id=?", (new,))["status"] in ("queued", "running")  # not done
     _wait(lambda: jobs.latest_job(new, store)["status"] == "succeeded", timeout=180, what="the detached eval")
     assert store.query_one("SELECT status FROM evals WHERE id=?", (new,))["status"] == "succeeded"
+
+
+def test_merge_waits_for_training_export_does_not_and_cancel_picks_the_right_job(ws, store, tmp_path):
+    """merge loads the whole base model: it takes the accelerator slot like training; export only copies.
+    A run's merge/export jobs share its ref, so a kind-aware cancel and latest_job keep them apart."""
+    from sft_core import artifacts
+    run_dir = ws.runs_dir("run-1")
+    (run_dir / "adapter").mkdir(parents=True)
+    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
+                  "VALUES ('run-1', 'd', 'v', 'm', 'succeeded', 0, ?)", (str(run_dir),))
+    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
+                  "VALUES ('run-2', 'd', 'v', 'm', 'queued', 0, '/x')")
+    store.execute("INSERT INTO jobs (id, kind, status, ref, payload, created_at) VALUES ('t', 'train', 'queued', "
+                  "'run-2', '{}', 0)")
+    assert jobs.claim(store)["id"] == "t"
+    merge = artifacts.submit("merge", "run-1", tmp_path / "merged", ws, store)
+    export = artifacts.submit("export", "run-1", tmp_path / "exported", ws, store)
+    assert jobs.claim(store, merge) is None  # waits for the training run
+    assert jobs.claim(store)["id"] == export  # a copy runs beside it
+    assert jobs.latest_job("run-1", store, kind="merge")["id"] == merge
+    assert jobs.cancel("run-1", ws, store, kind="merge") == "cancelled"
+    assert jobs.job_row(export, store)["status"] == "running"  # untouched by the merge's cancel
+
+
+def test_artifact_jobs_refuse_bad_requests_before_queueing(ws, store, tmp_path):
+    from sft_core import StudioError, artifacts
+    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
+                  "VALUES ('failed-run', 'd', 'v', 'm', 'failed', 0, '/x')")
+    (tmp_path / "taken").mkdir()
+    for args, needle in [(("merge", "nope", tmp_path / "o"), "unknown run 'nope'"),
+                         (("export", "failed-run", tmp_path / "o"), "only finished runs"),
+                         (("merge", "failed-run", tmp_path / "o"), "only finished runs")]:
+        with pytest.raises(StudioError, match=needle):
+            artifacts.submit(*args, ws, store)
+    run_dir = ws.runs_dir("ok")
+    (run_dir / "adapter").mkdir(parents=True)
+    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
+                  "VALUES ('ok', 'd', 'v', 'm', 'succeeded', 0, ?)", (str(run_dir),))
+    with pytest.raises(StudioError, match="already exists"):
+        artifacts.submit("export", "ok", tmp_path / "taken", ws, store)
+    with pytest.raises(StudioError, match="only an export"):
+        artifacts.submit("merge", "ok", tmp_path / "m", ws, store, push_to_hub="a/b")
+    assert not store.query("SELECT 1 FROM jobs WHERE kind IN ('merge','export')")  # nothing was queued
+
+
+def test_cli_kb_build_runs_as_a_job_and_jobs_list_shows_it(ws, store, tmp_path, monkeypatch, capsys):
+    from sft_core import cli, retrieval
+    monkeypatch.setenv("SFT_STUDIO_HOME", str(ws.root))
+    doc = tmp_path / "zorbia.md"
+    doc.write_text("# Zorbia\n\nThe capital of Zorbia is Quuxville.")
+    assert cli.main(["kb", "build", str(doc), "--name", "zkb", "--chunk-tokens", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "knowledge base zkb:" in out
+    job = jobs.latest_job("zkb", store, kind="kb_build")
+    assert job["status"] == "succeeded"
+    assert json.loads(job["payload"])["config"]["chunk_tokens"] == 128  # the flags reached the worker
+    assert "Quuxville" in retrieval.open_kb("zkb", ws).search("capital of Zorbia", k=1)[0].text
+    assert cli.main(["jobs", "list"]) == 0
+    assert f"{job['id']}" in capsys.readouterr().out
+    assert cli.main(["jobs", "cancel", job["id"]]) == 1  # finished: nothing to cancel, one line
+    assert "nothing to cancel" in capsys.readouterr().err

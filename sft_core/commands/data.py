@@ -55,13 +55,20 @@ def cmd_list(args) -> int:
 
 
 def cmd_example(args) -> int:
-    from sft_core.example import build_example
-    ex = build_example(Workspace.from_env())
-    v = ex["dataset"]
-    print(f"example domain: {ex['n_objects']} documented objects -> corpus {ex['corpus']}")
-    print(f"dataset {v.name}@{v.version}: " + ", ".join(f"{k} {n}" for k, n in v.splits.items()))
-    from sft_core import retrieval  # the same knowledge base the app builds on first start
-    print(f"knowledge base {v.name}: {retrieval.build_kb([ex['corpus']], v.name)}")
+    """The example domain as an ``example`` job (the one the app queues on first start): base model,
+    dataset and knowledge base, followed here unless --detach."""
+    from sft_core import jobs
+    from sft_core.commands.follow import run_job
+    from sft_core.config import StudioSettings
+    from sft_core.example import BOOTSTRAP_REF
+    from sft_core.store import open_store
+    ws = Workspace.from_env()
+    store = open_store(ws.db_url)
+    base = args.base or StudioSettings.from_env().base_model
+    job_id = jobs.submit("example", BOOTSTRAP_REF, {"base_model": base, "name": "pydocs"}, ws=ws, store=store)
+    done = run_job(job_id, ws, store, args.detach, "example domain")
+    if done is not None:
+        print(f"example domain: {done.get('result', 'built')}")
     return 0
 
 
@@ -83,4 +90,7 @@ def register(sub) -> None:
     s.add_parser("list", help="list dataset versions").set_defaults(func=cmd_list)
     e = sub.add_parser("example", help="the built-in example domain (Python stdlib docs)")
     es = e.add_subparsers(dest="example_cmd", metavar="ACTION", required=True)
-    es.add_parser("build", help="build the example corpus, dataset and knowledge base").set_defaults(func=cmd_example)
+    eb = es.add_parser("build", help="build the example corpus, dataset and knowledge base")
+    eb.add_argument("--base", default=None, help="base model to prepare (default: the studio's, SFT_STUDIO_BASE_MODEL)")
+    eb.add_argument("--detach", action="store_true", help="queue the build job and return at once")
+    eb.set_defaults(func=cmd_example)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import sys
 
 from sft_core import StudioError
+from sft_core.commands.follow import follow_job
 from sft_core.store import loads, open_store
 from sft_core.workspace import Workspace
 
@@ -46,34 +47,6 @@ def cmd_eval(args) -> int:
     print(recommendation(json.loads((ws.evals_dir(eval_id) / "scores.json").read_text())).replace("**", ""))
     print(f"report: {ws.evals_dir(eval_id) / 'report.html'}")
     return 0
-
-
-def follow_job(job_id: str, ws: Workspace, store) -> str:
-    """Wait for the job's turn, run it here (a worker subprocess) and print its progress; returns the
-    final status. Ctrl-C cancels the job (it stays resumable)."""
-    import threading
-    from sft_core import jobs
-    done = threading.Event()
-
-    def show():
-        last = ""
-        while not done.wait(1.0):
-            line = jobs.describe(jobs.job_row(job_id, store), store)
-            if line != last:
-                print(f"\r{line}", end="", file=sys.stderr, flush=True)
-                last = line
-    t = threading.Thread(target=show, daemon=True)
-    t.start()
-    try:
-        return jobs.run_in_foreground(job_id, ws, store)
-    except KeyboardInterrupt:
-        job = jobs.job_row(job_id, store)
-        jobs.cancel(job["ref"], ws, store)
-        raise
-    finally:
-        done.set()
-        t.join(2)
-        print(file=sys.stderr)
 
 
 def cmd_list(args) -> int:

@@ -8,11 +8,23 @@ from sft_core.config import RetrievalConfig, add_arguments, load_config, overrid
 
 
 def cmd_build(args) -> int:
+    """Index the files as a ``kb_build`` job (the same job the app queues), followed here unless --detach."""
+    from sft_core.commands.follow import run_job
+    from sft_core.config import to_dict
+    from sft_core.store import open_store
+    from sft_core.workspace import Workspace
     overrides = {k: v for k, v in overrides_from_args(args, RetrievalConfig).items() if v is not None}
     cfg = load_config(RetrievalConfig, args.config, overrides) if (overrides or args.config) else None
-    res = retrieval.build_kb(args.paths, args.name, cfg)
-    print(f"knowledge base {args.name}: {res}")
-    return 1 if res.problems and not res.indexed_sources and not res.reused_sources else 0
+    ws = Workspace.from_env()
+    store = open_store(ws.db_url)
+    # the files stay where they are (no staging copy, unlike an upload): unchanged ones are reused by path
+    job_id = retrieval.submit_build(args.paths, args.name, ws, store, stage=False,
+                                    config=to_dict(cfg) if cfg is not None else None)
+    done = run_job(job_id, ws, store, args.detach, f"knowledge base {args.name}")
+    if done is None:
+        return 0
+    print(f"knowledge base {args.name}: {done.get('result', 'built')}")
+    return 1 if done.get("empty") else 0
 
 
 def cmd_search(args) -> int:
@@ -55,6 +67,7 @@ def register(sub) -> None:
     b.add_argument("paths", nargs="+")
     b.add_argument("--name", required=True)
     b.add_argument("--config", help="YAML file with retrieval options")
+    b.add_argument("--detach", action="store_true", help="queue the build job and return at once")
     add_arguments(b, RetrievalConfig)
     b.set_defaults(func=cmd_build)
     q = s.add_parser("search", help="search a knowledge base")

@@ -10,7 +10,7 @@ from pathlib import Path
 from sft_core import StudioError, jobs
 from sft_core.config import TrainConfig, add_arguments, load_config, overrides_from_args
 from sft_core.store import loads, open_store
-from sft_core.workspace import Workspace, atomic_dir, read_jsonl
+from sft_core.workspace import Workspace, read_jsonl
 
 
 def _ctx():
@@ -91,7 +91,7 @@ def cmd_train(args) -> int:
         check_push(args.push_to_hub)  # refused before the run is queued, not after an hour of training
     run_id = jobs.submit_train(cfg, ws, store)
     print(f"run {run_id} queued ({ws.runs_dir(run_id)})")
-    job = jobs.latest_job(run_id, store)
+    job = jobs.latest_job(run_id, store, kind="train")
     progress = Progress(ws.runs_dir(run_id))
     waiting = {"shown": False}
 
@@ -113,7 +113,7 @@ def cmd_train(args) -> int:
     try:
         status = jobs.run_in_foreground(job["id"], ws, store, on_wait)
     except KeyboardInterrupt:
-        jobs.cancel(run_id, ws, store)
+        jobs.cancel(run_id, ws, store, kind="train")
         print("\ncancelling (the last checkpoint is kept; `sft-studio runs resume` continues)...", file=sys.stderr)
         status = jobs.run_in_foreground(job["id"], ws, store)
     finally:
@@ -165,7 +165,7 @@ def cmd_show(args) -> int:
     ws, store = _ctx()
     jobs.reconcile(store, ws=ws)
     run = _run(store, args.run_id)
-    job = jobs.latest_job(args.run_id, store) or {}
+    job = jobs.latest_job(args.run_id, store, kind="train") or {}
     out = {"run": {k: run[k] for k in ("id", "status", "dataset", "dataset_version", "base_model", "path")},
            "config": loads(run["config"], {}), "metrics": loads(run["metrics"], {}),
            "job": {k: job.get(k) for k in ("id", "status", "error", "pid")}}
@@ -178,7 +178,7 @@ def cmd_show(args) -> int:
 
 def cmd_cancel(args) -> int:
     ws, store = _ctx()
-    print(f"{args.run_id}: {jobs.cancel(args.run_id, ws, store)}")
+    print(f"{args.run_id}: {jobs.cancel(args.run_id, ws, store, kind='train')}")
     return 0
 
 
@@ -193,43 +193,26 @@ def cmd_resume(args) -> int:
     return 0
 
 
-def _finished(store, run_id: str) -> dict:
-    run = _run(store, run_id)
-    if run["status"] != "succeeded" or not (Path(run["path"]) / "adapter").exists():
-        raise StudioError(f"run {run_id} is {run['status']}: only finished runs have an adapter", "run")
-    return run
-
-
 def cmd_merge(args) -> int:
-    """Base + adapter merged into one full model directory (for engines without LoRA support)."""
+    """Base + adapter merged into one full model directory (a ``merge`` job: it waits for training)."""
+    from sft_core import artifacts
+    from sft_core.commands.follow import run_job
     ws, store = _ctx()
-    run = _finished(store, args.run_id)  # before the heavy imports: a bad run id answers at once
-    from peft import PeftModel
-    from sft_core import models
-    base_dir = models.resolve_model(run["base_model"], ws)
-    out = Path(args.out)
-    model = PeftModel.from_pretrained(models.load_causal_lm(base_dir, "cpu"), Path(run["path"]) / "adapter")
-    with atomic_dir(out) as tmp:
-        model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
-        models.load_tokenizer(base_dir).save_pretrained(tmp)
-    print(f"merged model written to {out}")
+    job_id = artifacts.submit("merge", args.run_id, args.out, ws, store)
+    if run_job(job_id, ws, store, args.detach, f"merge of {args.run_id}") is not None:
+        print(f"merged model written to {Path(args.out).resolve()}")
     return 0
 
 
 def cmd_export(args) -> int:
+    from sft_core import artifacts
+    from sft_core.commands.follow import run_job
     ws, store = _ctx()
-    run = _finished(store, args.run_id)
-    if args.push_to_hub:
-        check_push(args.push_to_hub)
-    src = Path(run["path"])
-    with atomic_dir(Path(args.out)) as tmp:
-        shutil.copytree(src / "adapter", tmp / "adapter")
-        for f in ("manifest.json", "metrics.json", "events.jsonl", "config.json"):
-            if (src / f).exists():
-                shutil.copy2(src / f, tmp / f)
-    print(f"adapter + manifest exported to {args.out}")
-    if args.push_to_hub:
-        push_folder(Path(args.out), args.push_to_hub)
+    job_id = artifacts.submit("export", args.run_id, args.out, ws, store, push_to_hub=args.push_to_hub)
+    if run_job(job_id, ws, store, args.detach, f"export of {args.run_id}") is not None:
+        print(f"adapter + manifest exported to {Path(args.out).resolve()}")
+        if args.push_to_hub:
+            print(f"pushed to https://huggingface.co/{args.push_to_hub}")
     return 0
 
 
@@ -256,10 +239,12 @@ def register(sub) -> None:
     m = sub.add_parser("merge", help="merge a run's adapter into its base model")
     m.add_argument("run_id")
     m.add_argument("--out", required=True)
+    m.add_argument("--detach", action="store_true", help="queue the merge job and return at once")
     m.set_defaults(func=cmd_merge)
     e = sub.add_parser("export", help="copy a run's adapter and manifest to a directory")
     e.add_argument("run_id")
     e.add_argument("--out", required=True)
     e.add_argument("--push-to-hub", default=None, metavar="REPO", help="also upload (needs HF_TOKEN)")
+    e.add_argument("--detach", action="store_true", help="queue the export job and return at once")
     e.set_defaults(func=cmd_export)
 
