@@ -61,9 +61,12 @@ def submit(kind: str, run_id: str, out: str | Path, ws: Workspace, store: Store,
 def merge(run: dict, out: Path, ws: Workspace) -> None:
     """Base + adapter merged into one full model directory (for engines without LoRA support)."""
     from peft import PeftModel
-    from sft_core import models
+    from transformers import AutoModelForCausalLM
+    from sft_core import gpu, models
     base_dir = models.resolve_model(run["base_model"], ws)
-    model = PeftModel.from_pretrained(models.load_causal_lm(base_dir, "cpu"), Path(run["path"]) / "adapter")
+    # the base's own dtype (a bf16 base is not widened to fp32, twice its size), on a GPU that holds it
+    base = AutoModelForCausalLM.from_pretrained(base_dir, **gpu.merge_load_kwargs(base_dir))
+    model = PeftModel.from_pretrained(base, Path(run["path"]) / "adapter")
     with atomic_dir(out) as tmp:
         model.merge_and_unload().save_pretrained(tmp, safe_serialization=True)
         models.load_tokenizer(base_dir).save_pretrained(tmp)

@@ -289,6 +289,23 @@ class ServeConfig:
     max_concurrency: int = opt(64, "Most requests in flight to vLLM at once from one generate_batch call.")
     request_timeout_s: float = opt(600.0, "Seconds before one request to vLLM times out.")
     max_restarts: int = opt(3, "Consecutive failed restarts before the engine gives up (state 'failed').")
+    gpus: str = field(default_factory=lambda: os.environ.get("SFT_STUDIO_ENGINE_GPUS", "").strip(), metadata={
+        "help": "CUDA only: GPU indices for the managed vLLM engine, e.g. 1 or 2,3 (env SFT_STUDIO_ENGINE_GPUS). "
+                "Empty = auto: with one GPU the engine and training share it in turn (the engine yields it while a "
+                "training job runs); with several the engine gets the last and training the others.",
+        "env": "SFT_STUDIO_ENGINE_GPUS"})
+    gpu_yield: str = field(default_factory=lambda: os.environ.get("SFT_STUDIO_ENGINE_GPU_YIELD", "stop").strip(), metadata={
+        "help": "CUDA only, one GPU shared with training: how the engine gives it to a training job "
+                "(env SFT_STUDIO_ENGINE_GPU_YIELD). stop = stop the server and start it again after (frees "
+                "everything; back in the time of a start); sleep = vLLM's sleep mode level 1 (weights wait in host "
+                "RAM, back in seconds; needs RAM for the whole base).",
+        "env": "SFT_STUDIO_ENGINE_GPU_YIELD", "choices": ["stop", "sleep"]})
+    quantization: str = field(default_factory=lambda: os.environ.get("SFT_STUDIO_ENGINE_QUANTIZATION", "none").strip(),
+                              metadata={
+        "help": "CUDA only: quantize the base model's weights as vLLM loads it (--quantization; env "
+                "SFT_STUDIO_ENGINE_QUANTIZATION). fp8 = half the memory of a 16-bit base (weight-only on compute "
+                "7.5-8.6, such as a T4; W8A8 from 8.9); LoRA adapters apply on top. none = the checkpoint as it is.",
+        "env": "SFT_STUDIO_ENGINE_QUANTIZATION", "choices": ["none", "fp8"]})
 
     def validate(self) -> None:
         if self.engine not in ("auto", "vllm", "hf"):
@@ -309,6 +326,12 @@ class ServeConfig:
             raise ConfigError(f"must be auto, float32, bfloat16 or float16, got {self.dtype!r}", "dtype")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(f"must be in (0, 1], got {self.gpu_memory_utilization}", "gpu_memory_utilization")
+        if self.gpu_yield not in ("stop", "sleep"):
+            raise ConfigError(f"must be stop or sleep, got {self.gpu_yield!r}", "gpu_yield")
+        if self.quantization not in ("none", "fp8"):
+            raise ConfigError(f"must be none or fp8, got {self.quantization!r}", "quantization")
+        if self.gpus and not all(t.strip().isdigit() for t in self.gpus.split(",")):
+            raise ConfigError(f"expected GPU indices like 1 or 2,3, got {self.gpus!r}", "gpus")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -346,7 +369,7 @@ class TrainConfig:
     logging_steps: int = opt(1, "Log train loss every N steps.")
     load_in_4bit: bool = opt(False, "CUDA only: QLoRA, base weights in 4-bit NF4 (bitsandbytes).")
     gradient_checkpointing: bool = opt(True, "CUDA only: recompute activations to save memory.")
-    num_gpus: int = opt(0, "GPUs for one run: 0 = all visible; more than one launches with `accelerate launch`.")
+    num_gpus: int = opt(0, "GPUs for one run: 0 = all that training may use (with several GPUs, all but the inference engine's); more than one launches with `accelerate launch`.")
     report_to: str = opt("none", "Extra loggers: none or tensorboard (event files in runs/<id>/tensorboard).", choices=["none", "tensorboard"])
 
     def validate(self) -> None:
@@ -375,6 +398,79 @@ class TrainConfig:
             raise ConfigError(f"unknown schedule {self.lr_scheduler!r}", "lr_scheduler")
         if self.report_to not in ("none", "tensorboard"):
             raise ConfigError(f"must be none or tensorboard, got {self.report_to!r}", "report_to")
+        if not self.target_modules.strip():
+            raise ConfigError("must be all-linear or module names", "target_modules")
+
+
+# Pairwise losses of TRL 1.16's DPOConfig.loss_type (trl/trainer/dpo_config.py), without "sft" (plain NLL on
+# the chosen side: no preference in it). tests/test_preference.py checks this list against the installed TRL.
+PREFERENCE_LOSSES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+                     "aot_unpaired", "apo_zero", "apo_down", "discopop", "sigmoid_norm")
+
+
+@dataclass
+class PreferenceConfig:
+    """Preference tuning (sft_core/pref_train.py, `sft-studio pref train`): TRL's DPOTrainer on a preference dataset."""
+    dataset: str = opt("", "Preference dataset (pairs built with `sft-studio pref build`).")
+    dataset_version: str = opt("", "Dataset version (content hash); empty = the latest.")
+    from_run: str = opt("", "Finished SFT run to start from: its adapter is trained further, and the model it gives (base + that adapter) is the reference. Empty = a new LoRA on base_model, the base model being the reference.")
+    base_model: str = opt("", "Base model: empty = the from_run's own base (another one is refused), or without from_run the studio's default (SFT_STUDIO_BASE_MODEL).")
+    run_name: str = opt("", "Run id (also the adapter's name when served); empty = generated.")
+    loss_type: str = opt("sigmoid", "Pairwise loss: sigmoid = DPO; ipo, hinge, robust (noisy labels, with label_smoothing), apo_zero, ... (TRL's DPOTrainer losses).", choices=list(PREFERENCE_LOSSES))
+    beta: float = opt(0.1, "How far the policy may move from the reference: higher = closer to it (for ipo: the regularisation tau).")
+    label_smoothing: float = opt(0.0, "Assumed share of flipped labels for robust (in [0, 0.5)); exo_pair needs > 0 (1e-3).")
+    learning_rate: float = opt(5e-5, "Peak learning rate.")
+    lr_scheduler: str = opt("cosine", "Learning-rate schedule.", choices=["cosine", "linear", "constant", "constant_with_warmup"])
+    warmup_ratio: float = opt(0.1, "Share of steps for linear warm-up.")
+    epochs: float = opt(1.0, "Passes over the training pairs (ignored when max_steps > 0).")
+    max_steps: int = opt(0, "Stop after this many optimizer steps (0 = use epochs).")
+    batch_size: int = opt(4, "Pairs per device per step (each pair is two sequences).")
+    grad_accum: int = opt(1, "Gradient accumulation steps.")
+    max_length: int = opt(1024, "Longest prompt + answer in tokens (TRL 1.x has this one limit); longer ones keep their start, and pairs whose prompt alone reaches it are dropped.")
+    lora_r: int = opt(16, "LoRA rank of a new adapter (without from_run; 1-64, vLLM serves up to 64).")
+    lora_alpha: int = opt(32, "LoRA alpha of a new adapter (without from_run).")
+    lora_dropout: float = opt(0.0, "Dropout on a new LoRA path (without from_run; TRL disables dropout while training preference losses anyway).")
+    target_modules: str = opt("all-linear", "Modules a new adapter adapts (without from_run): all-linear, or names like q_proj,v_proj.")
+    use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling for a new adapter (without from_run).")
+    seed: int = opt(42, "Random seed (data order, LoRA init).")
+    eval_steps: int = opt(0, "Evaluate the held-out pairs every N steps (0 = at the end of each epoch).")
+    save_steps: int = opt(50, "Save a checkpoint every N steps (resume starts from the last one).")
+    logging_steps: int = opt(1, "Log loss and rewards every N steps.")
+    gradient_checkpointing: bool = opt(True, "CUDA only: recompute activations to save memory.")
+    num_gpus: int = opt(0, "GPUs for one run: 0 = all visible; more than one launches with `accelerate launch`.")
+
+    def validate(self) -> None:
+        """Checks that need no model or data; pref_train.validate_pref_config adds those."""
+        if not self.dataset:
+            raise ConfigError("choose a preference dataset", "dataset")
+        if self.loss_type not in PREFERENCE_LOSSES:
+            raise ConfigError(f"unknown loss {self.loss_type!r}; choose from {', '.join(PREFERENCE_LOSSES)}", "loss_type")
+        if not self.beta > 0:
+            raise ConfigError(f"must be positive, got {self.beta}", "beta")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ConfigError(f"must be in [0, 0.5), got {self.label_smoothing}", "label_smoothing")
+        if self.loss_type == "exo_pair" and self.label_smoothing == 0:
+            raise ConfigError("exo_pair needs label_smoothing > 0 (its paper uses 1e-3)", "label_smoothing")
+        if not 1 <= self.lora_r <= MAX_SERVABLE_RANK:
+            raise ConfigError(f"must be between 1 and {MAX_SERVABLE_RANK}, got {self.lora_r}", "lora_r")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"must be positive, got {self.lora_alpha}", "lora_alpha")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"must be in [0, 1), got {self.lora_dropout}", "lora_dropout")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"must be positive, got {self.learning_rate}", "learning_rate")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"must be in [0, 1), got {self.warmup_ratio}", "warmup_ratio")
+        if self.max_steps < 0 or (self.max_steps == 0 and not self.epochs > 0):
+            raise ConfigError("give epochs > 0 or max_steps > 0", "max_steps" if self.max_steps < 0 else "epochs")
+        for name in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"must be positive, got {getattr(self, name)}", name)
+        for name in ("eval_steps", "num_gpus"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"must be >= 0, got {getattr(self, name)}", name)
+        if self.lr_scheduler not in ("cosine", "linear", "constant", "constant_with_warmup"):
+            raise ConfigError(f"unknown schedule {self.lr_scheduler!r}", "lr_scheduler")
         if not self.target_modules.strip():
             raise ConfigError("must be all-linear or module names", "target_modules")
 

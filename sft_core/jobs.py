@@ -7,8 +7,12 @@
   and the cancel flag; the worker heartbeats.
 * A job whose process vanished (kill -9 while nobody watched, machine restart) is found by
   ``reconcile`` (pid gone or heartbeat stale) and marked failed with the reason.
-* Cancel: a queued job is cancelled at once; a running one gets a flag (and SIGTERM), stops after
-  its current step, keeps its checkpoint, and ends ``cancelled``. ``resume`` queues it again.
+* Cancel: a queued job is cancelled at once; a running one gets a flag (and SIGTERM, except a multi-GPU
+  launcher: its ranks read the flag), stops after its current step, keeps its checkpoint, and ends
+  ``cancelled``. ``resume`` queues it again.
+* GPUs (``sft_core/gpu.py``): before an accelerator job starts, the environment check; a kind with
+  ``devices`` (training) gets its GPUs through CUDA_VISIBLE_DEVICES and waits for a managed inference
+  engine sharing them to yield.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sft_core import StudioError
+from sft_core import StudioError, gpu
 from sft_core.config import TrainConfig, load_config, to_dict
 from sft_core.store import Store, dumps, loads, open_store
 from sft_core.workspace import Workspace, atomic_write_json, safe_name
@@ -46,13 +50,15 @@ class JobKind:
     on_finish: Callable[[dict, str, Workspace, Store], None] | None = None
     outcome: Callable[[dict, Workspace, Store], tuple[str, str | None] | None] | None = None
     accelerator: bool | Callable[[dict], bool] = True
+    devices: Callable[[dict, Store, "gpu.Inventory"], list[int]] | None = None
 
 
 JOB_KINDS: dict[str, JobKind] = {}
 LIGHT_SLOTS = 2  # jobs that need no accelerator (a small index build) that may run at once, beside it
 
 
-def register_job_kind(kind: str, build_command, on_finish=None, outcome=None, accelerator=True) -> None:
+def register_job_kind(kind: str, build_command, on_finish=None, outcome=None, accelerator=True,
+                      devices=None) -> None:
     """A job kind.
 
     ``build_command(job, ws, store) -> argv`` (the worker process); ``on_finish(job, status, ws, store)``
@@ -60,8 +66,10 @@ def register_job_kind(kind: str, build_command, on_finish=None, outcome=None, ac
     a worker that ended while nobody watched it finished (e.g. from a file it wrote), else it is failed.
     ``accelerator`` (a bool, or a function of the job): whether the job needs the machine's one
     accelerator slot (the GPU, or on a CPU machine the cores a model computes on); ``claim`` never runs
-    two such jobs at once, in any number of processes sharing the database."""
-    JOB_KINDS[kind] = JobKind(build_command, on_finish, outcome, accelerator)
+    two such jobs at once, in any number of processes sharing the database. ``devices(job, store, inventory)
+    -> [gpu index]``: the GPUs the worker runs on (it sees only those, through CUDA_VISIBLE_DEVICES) and
+    needs to itself: a managed inference engine on one of them yields it first (``gpu.wait_for_engines``)."""
+    JOB_KINDS[kind] = JobKind(build_command, on_finish, outcome, accelerator, devices)
 
 
 def needs_accelerator(job: dict) -> bool:
@@ -72,37 +80,54 @@ def needs_accelerator(job: dict) -> bool:
     return bool(acc(job) if callable(acc) else acc)
 
 
+def needs_gpu_alone(job: dict) -> bool:
+    """Whether the job's worker takes GPUs for itself (training), so an engine sharing them yields."""
+    kind = JOB_KINDS.get(job["kind"])
+    return bool(kind and kind.devices)
+
+
 # ------------------------------------------------------------------------------------------------
 # Training jobs
 # ------------------------------------------------------------------------------------------------
-def visible_gpus() -> int:
-    try:
-        import torch
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:
-        return 0
+def train_devices(num_gpus: int, inv: gpu.Inventory) -> list[gpu.Device]:
+    """The GPUs one run trains on: training's share of the machine (gpu.plan_devices), the first
+    ``num_gpus`` of them when set."""
+    _, devices, _ = gpu.training_plan(inv)
+    return devices[:num_gpus] if num_gpus else devices
 
 
 def train_command(run_dir: Path, job_id: str, db_url: str, resume: bool, num_gpus: int = 0,
-                  gpus_visible: int | None = None) -> list[str]:
-    """The worker command; with more than one GPU, launched through `accelerate launch` (DDP)."""
-    gpus_visible = visible_gpus() if gpus_visible is None else gpus_visible
+                  gpus_visible: int | None = None, inv: gpu.Inventory | None = None) -> list[str]:
+    """The worker command; with more than one GPU, launched through `accelerate launch` (DDP) in the
+    precision each rank chooses for itself (gpu.choose_precision over the same devices)."""
+    devices = train_devices(num_gpus, inv or gpu.inventory())
+    gpus_visible = len(devices) if gpus_visible is None else gpus_visible
     n = min(num_gpus, gpus_visible) if num_gpus else gpus_visible
     args = ["-m", "sft_core.train", "--run-dir", str(run_dir), "--job-id", job_id, "--db-url", db_url]
     if resume:
         args.append("--resume")
     if n > 1:
-        return [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n),
-                "--num_machines", "1", "--mixed_precision", "bf16", *args]
+        prec = gpu.choose_precision([d.capability for d in devices[:n]])
+        return [sys.executable, "-m", gpu.LAUNCHER_MODULE, "--num_processes", str(n),
+                "--num_machines", "1", "--mixed_precision", prec.mixed, *args]
     return [sys.executable, *args]
+
+
+def _train_gpus(job: dict, store: Store, inv: gpu.Inventory) -> list[int]:
+    run = store.query_one("SELECT config FROM runs WHERE id=?", (job["ref"],))
+    num = int(loads(run["config"], {}).get("num_gpus", 0)) if run else 0
+    return [d.index for d in train_devices(num, inv)]
 
 
 def _train_build(job: dict, ws: Workspace, store: Store) -> list[str]:
     payload = loads(job["payload"], {})
     run = store.query_one("SELECT path, config FROM runs WHERE id=?", (job["ref"],))
     cfg = loads(run["config"], {})
-    return train_command(Path(run["path"]), job["id"], store.url, bool(payload.get("resume")),
+    argv = train_command(Path(run["path"]), job["id"], store.url, bool(payload.get("resume")),
                          int(cfg.get("num_gpus", 0)))
+    if cfg.get("mode") == "preference":  # a preference run (sft_core/pref_train.py): same job kind, its own worker
+        argv[argv.index("sft_core.train")] = "sft_core.pref_train"
+    return argv
 
 
 def _train_finish(job: dict, status: str, ws: Workspace, store: Store) -> None:
@@ -135,7 +160,7 @@ def _train_outcome(job: dict, ws: Workspace, store: Store) -> tuple[str, str | N
     return _exit_record(Path(run["path"]) / EXIT_FILE, job) if run else None
 
 
-register_job_kind("train", _train_build, _train_finish, _train_outcome)
+register_job_kind("train", _train_build, _train_finish, _train_outcome, devices=_train_gpus)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -164,6 +189,10 @@ register_job_kind("eval", _worker_build, _eval_finish, _worker_outcome,
                   accelerator=lambda job: bool(loads(job["payload"], {}).get("accelerator", True)))
 register_job_kind("kb_build", _worker_build, None, _worker_outcome, accelerator=False)
 register_job_kind("example", _worker_build, None, _worker_outcome, accelerator=False)
+# merge loads the base model in full (GPU when present, else RAM and every core): it waits for training;
+# export copies files (and uploads): it runs beside anything
+register_job_kind("merge", _worker_build, None, _worker_outcome, accelerator=True)
+register_job_kind("export", _worker_build, None, _worker_outcome, accelerator=False)
 
 
 def new_run_id(cfg: TrainConfig) -> str:
@@ -220,16 +249,23 @@ def submit(kind: str, ref: str, payload: dict | None = None, ws: Workspace | Non
 # ------------------------------------------------------------------------------------------------
 # Queue operations
 # ------------------------------------------------------------------------------------------------
-def latest_job(ref: str, store: Store) -> dict | None:
+def latest_job(ref: str, store: Store, kind: str | None = None) -> dict | None:
+    """The newest job of a ref (a run's id is the ref of its train jobs and of its merge/export jobs)."""
+    if kind:
+        return store.query_one("SELECT * FROM jobs WHERE ref=? AND kind=? ORDER BY created_at DESC, rowid DESC",
+                               (ref, kind))
     return store.query_one("SELECT * FROM jobs WHERE ref=? ORDER BY created_at DESC, rowid DESC", (ref,))
 
 
-def cancel(run_id: str, ws: Workspace | None = None, store: Store | None = None) -> str:
-    """Cancel the latest job of a run (or eval). Returns the job's new state."""
+def cancel(run_id: str, ws: Workspace | None = None, store: Store | None = None, kind: str | None = None) -> str:
+    """Cancel a run's (or eval's) queued or running job — of ``kind`` when given; with none, the newest live
+    job of the ref, else its newest job. Returns the job's new state."""
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
+    where, args = ("ref=? AND kind=?", (run_id, kind)) if kind else ("ref=?", (run_id,))
     with store.tx() as con:
-        job = con.execute("SELECT * FROM jobs WHERE ref=? ORDER BY created_at DESC, rowid DESC", (run_id,)).fetchone()
+        job = con.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY status IN ('queued','running') DESC, "
+                          "created_at DESC, rowid DESC", args).fetchone()
         if job is None:
             raise JobError(f"no job for {run_id!r}", "run")
         job = dict(job)
@@ -242,13 +278,24 @@ def cancel(run_id: str, ws: Workspace | None = None, store: Store | None = None)
         if job["status"] != "running":
             raise JobError(f"{run_id} is {job['status']}, nothing to cancel", "run")
         con.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (job["id"],))
-    # only the job's own worker is signalled: a pid whose start time differs was reused by another process
-    if job.get("pid") and _same_process(job["pid"], job.get("pid_start")):
+    # only the job's own worker is signalled: a pid whose start time differs was reused by another process.
+    # A multi-GPU launcher is not signalled: every rank reads the flag itself (its heartbeat thread) and
+    # they stop together after a checkpoint; a signalled launcher would report the run as failed.
+    if job.get("pid") and _same_process(job["pid"], job.get("pid_start")) and not _runs_launcher(job["pid"]):
         try:
             os.killpg(job["pid"], signal.SIGTERM)
         except (ProcessLookupError, PermissionError):
             pass
     return "cancelling"
+
+
+def _runs_launcher(pid: int) -> bool:
+    """Whether the process is a multi-GPU launcher (``accelerate launch``), from its command line."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return gpu.LAUNCHER_MODULE in f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return False
 
 
 def resume(run_id: str, ws: Workspace | None = None, store: Store | None = None) -> str:
@@ -404,7 +451,11 @@ def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], N
         return "failed"
     log_path = _log_path(job, ws, store)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "SFT_STUDIO_HOME": str(ws.root), "PYTHONUNBUFFERED": "1"}
+    gpu_env, ended = _prepare_gpus(job, kind, ws, store, log_path)
+    if ended:
+        return ended
+    env = {**os.environ, "SFT_STUDIO_HOME": str(ws.root), "PYTHONUNBUFFERED": "1", **gpu_env}
+    launcher = gpu.LAUNCHER_MODULE in argv  # its ranks stop on the cancel flag; its exit code says little
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     with store.tx() as con:
@@ -417,7 +468,7 @@ def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], N
             last_beat = time.time()
             store.execute("UPDATE jobs SET heartbeat_at=? WHERE id=?", (last_beat, job["id"]))
         row = store.query_one("SELECT cancel_requested FROM jobs WHERE id=?", (job["id"],))
-        if row and row["cancel_requested"] and not sent_term:
+        if row and row["cancel_requested"] and not sent_term and not launcher:
             sent_term = True
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
@@ -426,7 +477,10 @@ def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], N
     code = proc.returncode
     row = store.query_one("SELECT cancel_requested FROM jobs WHERE id=?", (job["id"],))
     from sft_core.train import EXIT_CANCELLED
-    if code == 0:
+    recorded = kind.outcome(job, ws, store) if launcher and kind.outcome else None  # rank 0's exit record
+    if recorded:
+        status, err = recorded
+    elif code == 0:
         status, err = "succeeded", None
     elif code == EXIT_CANCELLED or (row and row["cancel_requested"] and code in (EXIT_CANCELLED, -signal.SIGTERM)):
         status, err = "cancelled", None
@@ -434,6 +488,39 @@ def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], N
         status, err = "failed", _error_reason(job, ws, store) or _describe_exit(code)
     _finish(store, job, status, err, ws)
     return status
+
+
+def _prepare_gpus(job: dict, kind: JobKind, ws: Workspace, store: Store, log_path: Path) -> tuple[dict, str | None]:
+    """Before an accelerator job's worker starts: the environment check (a GPU that nvidia-smi sees and
+    torch cannot use fails the job with the reason, rather than a run on the CPU), the worker's GPUs
+    (CUDA_VISIBLE_DEVICES) and, where a managed inference engine shares them, its turn to yield (the
+    job is already marked running, so an engine about to come back sees it and stays asleep).
+    Returns (environment for the worker, final status when the job ended here)."""
+    if not (needs_accelerator(job) or kind.devices):
+        return {}, None
+
+    def beat():  # no worker pid yet: the runner keeps the job from looking vanished
+        store.execute("UPDATE jobs SET heartbeat_at=? WHERE id=?", (time.time(), job["id"]))
+
+    def cancelled() -> bool:
+        row = store.query_one("SELECT cancel_requested FROM jobs WHERE id=?", (job["id"],))
+        return bool(row and row["cancel_requested"])
+
+    try:
+        inv = gpu.require_usable_gpu("gpu")
+        devices = kind.devices(job, store, inv) if kind.devices and inv.count else []
+        if not devices:
+            return {}, None
+        if gpu.engines_in_the_way(gpu.engine_states(ws), devices):
+            with open(log_path, "a") as f:
+                f.write(f"GPU {','.join(map(str, devices))}: waiting for the inference engine to give it up\n")
+        if not gpu.wait_for_engines(ws, devices, timeout_s=gpu.YIELD_TIMEOUT_S, beat=beat, cancelled=cancelled):
+            _finish(store, job, "cancelled", None, ws)
+            return {}, "cancelled"
+    except StudioError as e:
+        _finish(store, job, "failed", str(e), ws)
+        return {}, "failed"
+    return gpu.device_env(devices, inv), None
 
 
 def _log_path(job: dict, ws: Workspace, store: Store) -> Path:

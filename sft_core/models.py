@@ -218,12 +218,12 @@ def load_tokenizer(path: str | os.PathLike):
 
 
 def load_causal_lm(path: str | os.PathLike, device: str | None = None):
-    """fp32 on CPU; bf16 on CUDA where supported."""
+    """fp32 on CPU; bf16 on CUDA where the card has it natively (compute >= 8.0), else fp16."""
     import torch
     from transformers import AutoModelForCausalLM
     device = device or best_device()
     dtype = torch.float32
     if device == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model.to(device).eval()

@@ -23,7 +23,7 @@ import threading
 import time
 from pathlib import Path
 
-from sft_core import StudioError
+from sft_core import StudioError, gpu
 from sft_core.config import ConfigError, TrainConfig, load_config, to_dict
 from sft_core.workspace import Workspace, append_jsonl, atomic_dir, atomic_write_json, atomic_write_text
 
@@ -56,6 +56,8 @@ def validate_train_config(cfg: TrainConfig, ws: Workspace | None = None, store=N
         dv = data.get_version(cfg.dataset, cfg.dataset_version or None, ws, store)
     except StudioError as e:
         raise ConfigError(e.message, "dataset") from None
+    from sft_core.preference import refuse_for_sft
+    refuse_for_sft(dv)  # pairs have no single answer to imitate: they go to `sft-studio pref train`
     if dv.splits.get("train", 0) == 0:
         raise ConfigError(f"dataset {dv.name}@{dv.version} has no training rows", "dataset")
     if cfg.early_stopping_patience > 0 and dv.splits.get("eval", 0) == 0:
@@ -227,11 +229,15 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def device_info() -> dict:
+def device_info(prec: gpu.Precision | None = None) -> dict:
     import torch
-    if torch.cuda.is_available():
-        return {"device": "cuda", "name": torch.cuda.get_device_name(0), "count": torch.cuda.device_count(),
-                "bf16": torch.cuda.is_bf16_supported()}
+    devices = gpu.torch_devices()
+    if devices:
+        prec = prec or gpu.torch_precision()
+        return {"device": "cuda", "name": devices[0].name, "count": len(devices),
+                "capability": ".".join(map(str, min(d.capability for d in devices))),
+                "precision": prec.describe(), "bf16": prec.mixed == "bf16", "fp16": prec.mixed == "fp16",
+                "trainable_fp32": prec.trainable_fp32}
     return {"device": "cpu", "threads": torch.get_num_threads()}
 
 
@@ -270,9 +276,12 @@ def schedule(cfg: TrainConfig, has_eval: bool) -> dict:
             "load_best_model_at_end": True}
 
 
-def build_sft_config(cfg: TrainConfig, run_dir: Path, cuda: bool, has_eval: bool):
+def build_sft_config(cfg: TrainConfig, run_dir: Path, cuda: bool, has_eval: bool,
+                     prec: gpu.Precision | None = None):
+    """``prec``: the card's precision (gpu.choose_precision); default: this process's GPUs, or fp32 on the CPU."""
     from trl import SFTConfig
     plan = schedule(cfg, has_eval)
+    prec = prec or (gpu.torch_precision() if cuda else gpu.CPU_PRECISION)
     early = plan["load_best_model_at_end"]
     kwargs = dict(
         output_dir=str(run_dir / CHECKPOINTS),
@@ -286,7 +295,8 @@ def build_sft_config(cfg: TrainConfig, run_dir: Path, cuda: bool, has_eval: bool
         completion_only_loss=cfg.completion_only_loss,
         train_sampling_strategy="group_by_length" if cfg.group_by_length and not cfg.packing else "random",
         report_to=[],  # tensorboard: run() adds the callback with its directory under the run dir
-        bf16=bool(cuda and _bf16_ok()), use_cpu=not cuda,
+        **prec.trainer_flags(), use_cpu=not cuda,  # fp16 = AMP with loss scaling (a T4); bf16 only where native
+        ddp_find_unused_parameters=False,  # LoRA uses every trainable weight each step: no search per step under DDP
         gradient_checkpointing=bool(cuda and cfg.gradient_checkpointing),
         dataloader_num_workers=0, disable_tqdm=True, save_only_model=False,
         metric_for_best_model="eval_loss" if early else None, greater_is_better=False,
@@ -303,33 +313,59 @@ def tensorboard_callback(run_dir: Path):
 
 
 def _bf16_ok() -> bool:
-    import torch
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    """Native bf16 on this process's GPUs (pref_train.py uses it; new code: gpu.torch_precision())."""
+    return gpu.torch_precision().mixed == "bf16"
 
 
-def load_base_model(model_dir: str, cfg: TrainConfig, cuda: bool):
-    import torch
-    from transformers import AutoModelForCausalLM
-    kwargs: dict = {"dtype": torch.bfloat16 if cuda and _bf16_ok() else (torch.float16 if cuda else torch.float32)}
+def model_load_kwargs(cfg: TrainConfig, cuda: bool, prec: gpu.Precision, local_rank: int | None = None) -> dict:
+    """``from_pretrained`` arguments: the card's dtype; on CUDA each rank loads straight onto its own GPU
+    (``device_map={"": local_rank}``: 4-bit or not, never all ranks on GPU 0, never through CPU RAM)."""
+    kwargs: dict = {"dtype": prec.torch_dtype}
     if cfg.load_in_4bit:
         if not cuda:
             raise ConfigError("4-bit QLoRA needs a CUDA GPU", "load_in_4bit")
         from transformers import BitsAndBytesConfig
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=kwargs["dtype"])
-    if cuda and cfg.packing:
-        kwargs["attn_implementation"] = "flash_attention_2" if _has_flash_attn() else "sdpa"
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+            bnb_4bit_compute_dtype=prec.torch_dtype)
+    if cuda:
+        kwargs["device_map"] = gpu.device_map(cuda, local_rank)
+        if cfg.packing:  # FlashAttention-2 only on compute >= 8.0 with the package; else sdpa
+            kwargs["attn_implementation"] = prec.attn
+    return kwargs
+
+
+def load_base_model(model_dir: str, cfg: TrainConfig, cuda: bool, prec: gpu.Precision | None = None):
+    from transformers import AutoModelForCausalLM
+    prec = prec or (gpu.torch_precision() if cuda else gpu.CPU_PRECISION)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **model_load_kwargs(cfg, cuda, prec))
     if cfg.load_in_4bit:
         from peft import prepare_model_for_kbit_training
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     return model
 
 
-def _has_flash_attn() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("flash_attn") is not None
+def make_trainer(model, args, prec: gpu.Precision, **kw):
+    """SFTTrainer, then the trainable (LoRA) weights in fp32 where the card trains in fp16: the
+    GradScaler refuses fp16 gradients, and TRL 1.16 casts trainable weights to bf16 under QLoRA
+    (SFTTrainer.__init__), which a card without native bf16 would emulate."""
+    from trl import SFTTrainer
+    trainer = SFTTrainer(model=model, args=args, **kw)
+    if prec.trainable_fp32:
+        cast_trainable(trainer.model)
+    return trainer
+
+
+def cast_trainable(model, dtype=None) -> int:
+    """Cast every trainable parameter to ``dtype`` (fp32); the frozen base keeps its own. Returns how many."""
+    import torch
+    dtype = dtype or torch.float32
+    n = 0
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+            n += 1
+    return n
 
 
 def lora_config(cfg: TrainConfig):
@@ -344,17 +380,19 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
     """Train one run; returns the process exit code."""
     import torch
     from sft_core import data, models
-    from trl import SFTTrainer
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     spec = json.loads((run_dir / "config.json").read_text())
     cfg = load_config(TrainConfig, overrides=spec["config"])
     ws = Workspace.at(spec["workspace"])
     cuda = torch.cuda.is_available()
-    if not cuda:
+    if not cuda:  # nvidia-smi sees a GPU torch cannot use: say why rather than train on the CPU for hours
+        gpu.require_usable_gpu("gpu")
         torch.set_num_threads(cpu_threads())
+    prec = gpu.torch_precision() if cuda else gpu.CPU_PRECISION
     torch.manual_seed(cfg.seed)
 
+    _phase(run_dir, "loading data")
     train_rows = data.load_split(cfg.dataset, "train", spec["dataset_version"], ws, store)
     try:
         eval_rows = data.load_split(cfg.dataset, "eval", spec["dataset_version"], ws, store)
@@ -364,14 +402,15 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
     eval_ds = to_prompt_completion(eval_rows) if eval_rows else None
 
     model_dir = spec["model_dir"]
+    _phase(run_dir, "loading model")
     tok = models.load_tokenizer(model_dir)
-    model = load_base_model(model_dir, cfg, cuda)
+    model = load_base_model(model_dir, cfg, cuda, prec)
     started = time.time()
     manifest = {
         "run_id": run_dir.name, "config": to_dict(cfg), "dataset": cfg.dataset,
         "dataset_version": spec["dataset_version"], "base_model": cfg.base_model, "base_model_dir": model_dir,
         "base_model_hash": models.model_hash(model_dir), "packages": package_versions(), "seed": cfg.seed,
-        "device": device_info(), "started_at": started, "ended_at": None, "resumed": resume,
+        "device": device_info(prec), "started_at": started, "ended_at": None, "resumed": resume,
         "train_rows": len(train_rows), "eval_rows": len(eval_rows), "command": sys.argv,
     }
     if resume and (run_dir / "manifest.json").exists():
@@ -387,9 +426,10 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
     if cfg.early_stopping_patience and eval_ds is not None:
         from transformers import EarlyStoppingCallback
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.early_stopping_patience))
-    trainer = SFTTrainer(model=model, args=build_sft_config(cfg, run_dir, cuda, eval_ds is not None),
-                         train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
-                         peft_config=lora_config(cfg), callbacks=callbacks)
+    _phase(run_dir, "tokenising")
+    trainer = make_trainer(model, build_sft_config(cfg, run_dir, cuda, eval_ds is not None, prec), prec,
+                           train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
+                           peft_config=lora_config(cfg), callbacks=callbacks)
     ckpt = last_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         raise StudioError("no checkpoint to resume from; start the run again", "resume")
@@ -404,9 +444,11 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
 
     eval_loss = None
     if eval_ds is not None:
+        _phase(run_dir, "evaluating")
         eval_loss = trainer.evaluate().get("eval_loss")
     if not main_process:
         return 0
+    _phase(run_dir, "saving adapter")
     if eval_ds is not None:
         append_jsonl(run_dir / "events.jsonl", {"time": time.time(), "step": trainer.state.global_step,
                                                 "eval_loss": eval_loss, "max_steps": trainer.state.max_steps})
@@ -427,6 +469,13 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
         with store.tx() as con:
             con.execute("UPDATE runs SET metrics=? WHERE id=?", (dumps(metrics), run_dir.name))
     return 0
+
+
+def _phase(run_dir: Path, phase: str) -> None:
+    """A phase line in events.jsonl (loading data, loading model, tokenising, evaluating, saving adapter):
+    what the UI shows between the steps (sft_core/guide.run_progress)."""
+    if _is_main_process():
+        append_jsonl(run_dir / "events.jsonl", {"time": time.time(), "event": "phase", "phase": phase})
 
 
 def _is_main_process() -> bool:

@@ -21,6 +21,11 @@ Two modes:
   which loads a LoRA from any path, open). Runtime LoRA loading stays on, behind the key. On every
   restart the loaded adapters are resolved again through the registry: one whose run was deleted
   or is no longer servable is dropped, not reloaded.
+* **GPU turns** (managed, one GPU shared with training; ``sft_core/gpu.py``): while a job that needs the
+  GPU to itself runs (training), the engine gives it up (``ServeConfig.gpu_yield``: stop the server, or
+  vLLM's sleep mode) and requests fail at once saying so; when the job ends the engine comes back
+  (restarted with its adapters, or woken). With several GPUs the engine runs on its own
+  (``ServeConfig.gpus``, CUDA_VISIBLE_DEVICES) and never yields.
 * **attach**: talk to an external server given by URL; no process is managed. Its API key, if it
   needs one, comes from ``api_key=`` or ``SFT_STUDIO_ENGINE_API_KEY`` (else the ``openai`` client
   falls back to ``OPENAI_API_KEY`` as before).
@@ -50,6 +55,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
+from sft_core import StudioError, gpu
 from sft_core.config import LORA_RANKS, DecodingConfig, ServeConfig
 from sft_core.serving.adapters import AdapterInfo, AdapterRegistry
 from sft_core.serving.base import EngineError, GenRequest, GenResult, resolve_decoding, run_window
@@ -118,8 +124,11 @@ def fit_rank(rank: int) -> int:
     return next(r for r in LORA_RANKS if r >= max(rank, AUTO_MIN_RANK))
 
 
-def server_command(model_dir: Path, served_name: str, port: int, cfg: ServeConfig, cuda: bool) -> list[str]:
-    """The command line that starts vLLM's OpenAI server for this build (``cfg.max_lora_rank`` resolved, not 0)."""
+def server_command(model_dir: Path, served_name: str, port: int, cfg: ServeConfig, cuda: bool,
+                   tensor_parallel: int = 1, sleep_mode: bool = False) -> list[str]:
+    """The command line that starts vLLM's OpenAI server for this build (``cfg.max_lora_rank`` resolved, not 0).
+
+    ``tensor_parallel``: the engine's GPUs; ``sleep_mode``: it may be put to sleep for a training job."""
     vllm_bin = Path(sys.executable).with_name("vllm")
     if cuda and vllm_bin.exists():
         head = [str(vllm_bin), "serve", str(model_dir)]
@@ -135,11 +144,20 @@ def server_command(model_dir: Path, served_name: str, port: int, cfg: ServeConfi
             "--middleware", AUTH_MIDDLEWARE]  # the API key (VLLM_API_KEY, see server_env) on every route
     if cuda:
         args += ["--gpu-memory-utilization", str(cfg.gpu_memory_utilization)]
+        if cfg.quantization != "none":  # in-flight quantization of the base; LoRA applies on top
+            args += ["--quantization", cfg.quantization]
+        if tensor_parallel > 1:
+            args += ["--tensor-parallel-size", str(tensor_parallel)]
+        if sleep_mode:
+            args += ["--enable-sleep-mode"]
     return head + args
 
 
-def server_env(cfg: ServeConfig, cuda: bool, api_key: str | None = None) -> dict[str, str]:
-    """The server's environment; ``api_key`` goes in as ``VLLM_API_KEY`` (never on the command line)."""
+def server_env(cfg: ServeConfig, cuda: bool, api_key: str | None = None, devices: dict[str, str] | None = None,
+               dev_routes: bool = False) -> dict[str, str]:
+    """The server's environment; ``api_key`` goes in as ``VLLM_API_KEY`` (never on the command line).
+    ``devices``: CUDA_VISIBLE_DEVICES and order (gpu.device_env); ``dev_routes``: vLLM's /sleep and
+    /wake_up (VLLM_SERVER_DEV_MODE), behind the same key as every other route (RequireKey)."""
     env = dict(os.environ)
     env.pop("VLLM_API_KEY", None)
     env.pop(API_KEY_ENV, None)  # an attach-mode key of this process is none of vLLM's business
@@ -154,6 +172,10 @@ def server_env(cfg: ServeConfig, cuda: bool, api_key: str | None = None) -> dict
         if _cpu_cores() <= 4:
             env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if cuda and devices:
+        env.update(devices)
+    if dev_routes:
+        env["VLLM_SERVER_DEV_MODE"] = "1"
     return env
 
 
@@ -306,10 +328,25 @@ class VLLMEngine:
                 self.served_name = safe_name(self.model_dir.name, "base_model")
             self.cuda = is_cuda_build()
             self.log_path = self.ws.root / "logs" / "vllm.log"
+            self.gpus = gpu.inventory()
+            try:
+                if not self.cuda:  # a GPU nvidia-smi sees but torch cannot use: say why, not a CPU vLLM failing
+                    gpu.require_usable_gpu("vllm", self.gpus)
+                self.plan = gpu.plan_devices(self.gpus.count, self.cfg.gpus)
+            except StudioError as e:
+                raise EngineError(e.message, e.where) from None
+            if self.cfg.quantization != "none":
+                caps = [self.gpus.devices[i].capability for i in self.plan.engine]
+                if not self.cuda or not caps or not all(gpu.fp8_serving_ok(c) for c in caps):
+                    raise EngineError(f"{self.cfg.quantization} quantization needs a CUDA GPU of compute capability "
+                                      f"7.5 or more (this engine: {caps or 'no GPU'})", "quantization")
         else:
             self.model_dir = None
             self.served_name = ""
             self.cuda = False
+            self.gpus, self.plan = gpu.Inventory(), gpu.DevicePlan()
+        self._sleep_mode = bool(self.cuda and self.plan.shared and self.cfg.gpu_yield == "sleep")
+        self._slept = False  # put to sleep (not stopped) for the current training job
         if start:
             self.start()
 
@@ -319,12 +356,19 @@ class VLLMEngine:
             _MANAGED.add(self)
             with self._lock:
                 self.state = "starting"
-                try:
-                    self._launch()
-                except EngineError as e:
-                    self.state, self.error = "failed", e.message
-                    raise
-                self.state, self.error = "ready", ""
+                holders = self._gpu_taken()
+                if holders:  # started while training has the GPU: serve once it is done
+                    self.state, self.error = "yielded", gpu.lent_message(holders[0])
+                    gpu.write_engine_state(self.ws, "yielded", self.plan.engine, holders[0]["id"])
+                else:
+                    try:
+                        self._launch()
+                    except EngineError as e:
+                        self.state, self.error = "failed", e.message
+                        gpu.clear_engine_state(self.ws)
+                        raise
+                    self._gpu_state("serving")  # the file first: whoever sees "ready" finds it written
+                    self.state, self.error = "ready", ""
             atexit.register(self.close)
             self._watchdog = threading.Thread(target=self._watch, name="vllm-watchdog", daemon=True)
             self._watchdog.start()
@@ -362,11 +406,13 @@ class VLLMEngine:
         import httpx
         import openai
         port = self._pick_port()
-        cmd = server_command(self.model_dir, self.served_name, port, self.cfg, self.cuda)
+        cmd = server_command(self.model_dir, self.served_name, port, self.cfg, self.cuda,
+                             tensor_parallel=max(1, len(self.plan.engine)), sleep_mode=self._sleep_mode)
         log.info("starting vLLM: %s", " ".join(cmd))
         key = secrets.token_urlsafe(32)  # fresh per start: a key seen by an old server's process is void
         self._set_key(key)
-        server = self._server = _Server(cmd, server_env(self.cfg, self.cuda, key), port, self.log_path)
+        env = server_env(self.cfg, self.cuda, key, gpu.device_env(self.plan.engine, self.gpus), self._sleep_mode)
+        server = self._server = _Server(cmd, env, port, self.log_path)
         base = f"http://127.0.0.1:{port}"
         end = time.time() + self.cfg.startup_timeout_s
         while True:
@@ -415,11 +461,95 @@ class VLLMEngine:
         return port
 
     def _watch(self) -> None:
+        tick = 0
         while not self._stop.wait(0.5):
             srv = self._server
             if self.state == "ready" and srv is not None and not srv.alive():
                 code = srv.returncode()
                 self._restart(f"vLLM process {srv.pid} exited" + (f" with code {code}" if code is not None else ""))
+            tick += 1
+            if self.plan.shared and tick % 2 == 0:  # once a second: whose turn is the GPU?
+                try:
+                    self.take_turns()
+                except Exception as e:  # noqa: BLE001 - a busy database must not stop the watchdog
+                    log.warning("GPU turn check failed: %s: %s", type(e).__name__, e)
+
+    # -- one GPU shared with training ----------------------------------------------------------
+    def _gpu_state(self, state: str, job: str | None = None) -> None:
+        if self.plan.shared:
+            gpu.write_engine_state(self.ws, state, self.plan.engine, job)
+
+    def _gpu_taken(self) -> list[dict]:
+        """Jobs that hold the shared GPU now; ``waking`` is written first, so a job runner that marks
+        its job running after this check waits for the engine instead of starting beside it."""
+        if not self.plan.shared:
+            return []
+        gpu.write_engine_state(self.ws, "waking", self.plan.engine)
+        return gpu.gpu_holders(self.store)
+
+    def take_turns(self) -> None:
+        """Yield the shared GPU while a training job runs; come back when none does (the watchdog calls this)."""
+        holders = gpu.gpu_holders(self.store)
+        if self.state == "ready" and gpu.engine_should_yield(self.plan, holders):
+            self._yield_gpu(holders[0])
+        elif self.state == "yielded":
+            if holders:
+                self.error = gpu.lent_message(holders[0])
+            else:
+                self._come_back()
+
+    def _yield_gpu(self, job: dict) -> None:
+        msg = gpu.lent_message(job)
+        with self._lock:
+            if self.state != "ready":
+                return
+            self.state, self.error = "yielding", msg
+            self._gpu_state("yielding", job["id"])
+            self._slept = self._sleep_mode and self._dev_call("sleep?level=1")
+            if not self._slept:  # stop: frees everything the process held on the GPU
+                server, self._server, self._client = self._server, None, None
+                if server is not None:
+                    server.stop()
+            self.state = "yielded"
+            self._gpu_state("yielded", job["id"])
+        log.warning("vLLM engine %s: %s", "asleep" if self._slept else "stopped", msg)
+
+    def _come_back(self) -> None:
+        holders = self._gpu_taken()
+        if holders:
+            self.error = gpu.lent_message(holders[0])
+            self._gpu_state("yielded", holders[0]["id"])
+            return
+        with self._lock:
+            if self.state != "yielded":
+                return
+            self.state = "waking"
+            if self._slept and self._dev_call("wake_up"):
+                self._slept = False
+                self._gpu_state("serving")
+                self.state, self.error = "ready", ""
+                log.warning("vLLM engine awake: the GPU is back")
+                return
+            if self._slept:  # a failed wake: start afresh
+                server, self._server = self._server, None
+                if server is not None:
+                    server.stop(grace_s=5)
+            self._slept = False
+        self._restart("the GPU is back after training")
+
+    def _dev_call(self, route: str) -> bool:
+        """POST one of vLLM's sleep-mode routes (dev mode, behind the engine's key); True on success."""
+        srv = self._server
+        if srv is None or not srv.alive():
+            return False
+        try:
+            r = self._http.post(f"{self.url}/{route}", timeout=300)
+        except Exception as e:  # noqa: BLE001 - the caller falls back to stop/start
+            log.warning("vLLM /%s failed: %s", route, e)
+            return False
+        if r.status_code != 200:
+            log.warning("vLLM /%s answered %d: %s", route, r.status_code, r.text[:200])
+        return r.status_code == 200
 
     def restart(self, reason: str = "restart requested") -> None:
         """Restart a managed server now (also used by the watchdog); adapters are reloaded."""
@@ -429,8 +559,8 @@ class VLLMEngine:
 
     def _restart(self, reason: str) -> None:
         with self._lock:
-            if self.state in ("closed", "restarting"):
-                return
+            if self.state in ("closed", "restarting", "yielding", "yielded"):
+                return  # yielded: training has the GPU; it comes back through _come_back
             self.state, self.error = "restarting", reason
         log.warning("vLLM engine restarting: %s", reason)
         for attempt in range(1, self.cfg.max_restarts + 1):
@@ -451,11 +581,14 @@ class VLLMEngine:
                     log.error("vLLM restart %d failed: %s", attempt, e.message)
                     time.sleep(min(10, 2 ** attempt))
                     continue
+                self._gpu_state("serving")
                 self.state, self.error = "ready", ""
                 log.warning("vLLM engine back after %s (%d adapters reloaded)", reason, len(self._loaded))
                 return
         with self._lock:
             self.state = "failed"
+            if self.plan.shared:  # a failed engine holds no GPU: runners need not wait for it
+                gpu.clear_engine_state(self.ws)
 
     def _reload_adapters(self) -> None:
         """Reload what was loaded, each resolved again through the registry first: an adapter the
@@ -489,6 +622,8 @@ class VLLMEngine:
         server, self._server = self._server, None
         if server is not None:
             server.stop()
+        if self.plan.shared:
+            gpu.clear_engine_state(self.ws)
         try:
             atexit.unregister(self.close)
         except Exception:
@@ -504,7 +639,9 @@ class VLLMEngine:
         state = self.state
         if state == "ready" and self._client is not None:
             return self._client
-        if state in ("restarting", "starting"):
+        if state in ("yielding", "yielded"):
+            raise EngineError(self.error, "gpu")  # chat during training: says so plainly
+        if state in ("restarting", "starting", "waking"):
             raise EngineError(f"engine restarting ({self.error or 'starting up'}); try again in a few seconds", "vllm")
         if state == "failed":
             raise EngineError(f"engine failed: {self.error}; see {getattr(self, 'log_path', self.url)}", "vllm")
@@ -513,6 +650,8 @@ class VLLMEngine:
     def _request_error(self, e: Exception) -> EngineError:
         """Map a client error to an EngineError; a dead process triggers the restart at once."""
         import openai
+        if self.state in ("yielding", "yielded"):  # stopped under a request for a training job
+            return EngineError(self.error, "gpu")
         srv = self._server
         if self.managed and srv is not None and isinstance(e, openai.APIConnectionError):
             end = time.time() + 1.0  # a killed server drops its socket a moment before it can be reaped
@@ -686,4 +825,5 @@ class VLLMEngine:
                 ok = False
         return {"ok": ok, "engine": self.name, "state": self.state, "mode": "managed" if self.managed else "attach",
                 "base_model": self.base_model, "served_name": self.served_name, "url": self.url,
-                "pid": self.pid(), "restarts": self.restarts, "adapters": list(self._loaded), "error": self.error}
+                "pid": self.pid(), "restarts": self.restarts, "adapters": list(self._loaded), "error": self.error,
+                "gpus": list(self.plan.engine), "gpu_shared": self.plan.shared}
