@@ -306,10 +306,17 @@ def build_dpo_config(cfg: PreferenceConfig, run_dir: Path, cuda: bool, has_eval:
         save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, save_only_model=False,
         seed=cfg.seed, data_seed=cfg.seed, max_length=cfg.max_length,
         beta=cfg.beta, loss_type=[cfg.loss_type], label_smoothing=cfg.label_smoothing,
-        report_to=[], bf16=bool(cuda and train._bf16_ok()), use_cpu=not cuda,  # TRL's bf16 default would be True
+        # the card's precision (gpu.choose_precision, as SFT and the launcher): bf16 only where native, else
+        # fp16 AMP with loss scaling; explicit on the CPU too, where TRL's bf16 default would be True
+        report_to=[], **_precision(cuda).trainer_flags(), use_cpu=not cuda,
         gradient_checkpointing=bool(cuda and cfg.gradient_checkpointing),   # TRL's default is True
         dataloader_num_workers=0, disable_tqdm=True,
     )
+
+
+def _precision(cuda: bool):
+    from sft_core import gpu
+    return gpu.torch_precision() if cuda else gpu.CPU_PRECISION
 
 
 def load_policy(spec: dict, cfg: PreferenceConfig, cuda: bool):
@@ -317,8 +324,10 @@ def load_policy(spec: dict, cfg: PreferenceConfig, cuda: bool):
     reference adapter ``ref``), or the bare base and a new LoRA config (the reference is the adapter-less base)."""
     import torch
     from transformers import AutoModelForCausalLM
-    dtype = torch.bfloat16 if cuda and train._bf16_ok() else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=dtype)
+    from sft_core import gpu
+    prec = _precision(cuda)
+    model = AutoModelForCausalLM.from_pretrained(spec["model_dir"], dtype=prec.torch_dtype if cuda else torch.float32,
+                                                 device_map=gpu.device_map(cuda))
     if spec.get("from_run_adapter"):
         from peft import PeftModel
         return PeftModel.from_pretrained(model, spec["from_run_adapter"], is_trainable=True), None
@@ -389,6 +398,8 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
                              args=build_dpo_config(cfg, run_dir, cuda, eval_ds is not None),
                              train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tok,
                              peft_config=peft_config, callbacks=[make_callback(run_dir, job_id, store)])
+    if _precision(cuda).trainable_fp32:  # fp16 cards: the GradScaler needs fp32 trainable (LoRA) weights
+        train.cast_trainable(trainer.model)
     ckpt = train.last_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
         raise StudioError("no checkpoint to resume from; start the run again", "resume")
