@@ -46,6 +46,8 @@ def simulate(theta, n_votes, rng):
 
 
 def test_bt_recovers_order_and_matches_independent_fits():
+    import math
+
     from scipy.optimize import minimize
     rng = np.random.default_rng(0)
     true = np.array([-1.0, -0.2, 0.4, 0.8])
@@ -53,17 +55,26 @@ def test_bt_recovers_order_and_matches_independent_fits():
     w[:200] = 0.5  # some ties (half a win each)
     fit = rating.fit_bradley_terry(4, i, j, w)
     assert list(np.argsort(fit)) == list(np.argsort(true))
+    # 3000 votes: each system is in ~1500, so the prior (worth ~4 games) shrinks by well under 1%
     assert np.max(np.abs(fit - (true - true.mean()))) < 0.15
 
-    # independent 1: direct minimisation of the same penalised negative log-likelihood, vote by vote
+    # independent 1: direct minimisation of the same penalised negative log-likelihood (the N(0, 1)
+    # prior is |t|^2 / 2), vote by vote
     def nll(t):
         d = t[i] - t[j]
-        return -np.sum(w * -np.logaddexp(0, -d) + (1 - w) * -np.logaddexp(0, d)) + 0.5e-6 * np.sum(t ** 2)
+        return -np.sum(w * -np.logaddexp(0, -d) + (1 - w) * -np.logaddexp(0, d)) + 0.5 * np.sum(t ** 2)
 
-    ref = minimize(nll, np.zeros(4), method="BFGS", options={"gtol": 1e-12, "maxiter": 10000}).x
-    assert np.max(np.abs(fit - (ref - ref.mean()))) < 1e-6
+    def grad(t):
+        r = w - 1 / (1 + np.exp(-(t[i] - t[j])))  # d(loglik)/d(t_i - t_j) per vote
+        return -(np.bincount(i, r, 4) - np.bincount(j, r, 4)) + t
 
-    # independent 2: Hunter's (2004) MM algorithm for the plain MLE (no ridge), ties as half-wins
+    ref = minimize(nll, np.zeros(4), jac=grad, method="BFGS", options={"gtol": 1e-9, "maxiter": 10000}).x
+    # stopped at |gradient| <= 1e-9; the curvature is >= 1 (the prior) in every direction, so every
+    # coordinate is within ~1e-9 of the optimum, which is centred by itself (the likelihood sees differences)
+    assert abs(ref.mean()) < 1e-8
+    assert np.max(np.abs(fit - ref)) < 1e-8
+
+    # independent 2: Hunter's (2004) MM algorithm for the plain MLE (no prior), ties as half-wins
     wins = np.zeros(4)
     games = np.zeros((4, 4))
     for a, b, s in zip(i, j, w):
@@ -75,31 +86,74 @@ def test_bt_recovers_order_and_matches_independent_fits():
     for _ in range(5000):
         gamma = wins / (games / (gamma[:, None] + gamma[None, :])).sum(axis=1)
         gamma /= np.exp(np.log(gamma).mean())
-    assert np.max(np.abs(fit - np.log(gamma))) < 1e-6
+    assert np.max(np.abs(rating.fit_bradley_terry(4, i, j, w, prior_sd=math.inf) - np.log(gamma))) < 1e-6
 
 
-def test_bt_bootstrap_ci_coverage():
-    """Across 300 seeds the 95% bootstrap CIs cover the true (mean-centred) strengths ~95% of the time."""
+def laplace_interval(n, i, j, w, prior_sd=rating.PRIOR_SD):
+    theta = rating.fit_bradley_terry(n, i, j, w, prior_sd=prior_sd)
+    sd = np.sqrt(np.diag(rating.posterior_cov(n, i, j, w, theta, prior_sd=prior_sd)))
+    return theta, theta - 1.959964 * sd, theta + 1.959964 * sd
+
+
+def test_bt_laplace_interval_coverage():
+    """Across 300 simulated campaigns of 500 votes the 95% intervals cover the true (centred)
+    strengths ~95% of the time, and the check can fail: shifted values are rarely covered."""
     true = np.array([-0.6, -0.1, 0.2, 0.5])
     true -= true.mean()
     covered, shifted = [], []
     for seed in range(300):
         i, j, w = simulate(true, 500, np.random.default_rng(seed))
-        boots = rating.bootstrap_bradley_terry(4, i, j, w, n_boot=300, seed=seed)
-        assert boots.shape == (300, 4)
-        lo, hi = np.quantile(boots, [0.025, 0.975], axis=0)
+        _, lo, hi = laplace_interval(4, i, j, w)
         covered.append((lo <= true) & (true <= hi))
         shifted.append((lo <= true + 0.3) & (true + 0.3 <= hi))
     covered = np.array(covered)
+    # 1200 intervals at a true rate of 0.95: the binomial sd of the mean is 0.0063, so +-0.025 is ~4 sd
     assert 0.925 <= covered.mean() <= 0.975, covered.mean(0)
-    assert covered.mean(axis=0).min() >= 0.89, covered.mean(0)
-    assert np.mean(shifted) < 0.6  # the check can fail: wrong values are not covered
+    assert covered.mean(axis=0).min() >= 0.89, covered.mean(0)  # 300 per system: sd 0.0126, 0.89 is ~5 sd below
+    assert np.mean(shifted) < 0.6
 
 
-def test_bt_separation_is_finite_and_flagged():
-    fit = rating.fit_bradley_terry(2, [0] * 30, [1] * 30, [1.0] * 30)
-    assert np.all(np.isfinite(fit)) and fit[0] > fit[1]
-    assert not rating.mle_exists(2, [(0, 1, 1.0)] * 30)
+def test_bt_prior_keeps_twelve_straight_wins_finite_and_honest():
+    """A beats B in all 12 votes. The plain MLE is infinite; the prior gives a finite rating whose
+    interval matches what 12 votes can say. Derivation, with t = (a, -a) (the mode is centred) and
+    g = 2a the gap: the log-posterior is 12*log s(g) - g^2/(4 sd^2) (the prior on two strengths of
+    +-g/2), so the mode solves 12*s(-g) = g/(2 sd^2), and the Laplace variance of g is
+    1/(12*p*(1-p) + 1/(2 sd^2)) with p = s(g); each rating is 1000 +- (400/ln10)*g/2."""
+    import math
+
+    from scipy.optimize import brentq, minimize
+    assert not rating.mle_exists(2, [(0, 1, 1.0)] * 12)
+    theta, lo, hi = laplace_interval(2, [0] * 12, [1] * 12, [1.0] * 12)
+    assert np.all(np.isfinite(theta)) and np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))
+    sd = rating.PRIOR_SD
+    g = brentq(lambda g: 12 / (1 + math.exp(g)) - g / (2 * sd ** 2), 0, 50)
+    p = 1 / (1 + math.exp(-g))
+    half = 1.959964 * math.sqrt(1 / (12 * p * (1 - p) + 1 / (2 * sd ** 2))) / 2
+    assert theta[0] - theta[1] == pytest.approx(g, abs=1e-9)
+    assert (hi[0] - theta[0], theta[0] - lo[0]) == pytest.approx((half, half), abs=1e-9)
+    # the same penalised likelihood, optimised and differentiated numerically by scipy (BFGS's inverse
+    # Hessian estimate is rough, so the curvature is taken by central differences at its optimum)
+    def nll(t):
+        return 12 * np.logaddexp(0, -(t[0] - t[1])) + 0.5 * np.sum(t ** 2) / sd ** 2
+    ref = minimize(nll, np.zeros(2), method="BFGS", options={"gtol": 1e-10}).x
+    assert np.max(np.abs(theta - ref)) < 1e-5
+    h = 1e-4
+    curv = (nll(ref + [h, -h]) - 2 * nll(ref) + nll(ref - [h, -h])) / (2 * h) ** 2  # along the gap direction, per unit of g
+    assert math.sqrt(1 / curv) == pytest.approx(math.sqrt(1 / (12 * p * (1 - p) + 1 / (2 * sd ** 2))), rel=1e-4)
+    # what the numbers say: A wins with probability s(g) ~ 0.91, close to Laplace's rule of succession
+    # (13/14 = 0.93); the rating gap is ~390 points, not the runaway ~2300 (6.6 log-strengths) of the
+    # unregularised fit
+    assert 0.88 < p < 0.93 and 300 < rating.RATING_SCALE * g < 450
+    # honest: an exact sign test calls 12-0 clear (two-sided p = 2/2^12) and 3-0 not (p = 0.25); the
+    # 95% interval of the gap must agree with both
+    gap_sd = math.sqrt(1 / (12 * p * (1 - p) + 1 / (2 * sd ** 2)))
+    assert g - 1.959964 * gap_sd > 0  # A's interval lies above the average, B's below: they do not overlap
+    assert lo[0] > hi[1]
+    theta3, lo3, hi3 = laplace_interval(2, [0] * 3, [1] * 3, [1.0] * 3)
+    assert lo3[0] < hi3[1] and lo3[0] < 0 < hi3[0]  # 3-0 is not enough to tell them apart
+    # more one-sided votes move the gap out, as they should, and it stays finite
+    gaps = [np.diff(laplace_interval(2, [1] * n, [0] * n, [1.0] * n)[0])[0] for n in (3, 12, 48, 200)]
+    assert all(a < b for a, b in zip(gaps, gaps[1:])) and gaps[-1] < 10
     assert rating.mle_exists(2, [(0, 1, 1.0)] * 30 + [(0, 1, 0.5)])  # a tie connects them
     assert not rating.mle_exists(3, [(0, 1, 1.0), (1, 0, 1.0)])  # system 2 never compared
 
@@ -128,7 +182,7 @@ def test_blind_payload_and_balanced_assignment(ws, store):
         for s in systems + ["base", "bm25", "sft", "7f3a"]:
             assert s not in wire
         assert set(t) == {"task_id", "prompt", "reference", "left", "right", "progress"}
-        assert set(t["progress"]) == {"done", "remaining"}
+        assert set(t["progress"]) == {"done", "remaining", "total"}
         # the only id is a random uuid4, not derived from the systems or the order
         assert len(t["task_id"]) == 32 and t["task_id"][12] == "4"
         row = store.query_one("SELECT * FROM rating_tasks WHERE id=?", (t["task_id"],))
@@ -249,7 +303,7 @@ def test_old_database_gets_the_name_column(tmp_path):
     assert rating.list_campaigns(store=st)[0]["name"] == ""
     # the later columns too: invite-only, results hidden, rating on; the raters table exists
     c = rating.list_campaigns(store=st)[0]
-    assert (c["open_rating"], c["published_at"], c["closed_at"]) == (0, None, None)
+    assert (c["open_rating"], c["published_at"], c["closed_at"], c["guidelines"]) == (0, None, None, "")
     assert not rating.results_visible("camp-old", store=st)
     assert st.query("SELECT * FROM raters") == []
     st.close()
@@ -293,7 +347,7 @@ def test_twenty_processes_fifty_votes_each(ws, store):
     dup = store.query("SELECT task_id, rater, COUNT(*) c FROM votes GROUP BY task_id, rater HAVING c > 1")
     assert dup == []
     assert store.query_one("SELECT COUNT(*) AS n FROM rating_assignments")["n"] == 1000
-    res = rating.results(cid, ws=ws, store=store, n_boot=50)
+    res = rating.results(cid, ws=ws, store=store)
     assert res["n_votes"] == 1000 and res["n_raters"] == 20
     assert sum(res["votes_per_system"].values()) == 2 * 1000  # each vote counts for two systems
     assert res["agreement"]["tasks_with_several_raters"] == 60
@@ -320,10 +374,14 @@ def test_results_agreement_and_exports(ws, store, tmp_path, capsys):
         carol = store.query_one("SELECT choice FROM votes WHERE task_id=? AND rater='carol'", (t["task_id"],))["choice"]
         flip = {"left": "right", "right": "left"}[carol]
         rating.vote(cid, t["task_id"], "dan", carol if k >= 2 else flip, ws=ws, store=store)
-    res = rating.results(cid, ws=ws, store=store, n_boot=200)
+    res = rating.results(cid, ws=ws, store=store)
     assert [r["system"] for r in res["leaderboard"]] == ["sft:r1", "prompt"]
     top = res["leaderboard"][0]
-    assert top["ci_low"] < top["bt_score"] < top["ci_high"] and top["elo"] > 1000 and top["bt_rating"] > 1000
+    assert top["ci_low"] < top["rating"] < top["ci_high"] and top["rating"] > 1000 > res["leaderboard"][1]["rating"]
+    sft_won = sum((v["choice"] == "left") == (v["system_left"] == "sft:r1") for v in store.query(
+        "SELECT v.choice, t.system_left FROM votes v JOIN rating_tasks t ON t.id=v.task_id"))
+    assert (top["wins"], top["losses"], top["ties"], top["votes"]) == (sft_won, 42 - sft_won, 0, 42)
+    assert top["rating"] - 1000 == pytest.approx(rating.RATING_SCALE * top["strength"])
     assert res["votes_per_system"] == {"prompt": 42, "sft:r1": 42}
     wr = res["win_rate"]
     assert abs(wr["sft:r1"]["prompt"] + wr["prompt"]["sft:r1"] - 1) < 1e-12 and wr["sft:r1"]["prompt"] > 0.6
@@ -340,6 +398,7 @@ def test_results_agreement_and_exports(ws, store, tmp_path, capsys):
     judged = [h for h in human if h["row_id"] != "r000"]
     agree = sum((h["choice"] == "left") == (h["system_left"] == "sft:r1") for h in judged)
     assert res["agreement"]["judge_vs_human"] == pytest.approx(agree / len(judged))
+    assert res["agreement"]["judge_votes_compared"] == len(judged)
 
     out = rating.export_votes(cid, "dpo", tmp_path / "dpo.jsonl", ws=ws, store=store)
     import datasets
@@ -362,10 +421,11 @@ def test_ties_and_both_bad(ws, store, tmp_path):
     for choice in ("tie", "both_bad", "tie", "both_bad"):
         t = rating.next_task(cid, "ivy", ws=ws, store=store)
         rating.vote(cid, t["task_id"], "ivy", choice, ws=ws, store=store)
-    res = rating.results(cid, ws=ws, store=store, n_boot=20)
+    res = rating.results(cid, ws=ws, store=store)
     assert res["votes_per_system"] == {"prompt": 4, "rag": 4}
     assert res["win_rate"]["prompt"]["rag"] == 0.5  # two ties = half a win each; both_bad left out
-    assert [r["bt_score"] for r in res["leaderboard"]] == [0.0, 0.0] and res["warnings"] == []
+    assert [r["rating"] for r in res["leaderboard"]] == [1000.0, 1000.0] and res["warnings"] == []
+    assert [(r["ties"], r["both_bad"]) for r in res["leaderboard"]] == [(2, 2), (2, 2)]
     out = rating.export_votes(cid, "dpo", tmp_path / "d.jsonl", ws=ws, store=store)
     assert out.read_text() == ""  # no preference to learn from
 
@@ -394,7 +454,7 @@ def test_cli_create_results_export_and_errors(ws, store, capsys):
     for _ in range(5):
         t = rating.next_task(cid, "jo", ws=ws, store=store)
         rating.vote(cid, t["task_id"], "jo", "left", ws=ws, store=store)
-    assert cli.main(["rate", "results", cid, "--n-boot", "50"]) == 0
+    assert cli.main(["rate", "results", cid]) == 0
     out = capsys.readouterr().out
     assert "5 votes from 1 raters" in out and "prompt" in out and "rag" in out and "win rate" in out
     for fmt, ext in (("csv", "csv"), ("jsonl", "jsonl"), ("dpo", "jsonl")):
@@ -485,7 +545,7 @@ def test_publish_and_close_end_the_rating_and_show_results(ws, store):
     assert rating.results_visible(cid2, ws=ws, store=store)
     with pytest.raises(rating.RatingError, match="closed"):
         rating.next_task(cid2, "amy", ws=ws, store=store)
-    assert rating.results(cid, ws=ws, store=store, n_boot=10)["n_votes"] == 1
+    assert rating.results(cid, ws=ws, store=store)["n_votes"] == 1
 
 
 def test_cli_invite_publish_close(ws, store, capsys):
@@ -522,3 +582,108 @@ def test_cli_invite_publish_close(ws, store, capsys):
         assert cli.main(argv) == 1
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
+
+
+# ---- undo, guidelines, the leaderboard in words ------------------------------------------------------
+def test_undo_brings_back_the_raters_own_last_vote(ws, store):
+    cid = rating.create_campaign(make_eval(ws, store, 3), ["prompt", "rag"], ws=ws, store=store, seed=2)
+    assert rating.last_vote(cid, "uma", ws=ws, store=store) is None  # nothing to undo yet
+    first = rating.next_task(cid, "uma", ws=ws, store=store)
+    rating.vote(cid, first["task_id"], "uma", "left", "too long", ws=ws, store=store)
+    second = rating.next_task(cid, "uma", ws=ws, store=store)
+    rating.vote(cid, second["task_id"], "uma", "tie", ws=ws, store=store)
+    other = rating.next_task(cid, "vic", ws=ws, store=store)
+    rating.vote(cid, other["task_id"], "vic", "right", ws=ws, store=store)  # someone else's, later
+    last = rating.last_vote(cid, "uma", ws=ws, store=store)
+    assert (last["task_id"], last["choice"], last["comment"]) == (second["task_id"], "tie", "")
+    assert (last["left"], last["right"], last["prompt"]) == (second["left"], second["right"], second["prompt"])
+    assert last["progress"] == {"done": 2, "remaining": 1, "total": 3}
+    assert "system_left" not in last and "rag" not in json.dumps(last)  # still blind
+    # the replacement goes through change_vote: one vote per task, the old choice in the history
+    rating.change_vote(cid, last["task_id"], "uma", "right", ws=ws, store=store)
+    assert store.query("SELECT choice FROM votes WHERE task_id=? AND rater='uma'", (second["task_id"],)) == \
+        [{"choice": "right"}]
+    assert [h["choice"] for h in store.query("SELECT choice FROM vote_history")] == ["tie"]
+    assert rating.last_vote(cid, "uma", ws=ws, store=store)["task_id"] == second["task_id"]  # changed = latest
+    rating.close(cid, ws=ws, store=store)
+    with pytest.raises(rating.RatingError, match="closed"):
+        rating.last_vote(cid, "uma", ws=ws, store=store)
+
+
+def test_campaign_guidelines(ws, store):
+    ev = make_eval(ws, store, 2)
+    cid = rating.create_campaign(ev, ["prompt", "rag"], ws=ws, store=store, guidelines="  Prefer *correct* answers. ")
+    assert rating.get_campaign(cid, ws=ws, store=store)["guidelines"] == "Prefer *correct* answers."
+    with pytest.raises(rating.RatingError, match="guidelines are 4001 characters; the limit is 4000"):
+        rating.create_campaign(ev, ["prompt", "rag"], ws=ws, store=store, guidelines="x" * 4001)
+    assert len(rating.list_campaigns(ws=ws, store=store)) == 1  # nothing half-made
+
+
+def test_cli_campaign_guidelines_from_text_or_file(ws, store, tmp_path, monkeypatch, capsys):
+    from sft_core import cli
+    monkeypatch.setenv("SFT_STUDIO_HOME", str(ws.root))
+    ev = make_eval(ws, store, 2)
+    (tmp_path / "g.md").write_text("Judge *facts* first.\n")
+    assert cli.main(["rate", "campaign", "create", "--eval", ev, "--systems", "prompt,rag",
+                     "--guidelines", "@" + str(tmp_path / "g.md")]) == 0
+    cid = capsys.readouterr().out.strip()
+    assert rating.get_campaign(cid, ws=ws, store=store)["guidelines"] == "Judge *facts* first."
+    assert cli.main(["rate", "campaign", "create", "--eval", ev, "--guidelines", "@/nonexistent/g.md"]) == 1
+    assert "/nonexistent/g.md" in capsys.readouterr().err
+    assert len(rating.list_campaigns(ws=ws, store=store)) == 1  # the refused one made nothing
+
+
+def test_leaderboard_tables_and_agreement_in_words(ws, store):
+    """Row beats column from hand-counted votes; ratings rounded to their intervals; agreement in words."""
+    from evals import leaderboard
+    cid = rating.create_campaign(make_eval(ws, store, 6), SYSTEMS, ws=ws, store=store, seed=3)
+    res = rating.results(cid, ws=ws, store=store)
+    assert leaderboard.agreement_text(res) == "No votes yet."
+    assert {r["rating"] for r in res["leaderboard"]} == {1000.0}  # no votes: the prior, for every system
+    assert leaderboard.win_rate_table(res)[1] == [["prompt", "—", "no votes", "no votes"],
+                                                  ["rag", "no votes", "—", "no votes"],
+                                                  ["sft", "no votes", "no votes", "—"]]
+    wins = {}  # (winner, loser) -> count, by hand
+    for k in range(9):  # ann: sft beats prompt and rag, prompt beats rag
+        t = rating.next_task(cid, "ann", ws=ws, store=store)
+        row = store.query_one("SELECT * FROM rating_tasks WHERE id=?", (t["task_id"],))
+        pair = {row["system_left"], row["system_right"]}
+        winner = "sft:r1" if "sft:r1" in pair else "prompt"
+        loser = (pair - {winner}).pop()
+        wins[winner, loser] = wins.get((winner, loser), 0) + 1
+        rating.vote(cid, t["task_id"], "ann", "left" if row["system_left"] == winner else "right", ws=ws, store=store)
+    for _ in range(2):
+        t = rating.next_task(cid, "bob", ws=ws, store=store)  # bob's tasks are not ann's (least assigned first)
+        rating.vote(cid, t["task_id"], "bob", "tie", ws=ws, store=store)
+    res = rating.results(cid, ws=ws, store=store)
+    assert leaderboard.agreement_text(res) == "2 raters overlapped on 0 tasks: agreement not measurable yet."
+    cols, rows = leaderboard.win_rate_table(res)
+    assert cols == ["row beats column", "prompt", "rag", "sft"]
+    cell = {(r[0], c): v for r in rows for c, v in zip(cols[1:], r[1:])}
+    ties = {}
+    for v in store.query("SELECT t.system_left, t.system_right FROM votes v JOIN rating_tasks t ON t.id=v.task_id "
+                         "WHERE v.rater='bob'"):
+        key = frozenset((v["system_left"], v["system_right"]))
+        ties[key] = ties.get(key, 0) + 1
+    short = {"prompt": "prompt", "rag": "rag", "sft:r1": "sft"}
+    for (w, lo), n in wins.items():
+        t = ties.get(frozenset((w, lo)), 0)
+        assert cell[short[w], short[lo]] == f"{(n + t / 2) / (n + t):.0%} of {n + t}"
+        assert cell[short[lo], short[w]] == f"{(t / 2) / (n + t):.0%} of {n + t}"
+    assert cell["sft", "sft"] == "—"
+    cols, rows = leaderboard.board_table(res)
+    assert cols[:3] == ["system", "rating", "95% interval"] and rows[0][0].lstrip("★ ") == "sft"
+    top = res["leaderboard"][0]
+    half = (top["ci_high"] - top["ci_low"]) / 2  # ~100-200 points here: shown to the nearest 10
+    assert 50 < half < 500 and int(rows[0][1]) % 10 == 0 and abs(int(rows[0][1]) - top["rating"]) <= 5
+    bar = rows[0][3]
+    assert len(bar) == leaderboard.BAR_WIDTH and bar.count("●") == 1 and bar.index("├") < bar.index("●") < bar.index("┤")
+    # agreement once two raters share tasks: Cohen's kappa by hand for 2 raters
+    while (t := rating.next_task(cid, "bob", ws=ws, store=store)) is not None:  # bob rates the rest, ann's too
+        ann = store.query_one("SELECT choice FROM votes WHERE task_id=? AND rater='ann'", (t["task_id"],))
+        rating.vote(cid, t["task_id"], "bob", ann["choice"] if ann else "tie", ws=ws, store=store)
+    res = rating.results(cid, ws=ws, store=store)
+    assert res["agreement"]["tasks_with_several_raters"] == 9  # all of ann's
+    text = leaderboard.agreement_text(res)
+    assert text == (f"2 raters overlapped on 9 tasks: Cohen's κ = {res['agreement']['cohen_kappa']:.2f} "
+                    "(almost perfect agreement, from few tasks)."), text

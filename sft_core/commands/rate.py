@@ -2,11 +2,21 @@
 from __future__ import annotations
 
 
+def _guidelines(value: str | None) -> str:
+    """--guidelines TEXT, or @FILE for a Markdown file (raters see it above every task)."""
+    from pathlib import Path
+    if not value:
+        return ""
+    if value.startswith("@"):
+        return Path(value[1:]).read_text(encoding="utf-8")  # OSError: one line from the CLI's handler
+    return value
+
+
 def cmd_create(args) -> int:
     from evals import rating
     systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
     cid = rating.create_campaign(args.eval, systems, name=args.name, show_reference=not args.hide_reference,
-                                 seed=args.seed, open_rating=args.open)
+                                 seed=args.seed, open_rating=args.open, guidelines=_guidelines(args.guidelines))
     print(cid)
     return 0
 
@@ -48,22 +58,22 @@ def cmd_close(args) -> int:
 
 
 def cmd_results(args) -> int:
-    from evals import rating
-    res = rating.results(args.campaign, n_boot=args.n_boot)
+    from evals import leaderboard, rating
+    res = rating.results(args.campaign)
     print(f"{res['name']}: {res['n_votes']} votes from {res['n_raters']} raters")
     print(res["method"])
-    print(f"{'system':28s} {'BT':>7s} {'95% CI':>18s} {'Elo':>7s} {'votes':>6s}")
-    for r in res["leaderboard"]:
-        print(f"{r['system']:28s} {r['bt_score']:7.3f} [{r['ci_low']:7.3f},{r['ci_high']:7.3f}] {r['elo']:7.1f} {r['votes']:6d}")
+    cols, rows = leaderboard.board_table(res)
+    keep = [i for i, c in enumerate(cols) if c != "interval"]  # the text bar needs a monospace table cell
+    print("  ".join(f"{cols[i]:>14s}" if i else f"{cols[i]:28s}" for i in keep))
+    for r in rows:
+        print("  ".join(f"{str(r[i]):>14s}" if i else f"{str(r[i]):28s}" for i in keep))
     if res["leaderboard"]:
-        systems = res["systems"]
         print("win rate (row beats column; ties count half):")
-        print(" " * 28 + "".join(f"{s[:10]:>11s}" for s in systems))
-        for s in systems:
-            cells = ["—" if t == s or res["win_rate"][s][t] is None else f"{res['win_rate'][s][t]:.2f}" for t in systems]
-            print(f"{s:28s}" + "".join(f"{c:>11s}" for c in cells))
-    for k, v in res["agreement"].items():
-        print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+        cols, rows = leaderboard.win_rate_table(res)
+        print(" " * 28 + "".join(f"{c[:12]:>13s}" for c in cols[1:]))
+        for r in rows:
+            print(f"{r[0]:28s}" + "".join(f"{c:>13s}" for c in r[1:]))
+    print(leaderboard.agreement_text(res))
     for w in res["warnings"]:
         print(f"warning: {w}")
     return 0
@@ -88,6 +98,8 @@ def register(sub) -> None:
     cc.add_argument("--systems", default=None, help="comma-separated (default: all of the eval's)")
     cc.add_argument("--name", default=None)
     cc.add_argument("--hide-reference", action="store_true", help="do not show raters the reference answer")
+    cc.add_argument("--guidelines", default=None, metavar="TEXT|@FILE",
+                    help="what raters should judge, shown above every task (Markdown; @FILE reads a file)")
     cc.add_argument("--seed", type=int, default=None, help="fix the left/right draw (default: OS randomness)")
     cc.add_argument("--open", action="store_true",
                     help="anyone may join under a self-chosen name (trusted rooms); default: invites only")
@@ -104,9 +116,8 @@ def register(sub) -> None:
     cl = s.add_parser("close", help="end the rating (raters then see the results)")
     cl.add_argument("campaign")
     cl.set_defaults(func=cmd_close)
-    r = s.add_parser("results", help="Bradley-Terry leaderboard, Elo, win rates, agreement")
+    r = s.add_parser("results", help="Bradley-Terry ratings with 95% intervals, win rates, agreement")
     r.add_argument("campaign")
-    r.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the CIs")
     r.set_defaults(func=cmd_results)
     e = s.add_parser("export", help="votes as csv/jsonl, or a DPO preference dataset")
     e.add_argument("campaign")
