@@ -150,37 +150,13 @@ def _openai_batch(model: str, reqs: list[list[dict]], decoding: DecodingConfig) 
 
 def missing_answers(sets: dict[str, list[dict]], systems: list[S.System], done: set) -> list[tuple]:
     """(set, row, system) for every answer not in ``done``, interleaved: row by row across the sets,
-    every system of a row together, so base-model and adapter requests mix in the engine's batch (where
-    mixing is costly, ``generate_answers`` regroups them: see ``adapters_mix_cheaply``)."""
+    every system of a row together, so base-model and adapter requests mix in the engine's batch."""
     out = []
     for i in range(max((len(r) for r in sets.values()), default=0)):
         for set_name, rows in sets.items():
             if i < len(rows):
                 out += [(set_name, rows[i], s) for s in systems if (set_name, rows[i]["id"], s.name) not in done]
     return out
-
-
-def adapters_mix_cheaply(engine) -> bool:
-    """Whether base-model and adapter requests may share the engine's batches at no real cost.
-
-    On CUDA, vLLM's punica kernels apply several LoRAs in one batch for almost nothing. On vLLM-CPU every
-    step of a batch that holds any adapter request pays the LoRA ops for the whole batch (measured on 2
-    cores: 216 tok/s without adapters, 108 with), so there the window feeds one adapter's requests at a
-    time and only the hand-over between two groups mixes. Where the server runs is known for an engine we
-    manage and for the app's engine (``run/engine.json`` says); any other endpoint is assumed a GPU server."""
-    on_cpu = getattr(engine, "server_on_cpu", None)
-    if on_cpu is None:
-        on_cpu = bool(getattr(engine, "managed", False)) and not getattr(engine, "cuda", True)
-    return not on_cpu
-
-
-def group_by_adapter(todo: list[tuple]) -> list[tuple]:
-    """``todo`` reordered so requests without an adapter come first, then each adapter's in turn; the
-    order within a group (rows interleaved across sets and systems) is kept (a stable sort)."""
-    first: dict[str | None, int] = {None: -1}
-    for _, _, system in todo:
-        first.setdefault(system.adapter, len(first))
-    return sorted(todo, key=lambda j: first[j[2].adapter])
 
 
 class _SearchCache:
@@ -229,8 +205,6 @@ def generate_answers(todo: list[tuple], ctx: S.Context, decoding: DecodingConfig
     flight are still written, then EvalError is raised. Returns the number of answers written."""
     from sft_core.serving.base import GenRequest, engine_capacity, generate_stream, merge_streams, prefetch, run_window
     lanes = {"engine": [j for j in todo if j[2].kind != "openai"], "openai": [j for j in todo if j[2].kind == "openai"]}
-    if not adapters_mix_cheaply(engine):
-        lanes["engine"] = group_by_adapter(lanes["engine"])
     used: dict[tuple[str, int], list] = {}   # passages of each request, by (lane, index)
     stop = threading.Event()
     if ctx.kb is not None:  # rag and sft+rag ask the same question: retrieve it once
@@ -504,10 +478,7 @@ def _attach_app_engine(cfg: dict, ws: Workspace, store: Store):
     import os
     os.environ["SFT_STUDIO_ENGINE_API_KEY"] = link.get("api_key") or ""
     try:
-        engine = get_engine(cfg["base_model"], ws, store, engine="vllm", url=link["url"])
-        if "cuda" in link:
-            engine.server_on_cpu = not link["cuda"]
-        return engine
+        return get_engine(cfg["base_model"], ws, store, engine="vllm", url=link["url"])
     except EngineError as e:
         print(f"could not attach to the app's engine at {link['url']}: {e}", file=sys.stderr, flush=True)
         return None

@@ -247,7 +247,6 @@ def write_engine_link(ws: Workspace, engine, base_name: str) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump({"url": engine.url, "api_key": getattr(engine, "_api_key", None), "pid": os.getpid(),
                    "base_model": str(getattr(engine, "base_model", "")), "base_name": base_name,
-                   "cuda": bool(getattr(engine, "cuda", False)),  # where it computes (evals order requests by it)
                    "time": time.time()}, f)
     os.replace(tmp, path)
 

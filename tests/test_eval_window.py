@@ -233,30 +233,3 @@ def test_rag_systems_retrieve_each_question_once(tmp_path):
 
 def read_lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def test_cpu_vllm_gets_one_adapter_at_a_time_gpu_and_attached_engines_mix():
-    """On vLLM-CPU a batch holding any adapter request pays the LoRA ops for all of it, so the window feeds
-    base-model requests first, then each adapter's; on CUDA (or an attached server) the interleaved order
-    stays. The order inside each group is the interleaved one (stable)."""
-    systems = [S.parse_system(n) for n in ("prompt", "sft:run-a", "rag", "sft+rag:run-b", "sft+rag:run-a")]
-    sets = {"domain": [{"id": f"d{i}"} for i in range(3)], "general": [{"id": "g0"}]}
-    todo = runner.missing_answers(sets, systems, set())
-    assert [s.name for _, _, s in todo[:5]] == [s.name for s in systems]  # interleaved: a row's systems together
-
-    class Engine:
-        def __init__(self, cuda, managed):
-            self.cuda, self.managed = cuda, managed
-    assert not runner.adapters_mix_cheaply(Engine(cuda=False, managed=True))
-    assert runner.adapters_mix_cheaply(Engine(cuda=True, managed=True))
-    attached = Engine(cuda=False, managed=False)
-    assert runner.adapters_mix_cheaply(attached)  # an unknown endpoint: assume a GPU server
-    attached.server_on_cpu = True  # the app's engine, announced in run/engine.json as a CPU server
-    assert not runner.adapters_mix_cheaply(attached)
-    assert runner.adapters_mix_cheaply(FakeEngine())  # no cuda attribute: nothing known, keep the order
-    grouped = runner.group_by_adapter(todo)
-    adapters = [s.adapter for _, _, s in grouped]
-    assert adapters == [None] * 8 + ["run-a"] * 8 + ["run-b"] * 4  # run-a appears before run-b in todo
-    assert sorted(map(repr, grouped)) == sorted(map(repr, todo))  # the same answers, each once
-    assert [(st, r["id"], s.name) for st, r, s in grouped if s.adapter is None] == \
-        [(st, r["id"], s.name) for st, r, s in todo if s.adapter is None]  # stable within a group
