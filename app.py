@@ -27,8 +27,9 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from sft_core import StudioError
+from sft_core import StudioError, guide
 from sft_core.config import DataConfig, DecodingConfig, fields_for_form, load_config
+from sft_core.curves import LOSS_COLORS
 from sft_core.safety import AdminSessions, safe_markdown
 from sft_core.studio import EXAMPLE_NAME, Studio, delete_dataset, delete_run
 
@@ -125,11 +126,22 @@ def start_background() -> None:
     jobs.start_dispatcher(STUDIO.ws, STUDIO.store)
 
 
+@functools.lru_cache(maxsize=1)
+def _gpu_inventory():
+    """The machine's GPUs, asked once (nvidia-smi is a subprocess; the header polls)."""
+    from sft_core import gpu
+    return gpu.inventory()
+
+
 def status_text() -> str:
     from sft_core import jobs
     engine = "running" if STUDIO.engine_ready() else "starts on first chat/eval"
     active = STUDIO.store.query("SELECT * FROM jobs WHERE status IN ('running','queued') ORDER BY created_at LIMIT 4")
     lines = ["Job: " + jobs.describe(j, STUDIO.store) for j in active]
+    inv = _gpu_inventory()
+    if inv.count or inv.smi_count or inv.smi_error:  # who holds each GPU (engine, asleep, a training run); nothing on a CPU machine
+        from sft_core import gpu
+        lines.append(gpu.holder_text(STUDIO.ws, STUDIO.store, inv))
     return (f"**Workspace** `{STUDIO.ws.root}` · **base model** `{STUDIO.settings.base_model}` · "
             f"**engine** {engine}\n\n" + "  \n".join(lines + [STUDIO.status_lines()]))
 
@@ -169,33 +181,220 @@ def campaign_choices() -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
+# The guided path (top of the page) and the selections a page starts on (sft_core/guide.py decides)
+# ------------------------------------------------------------------------------------------------
+def guide_view(dataset, is_admin, last):
+    """Timer and tab switch: the guide's visibility, the five steps, the next-action button, its hint and
+    the background-work line, each sent only when it changed (no flicker). Last output: the fingerprints.
+    With an admin password set, only the admin sees the guide (its actions are admin writes; raters
+    coming in by invite need none of it), and nobody else pays for computing it."""
+    if not admin_ok(is_admin):
+        values = (gr.update(visible=False), "", gr.update(), "", "")
+    else:
+        g = guide.guide_state(STUDIO.ws, STUDIO.store, dataset)
+        values = (gr.update(visible=True), guide.checklist_html(g),
+                  gr.update(value=g.next.label, interactive=g.next.kind != "wait"), guide.next_html(g), status_text())
+    values, digests = skip_unchanged(values, last)
+    return (*values, digests)
+
+
+@ui_errors
+def guide_go(dataset, base_model, limit, metrics, is_admin, *train_values):
+    """The next action of the guided path, on the current selections: start the training run, the
+    evaluation or the rating campaign (with an invite for the caller), or just open the tab to watch.
+    Outputs: message, tabs, run, eval, eval dataset, eval knowledge base, eval systems, rate campaign,
+    results campaign, invite box, remembered invite, steps, next button, its hint, Train and Evaluate
+    message lines."""
+    from evals import rating
+    g = guide.guide_state(STUDIO.ws, STUDIO.store, dataset)
+    a, f = g.next, g.facts
+    keep = gr.skip()
+    run = ev = ev_ds = ev_kb = ev_sys = r_camp = res_camp = invite = invite_state = keep
+    msg, t_line, e_line = (a.hint if a.kind == "wait" else ""), keep, keep
+    if a.kind == "train":
+        msg, run = train_start(f["dataset"], base_model, is_admin, *train_values)
+        t_line = msg
+        msg += " Follow it on the Train tab; the guide above moves on when it has finished."
+    elif a.kind == "evaluate":
+        row = STUDIO.store.query_one("SELECT dataset FROM runs WHERE id=?", (f["run"],))
+        systems = ["prompt", *(["rag"] if f["kb"] else []), f"sft:{f['run']}", *([f"sft+rag:{f['run']}"] if f["kb"] else [])]
+        msg, ev = eval_start(row["dataset"], "test", systems, f["kb"], limit, metrics, False, is_admin)
+        ev_ds, ev_kb = gr.update(value=row["dataset"]), gr.update(value=f["kb"])
+        ev_sys = gr.update(choices=system_choices(), value=systems)
+        e_line = msg
+        msg += " The recommendation card on the Evaluate tab fills in when it has finished."
+    elif a.kind == "rate":
+        admin_required(is_admin)
+        cid = rating.create_campaign(f["eval"], None, ws=STUDIO.ws, store=STUDIO.store, open_rating=False)
+        token = rating.create_invites(cid, ["you"], ws=STUDIO.ws, store=STUDIO.store)[0]["token"]
+        r_camp = res_camp = gr.update(choices=campaign_choices(), value=cid)
+        invite, invite_state = token, {"campaign": cid, "token": token}
+        msg = (f"Campaign **{cid}** created with an invite for you (kept in this browser): press **Next** and vote "
+               "with the buttons or the keys 1-4. More raters: Results tab → Campaign admin.")
+    elif a.kind == "open" and a.tab == "results" and f.get("campaign"):
+        res_camp = gr.update(value=f["campaign"])
+    g = guide.guide_state(STUDIO.ws, STUDIO.store, dataset)
+    tab = keep if a.kind == "wait" else gr.Tabs(selected=a.tab)
+    return (msg, tab, run, ev, ev_ds, ev_kb, ev_sys, r_camp, res_camp, invite, invite_state,
+            guide.checklist_html(g), gr.update(value=g.next.label, interactive=g.next.kind != "wait"),
+            guide.next_html(g), t_line, e_line)
+
+
+def restore_selection(dataset, kb, run, eval_id, campaign, invite, request: gr.Request = None):
+    """Page load: every dropdown's choices, and its value: what this browser chose last if it still
+    exists, else the running or the newest (the example knowledge base first). The chat panes start on
+    prompt, rag and the newest finished run with and without retrieval. An ``?invite=`` link keeps its
+    own campaign (rate_link). Outputs: see build_demo's ``restore_outputs``."""
+    d = guide.default_selection(STUDIO.ws, STUDIO.store)
+    ds_c, kb_c, run_c, ev_c, camp_c = dataset_choices(), kb_choices(), all_runs(), eval_choices(), campaign_choices()
+    sys_c = system_choices()
+    ds = guide.choose(dataset, ds_c, d["dataset"])
+    k = guide.choose(kb, kb_c, d["kb"])
+    r = d["succeeded_run"]
+    eval_systems_ = ["prompt", *(["rag"] if k else []), *([f"sft:{r}"] if r else []),
+                     *([f"sft+rag:{r}"] if r and k else [])]
+    panes = ["prompt", "rag" if k else None, f"sft:{r}" if r else None, f"sft+rag:{r}" if r and k else None]
+    ev = guide.choose(eval_id, ev_c, d["eval"])
+    linked = bool(_query_invite(request))
+    camp = guide.choose(campaign, camp_c, d["campaign"])
+    token = (invite or {}).get("token") if isinstance(invite, dict) and invite.get("campaign") == camp else None
+    return (gr.update(choices=ds_c, value=ds), gr.update(choices=ds_c, value=ds), gr.update(choices=ds_c),
+            gr.update(choices=kb_c, value=k), gr.update(choices=kb_c, value=k), gr.update(choices=kb_c, value=k),
+            gr.update(choices=sys_c, value=eval_systems_), *(gr.update(choices=sys_c, value=v) for v in panes),
+            gr.update(choices=ev_c, value=ev), gr.update(choices=ev_c, value=ev),
+            gr.update(choices=camp_c) if linked else gr.update(choices=camp_c, value=camp),
+            gr.update(choices=camp_c, value=camp), gr.update(choices=run_c, value=guide.choose(run, run_c, d["run"])),
+            token if token and not linked else gr.skip())
+
+
+def _remember(value):
+    """A dropdown's new value, for the browser to keep (gr.BrowserState)."""
+    return value
+
+
+CHAT_KINDS = {"prompt": "base model, prompted", "rag": "base model + retrieved passages", "sft": "fine-tuned",
+              "sft+rag": "fine-tuned + retrieved passages", "openai": "remote model"}
+
+
+def chat_heads(s1, s2, s3, s4):
+    """Each chat pane's heading: the system's short name and what it is."""
+    from evals import report
+    chosen = [s for s in (s1, s2, s3, s4) if s]
+    short = report.short_names(chosen)
+    out = []
+    for i, sys_ in enumerate((s1, s2, s3, s4)):
+        if not sys_:
+            out.append(f"**Pane {i + 1}** · _choose a system_")
+            continue
+        kind = sys_.partition(":")[0]
+        out.append(f"**{safe_markdown(short[sys_])}** · {CHAT_KINDS.get(kind, '')}")
+    return tuple(out)
+
+
+# ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
 def _data_cfg(fmt: str, mapping: str) -> DataConfig:
     return load_config(DataConfig, overrides={"format": fmt or "auto", "mapping": mapping or {}})
 
 
+# The Data tab's mapping dropdowns, one per canonical field (sft_core/mapping.py guesses their columns).
+MAPPING_ROLES = (("instruction", "Question column"), ("response", "Answer column"),
+                 ("context", "Context column (optional)"), ("system", "System prompt column (optional)"))
+NOT_MAPPED = "(not used)"
+ERROR_COLUMNS = ["file", "line", "field", "problem"]
+
+
+def _in_ui_words(e: StudioError, file) -> str:
+    """An error for the Data tab: the upload's temporary path becomes the file's own name."""
+    text = str(e)
+    path = _path(file) if file else ""
+    return text.replace(path, Path(path).name) if path else text
+
+
+def _name_from_file(path: str) -> str:
+    """A dataset name from a file name: support-tickets.csv -> support-tickets."""
+    import re
+    stem = re.sub(r"[^A-Za-z0-9._+-]+", "-", Path(path).stem).strip("-._+")
+    return stem[:60] or "dataset"
+
+
+@ui_errors
+def data_inspect(file, name):
+    """After an upload: the first rows, the mapping dropdowns filled from the file's headers with
+    guesses, the dataset name from the file name; Save waits for a passing Check. Outputs: message,
+    preview, the four column dropdowns, mapping text, name, Save, report, problems."""
+    from sft_core import mapping
+    no_save, clear = gr.update(interactive=False), ("", pd.DataFrame(columns=ERROR_COLUMNS))
+    if not file:
+        empty = gr.update(choices=[NOT_MAPPED], value=NOT_MAPPED)
+        return ("", gr.update(visible=False), *(empty,) * 4, "", gr.update(), no_save, *clear)
+    try:
+        info = mapping.inspect_file(_path(file), DataConfig())
+    except StudioError as e:
+        empty = gr.update(choices=[NOT_MAPPED], value=NOT_MAPPED)
+        return ("❌ " + _in_ui_words(e, file), gr.update(visible=False), *(empty,) * 4, "", gr.update(), no_save,
+                *clear)
+    choices = [NOT_MAPPED, *info.columns]
+    cols = [gr.update(choices=choices, value=info.guess.get(role, NOT_MAPPED)) for role, _ in MAPPING_ROLES]
+    preview = pd.DataFrame([{c: mapping.preview_cell(r.get(c, "")) for c in info.columns} for r in info.rows],
+                           columns=info.columns)
+    if info.problems and not info.rows:
+        msg = f"❌ **{info.name}** could not be read: " + "; ".join(info.problems)
+    elif not info.needs_mapping:
+        msg = (f"**{info.name}**: recognised as **{info.detected}** (columns {', '.join(info.columns)}). "
+               "Press **Check**.")
+    elif mapping.is_complete(info.guess):
+        msg = (f"**{info.name}**: a table; columns matched by their names: {mapping.describe(info.guess)}. "
+               "Change the columns below if that is wrong, then press **Check**.")
+    else:
+        msg = (f"**{info.name}**: a table with columns {', '.join(info.columns) or '(none)'}. Choose which column "
+               "holds the question and which the answer, then press **Check**.")
+    return (msg, gr.update(value=preview, visible=bool(info.rows)), *cols, mapping.to_text(info.guess),
+            name or _name_from_file(info.name), no_save, *clear)
+
+
+def data_mapping_text(instruction, response, context, system) -> tuple:
+    """The dropdowns as mapping text (DataConfig.mapping); a new mapping needs a new Check before Save."""
+    from sft_core import mapping
+    chosen = {r: c for (r, _), c in zip(MAPPING_ROLES, (instruction, response, context, system))
+              if c and c != NOT_MAPPED}
+    return mapping.to_text(chosen), gr.update(interactive=False)
+
+
 @ui_errors
 def data_check(file, fmt, mapping):
+    """Check a file without storing it: report, row-level problems, and Save enabled only when it passed."""
     from sft_core import data
     if not file:
-        raise StudioError("choose a file first", "file")
-    report = data.check_file(_path(file), _data_cfg(fmt, mapping))
-    errors = pd.DataFrame([_issue_row(i) for i in report.errors], columns=["file", "line", "field", "problem"])
-    return data.format_report(report), errors
+        return "Choose a file first.", pd.DataFrame(columns=ERROR_COLUMNS), gr.update(interactive=False)
+    try:
+        report = data.check_file(_path(file), _data_cfg(fmt, mapping))
+    except StudioError as e:  # a bad mapping or format choice, an unreadable file: in words, with its name
+        return "❌ " + _in_ui_words(e, file), pd.DataFrame(columns=ERROR_COLUMNS), gr.update(interactive=False)
+    errors = pd.DataFrame([_issue_row(i) for i in report.errors], columns=ERROR_COLUMNS)
+    text = data.format_report(report)
+    if report.ok:
+        text += "\n\n✅ Ready: name the dataset and press **Save as dataset version**."
+    return text, errors, gr.update(interactive=report.ok)
 
 
 @ui_errors
 def data_import(file, fmt, mapping, name, is_admin):
+    """Store the file as a dataset version. A data problem is answered in the message line (the file's
+    own name, nothing stored) and the versions table stays as it was."""
     from sft_core import data
     admin_required(is_admin)
     if not file:
-        raise StudioError("choose a file first", "file")
+        return "❌ Choose a file first.", gr.skip()
     if not name:
-        raise StudioError("give the dataset a name", "name")
-    v = data.import_dataset(_path(file), name, _data_cfg(fmt, mapping), ws=STUDIO.ws, store=STUDIO.store)
+        return "❌ Give the dataset a name.", gr.skip()
+    try:
+        v = data.import_dataset(_path(file), name, _data_cfg(fmt, mapping), ws=STUDIO.ws, store=STUDIO.store)
+    except StudioError as e:
+        return "❌ Not saved: " + _in_ui_words(e, file), gr.skip()
     what = "saved new version" if v.created else "identical data: existing version reused"
-    return f"{what}: **{v.name}@{v.version}** — " + ", ".join(f"{k}: {n}" for k, n in v.splits.items()), datasets_table()
+    return f"✅ {what}: **{v.name}@{v.version}** — " + ", ".join(f"{k}: {n}" for k, n in v.splits.items()), datasets_table()
 
 
 def datasets_table():
@@ -285,16 +484,57 @@ def kb_search(name, query, k, mode):
     if not (query or "").strip():
         raise StudioError("type a query", "query")
     hits = retrieval.open_kb(name, STUDIO.ws).search(query, k=int(k), mode=mode)
-    return _hits_markdown(hits) or "_no hits_"
+    return _hits_markdown(hits, query, open_first=True) or "_no hits_"
 
 
-def _hits_markdown(hits) -> str:
-    out = []
+RELEVANCE_HELP = ("relevance: this passage's retrieval score as a share of the best passage's; the score itself "
+                  "(BM25, cosine, or reciprocal-rank fusion for hybrid) only orders passages")
+
+
+HIGHLIGHT_SKIP = {"the", "and", "for", "with", "that", "this", "from", "what", "which", "when", "where", "who", "why",
+                  "how", "does", "are", "was", "were", "you", "your", "can", "into", "about", "not", "any", "all"}
+
+
+def _highlight(text: str, query: str | None) -> str:
+    """HTML-escaped text with the query's words (3+ letters) marked."""
+    import html
+    import re
+    words = sorted({w for w in re.findall(r"\w{3,}", query or "") if w.lower() not in HIGHLIGHT_SKIP},
+                   key=len, reverse=True)
+    out = html.escape(text)
+    if words:
+        pattern = re.compile(r"(?<!\w)(" + "|".join(re.escape(html.escape(w)) for w in words) + r")(?!\w)", re.I)
+        out = pattern.sub(r"<mark>\1</mark>", out)
+    return out.replace("\n", "<br>")
+
+
+def _hits_markdown(hits, query: str | None = None, open_first: bool = False) -> str:
+    """Retrieved passages as collapsible chips (HTML <details>, one line each, so Markdown leaves it
+    alone): the source file once (the document id only when it says more), relevance, the position,
+    then the passage as plain text with the query's words highlighted. Document text is escaped:
+    it can neither format the page nor load anything."""
+    import html
+    hits = list(hits or [])
+    if not hits:
+        return ""
+    get = (lambda h, k: h.get(k) if isinstance(h, dict) else getattr(h, k, None))
+    top = max((float(get(h, "score") or 0.0) for h in hits), default=0.0)
+    out = ['<div class="passages">']
     for i, h in enumerate(hits, 1):
-        text = safe_markdown(h.text if len(h.text) < 700 else h.text[:700] + " …")  # documents load nothing
-        out.append(f"**{i}.** `{Path(str(h.source)).name}` · **{safe_markdown(str(h.doc_id))}** · {h.position} · "
-                   f"score {h.score:.3f}\n\n> " + text.replace("\n", "\n> "))
-    return "\n\n".join(out)
+        src = Path(str(get(h, "source") or "")).name
+        doc = str(get(h, "doc_id") or "")
+        label = src if doc in ("", src, Path(src).stem) else f"{src} · {doc}"
+        score = float(get(h, "score") or 0.0)
+        rel = f"relevance {score / top:.0%}" if top > 0 else "relevance n/a"
+        text = str(get(h, "text") or "")
+        text = text if len(text) < 700 else text[:700] + " …"
+        out.append(f'<details class="passage"{" open" if open_first and i == 1 else ""}><summary>'
+                   f'<span class="passage-n">{i}</span> <span class="passage-src">{html.escape(label)}</span> '
+                   f'<span class="passage-rel" title="{html.escape(RELEVANCE_HELP)}">{rel} · score {score:.3f}</span>'
+                   f'</summary><div class="passage-pos">{html.escape(str(get(h, "position") or ""))}</div>'
+                   f'<div class="passage-text">{_highlight(text, query)}</div></details>')
+    out.append("</div>")
+    return "".join(out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -393,40 +633,70 @@ def _fmt(x):
     return f"{x:.4f}" if isinstance(x, (int, float)) else ""
 
 
+def _run_line(run_id: str, status: str, events: list[dict], job: dict) -> str:
+    """The run's state and phase (sft_core/guide.run_progress) with a progress bar while it is live."""
+    from sft_core import jobs
+    p = guide.run_progress(status, events, jobs.describe(job, STUDIO.store) if job and status == "queued" else "")
+    text = p["text"] if p["text"].startswith(status) else f"{status} · {p['text']}"
+    line = f"**{run_id}** · {text}"
+    if status in ("queued", "running"):
+        line += "\n\n" + guide.progress_bar_html(p["fraction"], p["phase"])
+    return line
+
+
+def _digest(value) -> str:
+    """A fingerprint of an output value, to send a poll's outputs only when they changed."""
+    import hashlib
+    if isinstance(value, pd.DataFrame):
+        raw = value.to_json(orient="split", date_format="iso")
+    else:
+        raw = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha1(raw.encode()).hexdigest()
+
+
+def skip_unchanged(values: tuple, last: list | None) -> tuple:
+    """(values with gr.skip() where the fingerprint equals ``last``'s, the new fingerprints). A poll
+    that sends nothing new makes the browser redraw nothing (no flicker, no chart re-render)."""
+    digests = [_digest(v) for v in values]
+    last = last or [None] * len(values)
+    return tuple(gr.skip() if d == o else v for v, d, o in zip(values, digests, last)), digests
+
+
+def train_tick(run_id, last):
+    """The Train tab's timer: train_poll's outputs, each only when it changed (plus the fingerprints)."""
+    values, digests = skip_unchanged(train_poll(run_id), last)
+    return (*values, digests)
+
+
+def train_preset(name):
+    """The Advanced fields' values under a preset (the run name is kept), and what the preset does."""
+    values = guide.preset_values(name)
+    fields = [f for f in fields_for_form(_train_config_cls()) if f["name"] not in TRAIN_FORM_SKIP]
+    ups = [gr.skip() if f["name"] == "run_name" else
+           gr.update(value=",".join(map(str, values[f["name"]] or [])) if f["type"] == "list"
+                     and not isinstance(values[f["name"]], str) else values[f["name"]]) for f in fields]
+    return (guide.PRESET_HELP.get(name, ""), *ups)
+
+
 def train_poll(run_id):
-    """Progress, loss chart and tables from the store and events.jsonl (survives reloads)."""
+    """Progress, the loss / learning-rate / throughput charts and the tables, from the store and
+    events.jsonl (survives reloads). Outputs: progress, loss, jobs, runs, learning rate, tokens/s."""
+    from sft_core.curves import training_curves
     from sft_core.workspace import read_jsonl
-    # typed even when empty: an untyped empty frame is all float64, and the chart then keeps treating
-    # "series" as a number (gradient legend, NaN colour, no line drawn) once real points arrive
-    empty = pd.DataFrame({"step": pd.Series(dtype="int64"), "loss": pd.Series(dtype="float64"),
-                          "series": pd.Series(dtype="object")})
+    empty = training_curves([])
     if not run_id:
-        return "_no run selected_", empty, jobs_table(), runs_table()
+        return "_no run selected_", empty["loss"], jobs_table(), runs_table(), empty["lr"], empty["speed"]
     run = STUDIO.store.query_one("SELECT * FROM runs WHERE id=?", (run_id,))
     if run is None:
-        return f"unknown run {run_id}", empty, jobs_table(), runs_table()
+        return f"unknown run {run_id}", empty["loss"], jobs_table(), runs_table(), empty["lr"], empty["speed"]
     events = read_jsonl(Path(run["path"]) / "events.jsonl")
-    points = []
-    for e in events:
-        if e.get("loss") is not None:
-            points.append({"step": e["step"], "loss": e["loss"], "series": "train"})
-        if e.get("eval_loss") is not None:
-            points.append({"step": e["step"], "loss": e["eval_loss"], "series": "eval"})
-    last = next((e for e in reversed(events) if e.get("step") is not None), {})
-    job = STUDIO.store.query_one("SELECT status, error FROM jobs WHERE ref=? ORDER BY created_at DESC", (run_id,)) or {}
+    curves = training_curves(events)
+    job = STUDIO.store.query_one("SELECT * FROM jobs WHERE ref=? ORDER BY created_at DESC", (run_id,)) or {}
     status = job.get("status") or run["status"]
-    line = f"**{run_id}** · {status}"
-    if last:
-        total = last.get("max_steps") or last.get("total_steps")
-        line += f" · step {last.get('step')}" + (f"/{total}" if total else "")
-        if last.get("eta_s") is not None:
-            line += f" · ETA {int(last['eta_s'])}s"
-        if last.get("tokens_per_s"):
-            line += f" · {last['tokens_per_s']:.0f} tok/s"
+    line = _run_line(run_id, status, events, job)
     if job.get("error"):
         line += f"\n\n❌ {job['error']}"
-    df = pd.DataFrame(points) if points else empty
-    return line, df, jobs_table(), runs_table()
+    return line, curves["loss"], jobs_table(), runs_table(), curves["lr"], curves["speed"]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -582,22 +852,30 @@ BLIND_NOTE = ("🔒 Per-example answers and the report name the system behind ea
 
 @ui_errors
 def eval_poll(eval_id, is_admin=False):
-    """Eval progress and results. With an admin password set, only the admin sees per-example outputs
-    and the report (both map answers to systems); everyone sees the aggregate table."""
-    from evals import runner
+    """Eval progress and results: summary, score table (main metric first, winner ★, short names),
+    examples, report, recommendation card. With an admin password set, only the admin sees
+    per-example outputs and the report (both map answers to systems); the table and the card, made
+    from aggregates only, are public."""
+    from evals import report, runner
+    no_examples = pd.DataFrame(columns=["system", "question", "answer", "reference"])
     if not eval_id:
-        return "_no eval selected_", pd.DataFrame(), pd.DataFrame(), None
+        cols, _ = report.score_table(None)
+        return "_no eval selected_", pd.DataFrame(columns=cols), no_examples, None, report.card_markdown(None)
     st = runner.eval_status(eval_id, ws=STUDIO.ws, store=STUDIO.store)
     summary = st.get("summary", "")
     line = _eval_job_line(eval_id)
     if line:
         summary += f"\n\n{_progress_bar(line, eval_id)}"
-    table = pd.DataFrame(st.get("table") or [])
+    scores = report.eval_scores(eval_id, ws=STUDIO.ws, store=STUDIO.store)
+    cols, rows = report.score_table(scores)
+    table, card = pd.DataFrame(rows, columns=cols), report.card_markdown(scores)
     if not admin_ok(is_admin):
-        return summary + "\n\n" + BLIND_NOTE, table, pd.DataFrame(), None
-    examples = pd.DataFrame(st.get("examples") or [])
-    report = st.get("report_html")
-    return summary, table, examples, (STUDIO.stage_download(report) if report and Path(report).exists() else None)
+        return summary + "\n\n" + BLIND_NOTE, table, no_examples, None, card
+    short = report.short_names(sorted({e["system"] for e in st.get("examples") or []}))
+    examples = pd.DataFrame([{**e, "system": short[e["system"]]} for e in st.get("examples") or []],
+                            columns=no_examples.columns)
+    rep = st.get("report_html")
+    return summary, table, examples, (STUDIO.stage_download(rep) if rep and Path(rep).exists() else None), card
 
 
 # ------------------------------------------------------------------------------------------------
@@ -667,10 +945,17 @@ def _identify(campaign, invite, name, key, request=None, profile=None) -> tuple[
 
 @ui_errors
 def rate_next(campaign, invite, name, key, request: gr.Request = None, profile: gr.OAuthProfile | None = None):
-    """The next blind task for the caller: (task id [session state], prompt, left, right, progress, key)."""
+    """The next blind task for the caller: (task id [session state], prompt, A, B, progress, key)."""
     from evals import rating
     rater, display, key = _identify(campaign, invite, name, key, request, profile)
-    task = rating.next_task(campaign, rater, ws=STUDIO.ws, store=STUDIO.store)
+    return _show_task(rating.next_task(campaign, rater, ws=STUDIO.ws, store=STUDIO.store), display, key)
+
+
+VOTE_WORDS = {"left": "A is better", "right": "B is better", "tie": "a tie", "both_bad": "both bad"}
+
+
+def _show_task(task: dict | None, display: str, key, note: str = ""):
+    """(task id, prompt, A, B, progress, key) for a task payload of evals.rating (None: all done)."""
     who = f"Rating as **{safe_markdown(display)}**"
     if task is None:
         return None, "🎉 Nothing left for you to rate in this campaign. Thank you!", "", "", who, key
@@ -678,19 +963,54 @@ def rate_next(campaign, invite, name, key, request: gr.Request = None, profile: 
     if task.get("reference"):
         prompt += f"\n\n**Reference answer:** {safe_markdown(task['reference'])}"
     prog = task.get("progress") or {}
-    progress = f"{who} · {prog.get('done', 0)} rated · {prog.get('remaining', '?')} left" if prog else who
+    position = prog.get("done", 0) + (0 if note else 1)  # a vote being changed is one of those done
+    progress = (f"{who} · task {position} of {prog.get('total', '?')} · {prog.get('done', 0)} rated · "
+                f"{prog.get('remaining', '?')} left" + note)
     return task["task_id"], prompt, safe_markdown(task["left"]), safe_markdown(task["right"]), progress, key
 
 
 @ui_errors
-def rate_vote(campaign, invite, name, key, task_id, choice, comment, request: gr.Request = None,
+def rate_vote(campaign, invite, name, key, task_id, choice, comment, revise=None, request: gr.Request = None,
               profile: gr.OAuthProfile | None = None):
+    """Record the vote (or, after Undo, replace the rater's last one) and show the next task, with a
+    confirmation and the Undo button. Outputs: the task outputs, comment, confirmation, Undo, revise."""
     from evals import rating
-    rater, _, key = _identify(campaign, invite, name, key, request, profile)
+    rater, display, key = _identify(campaign, invite, name, key, request, profile)
     if not task_id:
         raise StudioError("no task on screen: press Next", "task")
-    rating.vote(campaign, task_id, rater, choice, comment or "", ws=STUDIO.ws, store=STUDIO.store)
-    return (*rate_next(campaign, invite, name, key, request, profile), "")
+    changed = bool(revise) and revise == task_id
+    if changed:
+        rating.change_vote(campaign, task_id, rater, choice, comment or "", ws=STUDIO.ws, store=STUDIO.store)
+    else:
+        rating.vote(campaign, task_id, rater, choice, comment or "", ws=STUDIO.ws, store=STUDIO.store)
+    saved = f"✓ {'Vote changed' if changed else 'Saved'}: **{VOTE_WORDS[choice]}**."
+    task = rating.next_task(campaign, rater, ws=STUDIO.ws, store=STUDIO.store)
+    return (*_show_task(task, display, key), "", saved, gr.update(visible=True), None)
+
+
+@ui_errors
+def rate_undo(campaign, invite, name, key, request: gr.Request = None, profile: gr.OAuthProfile | None = None):
+    """Bring the caller's own last vote back on screen; their next choice replaces it (the old vote
+    stays in the vote history). Same outputs as rate_vote."""
+    from evals import rating
+    rater, display, key = _identify(campaign, invite, name, key, request, profile)
+    last = rating.last_vote(campaign, rater, ws=STUDIO.ws, store=STUDIO.store)
+    if last is None:
+        raise StudioError("you have no vote in this campaign to undo", "vote")
+    shown = _show_task(last, display, key, note=" · changing your last vote")
+    saved = (f"↩ Your vote was **{VOTE_WORDS[last['choice']]}**: choose again (buttons or keys 1–4) to replace it, "
+             "or press Next to keep it.")
+    return (*shown, last["comment"], saved, gr.update(visible=False), last["task_id"])
+
+
+@ui_errors
+def rate_guidelines(campaign):
+    """What the campaign's raters should read before voting (Markdown; empty when it has none)."""
+    from evals import rating
+    if not campaign:
+        return ""
+    text = rating.get_campaign(campaign, ws=STUDIO.ws, store=STUDIO.store)["guidelines"]
+    return f"**Guidelines for raters**\n\n{safe_markdown(text)}" if text else ""
 
 
 @ui_errors
@@ -709,14 +1029,14 @@ def rate_link(request: gr.Request):
 
 
 @ui_errors
-def create_campaign(eval_id, systems, open_rating, is_admin):
+def create_campaign(eval_id, systems, open_rating, guidelines, is_admin):
     from evals import rating
     admin_required(is_admin)
     if not eval_id:
         raise StudioError("choose an eval", "eval")
     systems = [s for s in (systems or [])]
     cid = rating.create_campaign(eval_id, systems or None, ws=STUDIO.ws, store=STUDIO.store,
-                                 open_rating=bool(open_rating))
+                                 open_rating=bool(open_rating), guidelines=guidelines or "")
     how = ("anyone may join under a name of their choice" if open_rating else
            "raters need an invite link (Results tab → Campaign admin)")
     return f"Campaign **{cid}** created: {how}.", gr.update(choices=campaign_choices(), value=cid), \
@@ -738,24 +1058,20 @@ RESULTS_HIDDEN = ("🔒 The results of this campaign are hidden until the admin 
 
 @ui_errors
 def results_show(campaign, is_admin=False):
-    """Leaderboard and win rates; for anyone but the admin only once published or closed (a vote
-    followed by a look at the counts would name the system behind each side)."""
-    from evals import rating
+    """Summary (votes, agreement in words), leaderboard and win rates (row beats column); for anyone
+    but the admin only once published or closed (a vote followed by a look at the counts would name
+    the system behind each side). Runs on campaign change, Refresh, tab select and after each vote."""
+    from evals import leaderboard, rating
     if not campaign:
-        return "_choose a campaign_", pd.DataFrame(), pd.DataFrame()
+        return ("_choose a campaign_", pd.DataFrame(columns=leaderboard.board_table({})[0]),
+                pd.DataFrame(columns=leaderboard.win_rate_table({})[0]))
     if not _is_admin(is_admin) and not rating.results_visible(campaign, ws=STUDIO.ws, store=STUDIO.store):
-        return RESULTS_HIDDEN, pd.DataFrame(), pd.DataFrame()
+        hidden = pd.DataFrame(columns=["hidden until the results are published"])
+        return RESULTS_HIDDEN, hidden, hidden
     res = rating.results(campaign, ws=STUDIO.ws, store=STUDIO.store)
-    board = pd.DataFrame(res.get("leaderboard") or [])
-    winrate = pd.DataFrame(res.get("win_rate") or {})
-    if not winrate.empty:
-        winrate = winrate.reset_index(names="system")
-    lines = [f"**{res.get('n_votes', 0)} votes** from {res.get('n_raters', 0)} raters."]
-    agree = res.get("agreement") or {}
-    for k, v in agree.items():
-        if isinstance(v, (int, float)):
-            lines.append(f"{k}: {v:.3f}")
-    return "  \n".join(lines), board, winrate
+    board, winrate = leaderboard.board_table(res), leaderboard.win_rate_table(res)
+    return (leaderboard.summary_markdown(res), pd.DataFrame(board[1], columns=board[0]),
+            pd.DataFrame(winrate[1], columns=winrate[0]))
 
 
 @ui_errors
@@ -826,37 +1142,153 @@ def campaign_close(campaign, is_admin):
 # ------------------------------------------------------------------------------------------------
 RATE_JS = """
 () => {
-  document.addEventListener('keydown', (e) => {
-    const tag = (e.target && e.target.tagName || '').toLowerCase();
-    if (tag === 'input' || tag === 'textarea') return;
-    const ids = {'1': 'vote-left', '2': 'vote-right', '3': 'vote-tie', '4': 'vote-bad'};
+  // Rate tab shortcuts, wherever the focus is except where the rater is typing: 1 = A, 2 = B,
+  // 3 = tie, 4 = both bad. Listening on window in the capture phase, before any component can
+  // swallow the key; a closed dropdown counts as not typing (picking a campaign leaves the focus
+  // there). A held key (auto-repeat) and a key pressed while the last vote is still on its way
+  // (the progress line has not changed yet) do nothing, so no vote lands on an unseen task.
+  const ids = {'1': 'vote-left', '2': 'vote-right', '3': 'vote-tie', '4': 'vote-bad'};
+  const TEXT = ['text', 'search', 'password', 'email', 'number', 'url', 'tel'];
+  const typing = (el) => {
+    if (!el) return false;
+    if (el.isContentEditable) return true;
+    const tag = (el.tagName || '').toLowerCase();
+    if (tag === 'textarea') return true;
+    if (tag !== 'input') return false;
+    if (el.getAttribute('role') === 'combobox') return el.getAttribute('aria-expanded') === 'true';
+    return TEXT.includes((el.getAttribute('type') || 'text').toLowerCase());
+  };
+  let pending = null, since = 0;
+  window.addEventListener('keydown', (e) => {
     const id = ids[e.key];
-    if (!id) return;
+    if (!id || e.ctrlKey || e.metaKey || e.altKey || e.isComposing) return;
+    const target = (e.composedPath && e.composedPath()[0]) || e.target;
+    if (typing(target) || typing(document.activeElement)) return;
     const btn = document.getElementById(id);
-    if (btn && btn.offsetParent !== null) { btn.click(); e.preventDefault(); }
-  });
+    if (!btn || btn.offsetParent === null || btn.disabled) return;
+    e.preventDefault();
+    e.stopPropagation();
+    if (e.repeat) return;
+    const progress = (document.getElementById('rate-progress') || {}).innerText || '';
+    if (pending === progress && Date.now() - since < 4000) return;
+    pending = progress;
+    since = Date.now();
+    btn.click();
+  }, true);
 }
 """
 
 
-def _form_component(f: dict):
-    label, info, default = f["name"].replace("_", " "), f["help"], f["default"]
+# The Train tab's Advanced fields: people's words for the TrainConfig names, and their sections.
+TRAIN_LABELS = {
+    "run_name": "Run name", "lora_r": "LoRA rank (r)", "lora_alpha": "LoRA alpha", "lora_dropout": "LoRA dropout",
+    "target_modules": "Target modules", "use_rslora": "Rank-stabilised scaling (rsLoRA)",
+    "learning_rate": "Learning rate", "lr_scheduler": "Learning-rate schedule", "warmup_ratio": "Warm-up share",
+    "epochs": "Epochs", "max_steps": "Max steps (0 = epochs)", "batch_size": "Batch size",
+    "grad_accum": "Gradient accumulation", "max_length": "Max length (tokens)", "packing": "Packing",
+    "group_by_length": "Group by length", "completion_only_loss": "Loss on the answer only", "seed": "Seed",
+    "eval_steps": "Evaluate every N steps", "save_steps": "Save steps (checkpoint interval)",
+    "early_stopping_patience": "Early-stopping patience", "logging_steps": "Log every N steps",
+    "load_in_4bit": "4-bit base model (QLoRA)", "gradient_checkpointing": "Gradient checkpointing",
+    "num_gpus": "GPUs", "report_to": "Extra logger",
+}
+TRAIN_GROUPS = [
+    ("Run", ["run_name", "seed"]),
+    ("Length of training", ["epochs", "max_steps", "early_stopping_patience", "eval_steps"]),
+    ("LoRA", ["lora_r", "lora_alpha", "lora_dropout", "target_modules", "use_rslora"]),
+    ("Optimiser", ["learning_rate", "lr_scheduler", "warmup_ratio"]),
+    ("Batches", ["batch_size", "grad_accum", "max_length", "packing", "group_by_length", "completion_only_loss"]),
+    ("Checkpoints and logs", ["save_steps", "logging_steps", "report_to"]),
+    ("Hardware", ["load_in_4bit", "gradient_checkpointing", "num_gpus"]),
+]
+
+
+APP_CSS = """
+/* the guided path: five numbered chips and the next action */
+#guide { padding: 10px 12px; border: 1px solid var(--border-color-primary); border-radius: 10px; gap: 6px;
+  background: var(--background-fill-secondary); }
+#guide .guide-steps { display: flex; flex-wrap: wrap; gap: 6px; list-style: none; margin: 0; padding: 0; }
+#guide .step { display: flex; align-items: center; gap: 6px; padding: 3px 10px 3px 3px; border-radius: 999px;
+  border: 1px solid var(--border-color-primary); background: var(--background-fill-primary); max-width: 100%; }
+#guide .step .num { display: inline-flex; align-items: center; justify-content: center; min-width: 22px; height: 22px;
+  border-radius: 999px; font-weight: 600; font-size: 12px; background: var(--border-color-primary); }
+#guide .step.done .num { background: #16a34a; color: #fff; }
+#guide .step.running .num { background: #f59e0b; color: #fff; }
+#guide .step.failed .num { background: #dc2626; color: #fff; }
+#guide .step .name { font-weight: 600; }
+#guide .step .detail { color: var(--body-text-color-subdued); font-size: 0.85em; max-width: 26em; overflow: hidden;
+  text-overflow: ellipsis; white-space: nowrap; }
+#guide .guide-next { margin: 0; font-size: 0.92em; }
+#guide-actions { align-items: center; }
+/* progress bars for background work */
+.studio-progress { display: flex; align-items: center; gap: 10px; }
+.studio-progress progress { flex: 1; max-width: 420px; height: 10px; accent-color: var(--color-accent); }
+/* retrieved passages: collapsible chips */
+.passages { display: flex; flex-direction: column; gap: 4px; }
+.passages details { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 2px 8px; }
+.passages summary { cursor: pointer; font-size: 0.88em; overflow-wrap: anywhere; }
+.passages .passage-n { display: inline-block; min-width: 1.4em; font-weight: 600; }
+.passages .passage-rel { color: var(--body-text-color-subdued); }
+.passages .passage-pos { color: var(--body-text-color-subdued); font-size: 0.8em; }
+.passages .passage-text { font-size: 0.88em; max-height: 14em; overflow: auto; overflow-wrap: anywhere; }
+.passages mark { padding: 0 1px; border-radius: 2px; }
+/* chat: the composer stays in view; each pane is headed by its system */
+#chat-composer { position: sticky; top: 0; z-index: 20; background: var(--background-fill-primary); }
+/* Gradio's container clips with overflow: hidden, which makes it a scroll container and stops sticky;
+   clip cuts the same overflow without being one */
+.gradio-container { overflow: clip !important; }
+.chat-pane-head { align-items: center; }
+/* phone width: nothing wider than the screen; shorter chat panes */
+@media (max-width: 640px) {
+  #guide .step .detail { display: none; }
+  #guide-actions { flex-direction: column; align-items: stretch; }
+  #guide-actions > * { min-width: 0 !important; width: 100%; }
+  #chat-bot-0, #chat-bot-1, #chat-bot-2, #chat-bot-3 { height: 240px !important; }
+}
+"""
+
+
+def _form_component(f: dict, value=None, disabled: str | None = None):
+    """One config field as a form widget (value: the preset's, else the dataclass default); a field this
+    machine cannot use is shown disabled, its reason in place of the help."""
+    label = TRAIN_LABELS.get(f["name"], f["name"].replace("_", " "))
+    info = f"⛔ {disabled}" if disabled else f["help"]
+    default = f["default"] if value is None else value
+    kw = {"label": label, "info": info, "interactive": False if disabled else None,
+          "elem_id": f"train-opt-{f['name'].replace('_', '-')}"}
     if f.get("choices"):
-        return gr.Dropdown(choices=f["choices"], value=default, label=label, info=info)
+        return gr.Dropdown(choices=f["choices"], value=default, **kw)
     if f["type"] == "bool":
-        return gr.Checkbox(value=bool(default), label=label, info=info)
+        return gr.Checkbox(value=bool(default), **kw)
     if f["type"] in ("int", "float"):
-        return gr.Number(value=default, label=label, info=info, precision=0 if f["type"] == "int" else None)
+        return gr.Number(value=default, precision=0 if f["type"] == "int" else None, **kw)
     if f["type"] == "list":
-        return gr.Textbox(value=",".join(map(str, default or [])), label=label, info=info)
-    return gr.Textbox(value="" if default is None else str(default), label=label, info=info)
+        return gr.Textbox(value=",".join(map(str, default or [])), **kw)
+    return gr.Textbox(value="" if default is None else str(default), **kw)
 
 
 def build_demo() -> gr.Blocks:
+    from evals.leaderboard import METHOD_HELP
+    from evals.report import card_markdown
     with gr.Blocks(title="SFT Studio") as demo:
         is_admin = gr.State(None)  # a signed admin token after login (admin_ok), never the password
-        gr.Markdown("# SFT Studio\nFine-tune, prompt, or retrieve? Answer it on your own data.")
-        status = gr.Markdown(status_text, every=3, elem_id="status")
+        gr.Markdown("# SFT Studio\nFine-tune, prompt, or retrieve? Answer it on your own data. "
+                    "**New here?** The example domain (Python's standard library docs) comes ready: press the "
+                    "button below to train, then again to compare, and read the recommendation.",
+                    elem_id="intro")
+        with gr.Column(elem_id="guide", elem_classes=["guide"]) as g_box:
+            g_steps = gr.HTML(elem_id="guide-steps")
+            with gr.Row(elem_id="guide-actions", equal_height=True):
+                g_next = gr.Button("…", variant="primary", size="md", elem_id="guide-next", scale=0, min_width=280)
+                g_hint = gr.HTML(elem_id="guide-hint")
+            g_msg = gr.Markdown(elem_id="guide-msg")
+        g_last = gr.State(None)  # fingerprints of what the guide shows (guide_view sends only changes)
+        g_timer = gr.Timer(3.0)
+        with gr.Accordion("Workspace and background jobs", open=False, elem_id="status-box"):
+            status = gr.Markdown(elem_id="status")
+        # what this browser chose last (localStorage), so a reload starts where it left off
+        sel = {k: gr.BrowserState(None, storage_key=f"sft-studio-sel-{k}", secret="sft-studio-selection")
+               for k in ("dataset", "kb", "run", "eval", "campaign", "invite")}
         with gr.Accordion("Admin", open=False, visible=bool(STUDIO.settings.admin_password)):
             with gr.Row():
                 pw = gr.Textbox(label="Admin password", type="password", elem_id="admin-password")
@@ -865,32 +1297,45 @@ def build_demo() -> gr.Blocks:
             # the password box is cleared by the same event: no copy of the password stays in the session
             login_btn.click(login, pw, [is_admin, login_msg, pw])
 
-        with gr.Tabs() as tabs:
+        with gr.Tabs(overflow_behavior="wrap", elem_id="main-tabs") as tabs:  # wrap: every tab reachable on a phone
             # -- Data ------------------------------------------------------------------------
             with gr.Tab("Data", id="data"):
-                gr.Markdown("Upload an instruction dataset (JSONL, JSON, CSV, Parquet) — alpaca, "
-                            "prompt/completion, messages, ShareGPT, or any table with a column mapping.")
+                gr.Markdown("Your own question/answer pairs: a CSV or JSONL (also JSON, Parquet) in any common shape "
+                            "(question/answer, prompt/completion, alpaca, chat messages, ShareGPT). Upload, check the "
+                            "columns, **Check**, then **Save**. The example dataset **pydocs** is ready already.")
                 with gr.Row():
                     d_file = gr.File(label="Dataset file", file_types=[".jsonl", ".json", ".csv", ".parquet"],
                                      elem_id="data-file")
                     with gr.Column():
                         d_fmt = gr.Dropdown(["auto", "alpaca", "prompt_completion", "messages", "sharegpt", "table"],
-                                            value="auto", label="Format")
-                        d_map = gr.Textbox(label="Column mapping", placeholder="instruction=question,response=answer")
+                                            value="auto", label="Format", elem_id="data-format",
+                                            info="auto recognises the record formats; any other table uses the "
+                                                 "columns chosen below")
+                        d_cols = []
+                        for i in range(0, len(MAPPING_ROLES), 2):
+                            with gr.Row():
+                                d_cols += [gr.Dropdown([NOT_MAPPED], value=NOT_MAPPED, label=label, min_width=160,
+                                                       elem_id=f"data-col-{role}")
+                                           for role, label in MAPPING_ROLES[i:i + 2]]
+                        # the dropdowns as text: what data_check / data_import take (also over the API)
+                        d_map = gr.Textbox(visible=False, elem_id="data-mapping")
                         d_name = gr.Textbox(label="Dataset name", elem_id="data-name")
-                with gr.Row():
-                    d_check = gr.Button("Check", elem_id="data-check")
-                    d_save = gr.Button("Save as dataset version", variant="primary", elem_id="data-save")
                 d_msg = gr.Markdown(elem_id="data-msg")
+                d_preview = gr.Dataframe(label="First rows of the file", interactive=False, visible=False,
+                                         wrap=True, max_height=260, elem_id="data-preview")
+                with gr.Row():
+                    d_check = gr.Button("Check", variant="primary", elem_id="data-check")
+                    d_save = gr.Button("Save as dataset version", variant="primary", interactive=False,
+                                       elem_id="data-save")
                 d_report = gr.Markdown(elem_id="data-report")
-                d_errors = gr.Dataframe(pd.DataFrame(columns=["file", "line", "field", "problem"]),
+                d_errors = gr.Dataframe(pd.DataFrame(columns=ERROR_COLUMNS),
                                         label="Row-level problems", interactive=False, elem_id="data-errors")
                 d_table = gr.Dataframe(datasets_table, label="Dataset versions", interactive=False,
                                        elem_id="data-versions")
-                with gr.Row():
-                    d_del_pick = gr.Dropdown(dataset_choices(), value=None, allow_custom_value=True,
+                with gr.Row(elem_id="data-delete-row"):
+                    d_del_pick = gr.Dropdown(dataset_choices(), value=None, allow_custom_value=True, scale=3,
                                              label="Dataset to delete (all versions)", elem_id="data-delete-pick")
-                    d_del = gr.Button("Delete dataset…", variant="stop", elem_id="data-delete")
+                    d_del = gr.Button("Delete dataset…", size="sm", scale=0, min_width=140, elem_id="data-delete")
                 with gr.Row(visible=False, elem_id="data-delete-confirm") as d_del_row:
                     d_del_q = gr.Markdown(elem_id="data-delete-question")
                     d_del_yes = gr.Button("Yes, delete", variant="stop", elem_id="data-delete-yes")
@@ -919,18 +1364,35 @@ def build_demo() -> gr.Blocks:
                     t_base = gr.Textbox(value=STUDIO.settings.base_model, label="Base model",
                                         info="embedded name, local model directory or hub id")
                 train_fields = [f for f in fields_for_form(_train_config_cls()) if f["name"] not in TRAIN_FORM_SKIP]
-                t_inputs = []
-                with gr.Accordion("LoRA and training options", open=False):
-                    for i in range(0, len(train_fields), 3):
-                        with gr.Row():
-                            for f in train_fields[i:i + 3]:
-                                t_inputs.append(_form_component(f))
+                hw = guide.hardware_limits()
+                with gr.Row():
+                    t_preset = gr.Radio(list(guide.TRAIN_PRESETS), value=guide.DEFAULT_PRESET, label="Preset",
+                                        elem_id="train-preset", scale=2)
+                    t_preset_help = gr.Markdown(guide.PRESET_HELP[guide.DEFAULT_PRESET], elem_id="train-preset-help")
+                gr.Markdown(hw["summary"], elem_id="train-hardware")
+                preset = guide.preset_values(guide.DEFAULT_PRESET)
+                t_fields = {}
+                with gr.Accordion("Advanced: LoRA and training options", open=False, elem_id="train-advanced"):
+                    by_name = {f["name"]: f for f in train_fields}
+                    groups = [names for _, names in TRAIN_GROUPS]
+                    rest = [f["name"] for f in train_fields if not any(f["name"] in g for g in groups)]
+                    for title, names in [*TRAIN_GROUPS, ("Other", rest)]:
+                        names = [n for n in names if n in by_name]
+                        if not names:
+                            continue
+                        gr.Markdown(f"**{title}**")
+                        for i in range(0, len(names), 3):
+                            with gr.Row():
+                                for n in names[i:i + 3]:
+                                    t_fields[n] = _form_component(by_name[n], preset.get(n, by_name[n]["default"]),
+                                                                  hw["disabled"].get(n))
+                t_inputs = [t_fields[f["name"]] for f in train_fields]  # train_start takes them in field order
                 with gr.Row():
                     t_start = gr.Button("Start training", variant="primary", elem_id="train-start")
                     t_run = gr.Dropdown(all_runs(), allow_custom_value=True, label="Run", elem_id="train-run")
                     t_cancel = gr.Button("Cancel", elem_id="train-cancel")
                     t_resume = gr.Button("Resume", elem_id="train-resume")
-                    t_delete = gr.Button("Delete run…", variant="stop", elem_id="train-delete")
+                    t_delete = gr.Button("Delete run…", size="sm", elem_id="train-delete")
                 with gr.Row(visible=False, elem_id="train-delete-confirm") as t_del_row:
                     t_del_q = gr.Markdown(elem_id="train-delete-question")
                     t_del_yes = gr.Button("Yes, delete", variant="stop", elem_id="train-delete-yes")
@@ -938,29 +1400,43 @@ def build_demo() -> gr.Blocks:
                 t_msg = gr.Markdown(elem_id="train-msg")
                 t_progress = gr.Markdown(elem_id="train-progress")
                 t_plot = gr.LinePlot(x="step", y="loss", color="series", title="Loss", elem_id="train-loss",
-                                     height=300)
+                                     height=320, color_map=LOSS_COLORS)
+                with gr.Row():
+                    t_lr = gr.LinePlot(x="step", y="learning_rate", title="Learning rate", y_title="learning rate",
+                                       y_axis_format=".1e", elem_id="train-lr", height=220)
+                    t_speed = gr.LinePlot(x="step", y="tokens_per_s", title="Throughput", y_title="tokens / s",
+                                          elem_id="train-speed", height=220)
                 t_jobs = gr.Dataframe(jobs_table, label="Job queue", interactive=False)
                 t_runs = gr.Dataframe(runs_table, label="Runs", interactive=False)
                 t_timer = gr.Timer(2.0)
+                t_last = gr.State(None)  # fingerprints of what the timer last sent (train_tick)
 
             # -- Chat ------------------------------------------------------------------------
             with gr.Tab("Chat", id="chat"):
-                with gr.Row():
-                    c_sys = [gr.Dropdown(system_choices(), allow_custom_value=True, value=v, label=f"System {i + 1}", elem_id=f"chat-sys-{i}")
-                             for i, v in enumerate(["prompt", "rag", None, None])]
+                # the composer first (and sticky): it stays in view however long the answers grow
+                with gr.Row(elem_id="chat-composer", equal_height=True):
+                    c_msg = gr.Textbox(label="Message", placeholder="Ask something about your domain…", scale=5,
+                                       max_lines=4, elem_id="chat-msg")
+                    c_send = gr.Button("Send to all", variant="primary", scale=1, min_width=110, elem_id="chat-send")
                 with gr.Row():
                     c_kb = gr.Dropdown(kb_choices(), allow_custom_value=True, value=EXAMPLE_NAME if EXAMPLE_NAME in kb_choices() else None,
                                        label="Knowledge base (for RAG)", elem_id="chat-kb")
                     c_temp = gr.Slider(0, 1.5, value=0.0, step=0.05, label="Temperature")
                     c_max = gr.Slider(16, 1024, value=128, step=16, label="Max new tokens")
-                with gr.Row():
-                    c_bots, c_pass = [], []
-                    for i in range(4):
-                        with gr.Column():
-                            c_bots.append(gr.Chatbot(label=f"System {i + 1}", height=360, elem_id=f"chat-bot-{i}"))
-                            c_pass.append(gr.Markdown(elem_id=f"chat-passages-{i}"))
-                c_msg = gr.Textbox(label="Message", placeholder="Ask something about your domain…", elem_id="chat-msg")
-                c_send = gr.Button("Send to all", variant="primary", elem_id="chat-send")
+                c_sys, c_heads, c_bots, c_pass = [], [], [], []
+                first = ["prompt", "rag", None, None]
+                for row in range(2):  # a 2 x 2 grid (one column on a phone)
+                    with gr.Row(elem_classes=["chat-grid"]):
+                        for i in (2 * row, 2 * row + 1):
+                            with gr.Column(min_width=300, elem_classes=["chat-pane"]):
+                                with gr.Row(elem_classes=["chat-pane-head"], equal_height=True):
+                                    c_heads.append(gr.Markdown(chat_heads(*first)[i], elem_id=f"chat-head-{i}"))
+                                    c_sys.append(gr.Dropdown(system_choices(), allow_custom_value=True, value=first[i],
+                                                             label=f"System {i + 1}", show_label=False, container=False,
+                                                             min_width=140, elem_id=f"chat-sys-{i}"))
+                                c_bots.append(gr.Chatbot(label=f"System {i + 1}", show_label=False, height=320,
+                                                         elem_id=f"chat-bot-{i}"))
+                                c_pass.append(gr.Markdown(elem_id=f"chat-passages-{i}"))
 
             # -- Evaluate --------------------------------------------------------------------
             with gr.Tab("Evaluate", id="evaluate"):
@@ -982,17 +1458,20 @@ def build_demo() -> gr.Blocks:
                     e_resume = gr.Button("Resume", elem_id="eval-resume")
                 e_msg = gr.Markdown(elem_id="eval-msg")
                 e_summary = gr.Markdown(elem_id="eval-summary")
-                e_table = gr.Dataframe(label="Scores (mean, 95% CI)", interactive=False, elem_id="eval-table")
+                e_card = gr.Markdown(card_markdown(None), elem_id="eval-card", container=True)
+                e_table = gr.Dataframe(label="Scores (mean, 95% CI): main metric first, ★ = recommended",
+                                       interactive=False, elem_id="eval-table")
                 e_examples = gr.Dataframe(label="Per-example side by side", interactive=False, wrap=True,
                                           elem_id="eval-examples")
                 e_report = gr.File(label="Decision report (HTML)", elem_id="eval-report")
                 e_timer = gr.Timer(3.0)
 
             # -- Rate ------------------------------------------------------------------------
-            with gr.Tab("Rate", id="rate"):
-                gr.Markdown("Blind pairwise rating: which answer is better? System names stay hidden. "
-                            "Keys: **1** left · **2** right · **3** tie · **4** both bad. Open the invite "
-                            "link you were sent (open campaigns: pick a name; it sticks to this browser)."
+            with gr.Tab("Rate", id="rate") as rate_tab:
+                gr.Markdown("Blind pairwise rating: which answer is better, **A** or **B**? System names stay "
+                            "hidden. Keys: **1** A is better · **2** B is better · **3** tie · **4** both bad "
+                            "(anywhere on the page except while typing in a text box). Open the invite link you "
+                            "were sent (open campaigns: pick a name; it sticks to this browser)."
                             + (" Or sign in with Hugging Face." if HF_OAUTH else ""))
                 if HF_OAUTH:
                     gr.LoginButton()
@@ -1003,18 +1482,27 @@ def build_demo() -> gr.Blocks:
                     r_rater = gr.Textbox(label="Your name (open campaigns)", elem_id="rate-rater")
                     r_next = gr.Button("Next", elem_id="rate-next")
                 r_task = gr.State(None)
+                r_revise = gr.State(None)  # after Undo: the task whose vote the next choice replaces
                 # the signed key of an open-campaign rater, kept in this browser's localStorage
                 r_key = gr.BrowserState(None, storage_key="sft-studio-rater-key", secret="sft-studio-rater")
+                r_guide = gr.Markdown(elem_id="rate-guidelines")
                 r_progress = gr.Markdown(elem_id="rate-progress")
                 r_prompt = gr.Markdown(elem_id="rate-prompt")
-                with gr.Row():
-                    r_left = gr.Markdown(label="Left", elem_id="rate-left", container=True)
-                    r_right = gr.Markdown(label="Right", elem_id="rate-right", container=True)
-                r_comment = gr.Textbox(label="Comment (optional)", max_lines=3)
+                with gr.Row(equal_height=True):
+                    with gr.Column():
+                        gr.Markdown("### A", elem_id="rate-a-title")
+                        r_left = gr.Markdown(elem_id="rate-left", container=True)
+                    with gr.Column():
+                        gr.Markdown("### B", elem_id="rate-b-title")
+                        r_right = gr.Markdown(elem_id="rate-right", container=True)
+                r_comment = gr.Textbox(label="Comment (optional)", max_lines=3, elem_id="rate-comment")
                 with gr.Row():
                     vote_btns = {c: gr.Button(lbl, elem_id=eid) for c, lbl, eid in [
-                        ("left", "⬅ Left is better (1)", "vote-left"), ("right", "Right is better ➡ (2)", "vote-right"),
+                        ("left", "A is better (1)", "vote-left"), ("right", "B is better (2)", "vote-right"),
                         ("tie", "Tie (3)", "vote-tie"), ("both_bad", "Both bad (4)", "vote-bad")]}
+                with gr.Row():
+                    r_saved = gr.Markdown(elem_id="rate-saved")
+                    r_undo = gr.Button("Undo my last vote", visible=False, size="sm", elem_id="rate-undo")
                 with gr.Accordion("New campaign (admin)", open=False):
                     with gr.Row():
                         rc_eval = gr.Dropdown(eval_choices(), allow_custom_value=True, label="From eval", elem_id="rate-new-eval")
@@ -1022,17 +1510,23 @@ def build_demo() -> gr.Blocks:
                         rc_open = gr.Checkbox(False, label="Open rating: anyone joins under a name they pick "
                                               "(trusted rooms only; otherwise invite links)", elem_id="rate-new-open")
                         rc_create = gr.Button("Create campaign", elem_id="rate-create")
+                    rc_guide = gr.Textbox(label="Guidelines for raters (optional, shown above every task)", lines=3,
+                                          placeholder="e.g. Prefer the answer that is correct; length does not matter.",
+                                          elem_id="rate-new-guidelines")
                     rc_msg = gr.Markdown()
 
             # -- Results ---------------------------------------------------------------------
-            with gr.Tab("Results", id="results"):
+            with gr.Tab("Results", id="results") as res_tab:
                 with gr.Row():
                     res_campaign = gr.Dropdown(campaign_choices(), allow_custom_value=True, label="Campaign", elem_id="results-campaign")
                     res_refresh = gr.Button("Refresh", elem_id="results-refresh")
                 res_summary = gr.Markdown(elem_id="results-summary")
-                res_board = gr.Dataframe(label="Human leaderboard (Bradley-Terry, 95% CI)", interactive=False,
-                                         elem_id="results-board")
-                res_winrate = gr.Dataframe(label="Win rate (row beats column)", interactive=False)
+                res_board = gr.Dataframe(label="Human leaderboard: rating (1000 = average; +400 = 10:1 odds) with 95% "
+                                         "interval", interactive=False, elem_id="results-board")
+                res_winrate = gr.Dataframe(label="Win rate (row beats column)", interactive=False,
+                                           elem_id="results-winrate")
+                with gr.Accordion("How the ratings are computed", open=False, elem_id="results-method"):
+                    gr.Markdown(METHOD_HELP)
                 with gr.Row():
                     res_fmt = gr.Radio(["csv", "jsonl", "dpo"], value="csv", label="Export votes as")
                     res_export = gr.Button("Export", elem_id="results-export")
@@ -1047,8 +1541,14 @@ def build_demo() -> gr.Blocks:
                     res_admin_msg = gr.Markdown(elem_id="results-admin-msg")
 
         # -- wiring ----------------------------------------------------------------------------
-        d_check.click(data_check, [d_file, d_fmt, d_map], [d_report, d_errors])
+        d_check.click(data_check, [d_file, d_fmt, d_map], [d_report, d_errors, d_save])
         d_save.click(data_import, [d_file, d_fmt, d_map, d_name, is_admin], [d_msg, d_table])
+        d_file.change(data_inspect, [d_file, d_name], [d_msg, d_preview, *d_cols, d_map, d_name, d_save, d_report,
+                                                       d_errors], api_visibility="private")
+        for col in d_cols:  # a new mapping needs a new Check before Save
+            col.input(data_mapping_text, d_cols, [d_map, d_save], api_visibility="private", show_progress="hidden")
+        d_fmt.input(lambda: gr.update(interactive=False), None, d_save, api_visibility="private",
+                    show_progress="hidden")
         d_del.click(dataset_delete_ask, [d_del_pick, is_admin], [d_del_row, d_del_q])
         d_del_yes.click(dataset_delete, [d_del_pick, is_admin], [d_msg, d_table, d_del_row, d_del_pick])
         d_del_no.click(_hide, None, d_del_row, api_visibility="private")
@@ -1056,33 +1556,48 @@ def build_demo() -> gr.Blocks:
         k_build.click(kb_build, [k_files, k_name, is_admin], [k_msg, k_pick])
         k_query.submit(kb_search, [k_pick, k_query, k_k, k_mode], k_hits)
         t_start.click(train_start, [t_dataset, t_base, is_admin, *t_inputs], [t_msg, t_run])
+        t_preset.input(train_preset, t_preset, [t_preset_help, *t_inputs], api_visibility="private")
         t_cancel.click(train_cancel, [t_run, is_admin], t_msg)
         t_resume.click(train_resume, [t_run, is_admin], t_msg)
         t_delete.click(run_delete_ask, [t_run, is_admin], [t_del_row, t_del_q])
         t_del_yes.click(run_delete, [t_run, is_admin], [t_msg, t_run, t_del_row])
         t_del_no.click(_hide, None, t_del_row, api_visibility="private")
         t_run.change(_hide, None, t_del_row, api_visibility="private")
-        t_timer.tick(train_poll, t_run, [t_progress, t_plot, t_jobs, t_runs])
-        t_run.change(train_poll, t_run, [t_progress, t_plot, t_jobs, t_runs])
+        # the timer sends only what changed, without the loading overlay: no flicker between polls
+        t_timer.tick(train_tick, [t_run, t_last], [t_progress, t_plot, t_jobs, t_runs, t_lr, t_speed, t_last],
+                     show_progress="hidden", api_visibility="private")
+        t_run.change(train_poll, t_run, [t_progress, t_plot, t_jobs, t_runs, t_lr, t_speed])
         chat_inputs = [c_msg, *c_sys, c_kb, c_temp, c_max, is_admin, *c_bots]
         c_send.click(chat_send, chat_inputs, [*c_bots, *c_pass])
         c_msg.submit(chat_send, chat_inputs, [*c_bots, *c_pass])
+        for c in c_sys:
+            c.change(chat_heads, c_sys, c_heads, api_visibility="private", show_progress="hidden")
         e_start.click(eval_start, [e_dataset, e_split, e_systems, e_kb, e_limit, e_metrics, e_judge, is_admin],
                       [e_msg, e_pick])
         e_cancel.click(eval_cancel, [e_pick, is_admin], e_msg)
         e_resume.click(eval_resume, [e_pick, is_admin], e_msg)
-        e_timer.tick(eval_poll, [e_pick, is_admin], [e_summary, e_table, e_examples, e_report])
-        e_pick.change(eval_poll, [e_pick, is_admin], [e_summary, e_table, e_examples, e_report])
+        e_timer.tick(eval_poll, [e_pick, is_admin], [e_summary, e_table, e_examples, e_report, e_card])
+        e_pick.change(eval_poll, [e_pick, is_admin], [e_summary, e_table, e_examples, e_report, e_card])
         r_outs = [r_task, r_prompt, r_left, r_right, r_progress, r_key]
         r_who = [r_campaign, r_invite, r_rater, r_key]
         r_next.click(rate_next, r_who, r_outs)
-        for choice, btn in vote_btns.items():
-            btn.click(_voter(choice), [*r_who, r_task, r_comment], [*r_outs, r_comment])
-        rc_eval.change(eval_systems, rc_eval, rc_systems)
-        rc_create.click(create_campaign, [rc_eval, rc_systems, rc_open, is_admin], [rc_msg, r_campaign, res_campaign])
         res_outs = [res_summary, res_board, res_winrate]
+        # the public endpoint /results_show is this first registration (the later ones are private)
         res_refresh.click(results_show, [res_campaign, is_admin], res_outs)
+        vote_outs = [*r_outs, r_comment, r_saved, r_undo, r_revise]
+        for choice, btn in vote_btns.items():  # after each vote the Results tab is current too
+            btn.click(_voter(choice), [*r_who, r_task, r_comment, r_revise], vote_outs).success(
+                results_show, [res_campaign, is_admin], res_outs, api_visibility="private")
+        r_undo.click(rate_undo, r_who, vote_outs)
+        r_campaign.change(rate_guidelines, r_campaign, r_guide)
+        rate_tab.select(rate_guidelines, r_campaign, r_guide, api_visibility="private")
+        rc_eval.change(eval_systems, rc_eval, rc_systems)
+        rc_create.click(create_campaign, [rc_eval, rc_systems, rc_open, rc_guide, is_admin],
+                        [rc_msg, r_campaign, res_campaign])
         res_campaign.change(results_show, [res_campaign, is_admin], res_outs)
+        # the campaign dropdown starts on the newest campaign without a change event: show it when the
+        # tab opens (and again on every visit, so votes cast meanwhile are counted)
+        res_tab.select(results_show, [res_campaign, is_admin], res_outs, api_visibility="private")
         res_export.click(results_export, [res_campaign, res_fmt, is_admin], res_file)
         res_invite.click(campaign_invite, [res_campaign, res_inv_names, is_admin], res_admin_msg)
         res_publish.click(campaign_publish, [res_campaign, is_admin], res_admin_msg).success(
@@ -1101,15 +1616,32 @@ def build_demo() -> gr.Blocks:
             return {c: gr.update(choices=choices[k]) for k, comps in fresh.items() for c in comps}
 
         fresh_outputs = [c for comps in fresh.values() for c in comps]
-        demo.load(refresh, None, fresh_outputs)
         tabs.select(refresh, None, fresh_outputs)  # new datasets, runs, evals, campaigns show up on every tab switch
+        # on load: the same choices, and each selection where this browser left it (else the running or
+        # newest one); every user-visible pick is remembered in the browser (sel, gr.BrowserState)
+        restore_outputs = [t_dataset, e_dataset, d_del_pick, k_pick, c_kb, e_kb, e_systems, *c_sys, e_pick, rc_eval,
+                           r_campaign, res_campaign, t_run, r_invite]
+        demo.load(restore_selection, [sel[k] for k in ("dataset", "kb", "run", "eval", "campaign", "invite")],
+                  restore_outputs, api_visibility="private")
+        for key, comps in {"dataset": [t_dataset, e_dataset], "kb": [k_pick, c_kb, e_kb], "run": [t_run],
+                           "eval": [e_pick], "campaign": [r_campaign, res_campaign]}.items():
+            for c in comps:
+                c.change(_remember, c, sel[key], api_visibility="private", show_progress="hidden")
+        # the guided path: drawn on load, kept current by its timer and on tab switches (changes only)
+        guide_ins, guide_outs = [t_dataset, is_admin, g_last], [g_box, g_steps, g_next, g_hint, status, g_last]
+        demo.load(guide_view, guide_ins, guide_outs, api_visibility="private")
+        g_timer.tick(guide_view, guide_ins, guide_outs, show_progress="hidden", api_visibility="private")
+        tabs.select(guide_view, guide_ins, guide_outs, show_progress="hidden", api_visibility="private")
+        g_next.click(guide_go, [t_dataset, t_base, e_limit, e_metrics, is_admin, *t_inputs],
+                     [g_msg, tabs, t_run, e_pick, e_dataset, e_kb, e_systems, r_campaign, res_campaign, r_invite,
+                      sel["invite"], g_steps, g_next, g_hint, t_msg, e_msg], api_visibility="private")
     return demo
 
 
 def _voter(choice: str):
-    def handler(campaign, invite, name, key, task_id, comment, request: gr.Request = None,
+    def handler(campaign, invite, name, key, task_id, comment, revise=None, request: gr.Request = None,
                 profile: gr.OAuthProfile | None = None):
-        return rate_vote(campaign, invite, name, key, task_id, choice, comment, request, profile)
+        return rate_vote(campaign, invite, name, key, task_id, choice, comment, revise, request, profile)
     handler.__name__ = f"vote_{choice}"
     return handler
 
@@ -1170,8 +1702,11 @@ def make_app():
     # disk; /config shows the limit to the browser, which refuses them before sending. data.py checks
     # the same limit again for files given any other way.
     max_file_size = DataConfig().max_upload_bytes
-    return gr.mount_gradio_app(api, demo, path="/", js=RATE_JS, allowed_paths=[str(STUDIO.downloads_dir)],
+    return gr.mount_gradio_app(api, demo, path="/", js=RATE_JS, css=APP_CSS, allowed_paths=[str(STUDIO.downloads_dir)],
                                max_file_size=max_file_size)
+
+
+SHUTDOWN_DRAIN_S = 3  # seconds uvicorn waits for open connections on SIGTERM before closing them
 
 
 def main() -> None:
@@ -1183,10 +1718,23 @@ def main() -> None:
     # SIGTERM/SIGINT: uvicorn shuts down gracefully, then re-raises the signal to these handlers, which
     # stop the engine (and a vLLM still starting in a background thread) before the process exits
     close_on_signals(STUDIO.close, close_all)
+    from sft_core import gpu
+    print(gpu.startup_check(), flush=True)  # loud when a GPU is visible that torch cannot use
     start_background()
     print(f"SFT Studio on http://{host}:{port}  (workspace {STUDIO.ws.root})", flush=True)
+
+    class Server(uvicorn.Server):
+        """The engine starts stopping the moment the signal arrives, while uvicorn drains its connections
+        (at most SHUTDOWN_DRAIN_S: open event streams would hold it): ``docker stop`` gives 10 s in all."""
+
+        def handle_exit(self, sig, frame):
+            threading.Thread(target=lambda: (STUDIO.close(), close_all()), daemon=True, name="close-engine").start()
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(make_app(), host=host, port=port, log_level="warning",
+                                   timeout_graceful_shutdown=SHUTDOWN_DRAIN_S))
     try:
-        uvicorn.run(make_app(), host=host, port=port, log_level="warning")
+        server.run()
     finally:
         STUDIO.close()
 

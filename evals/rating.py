@@ -16,11 +16,20 @@ Results stay hidden from raters until the admin publishes them (``publish``) or 
 (``close``); either also ends the rating, since a vote followed by a look at the counts would name
 the system behind each side.
 
-Bradley-Terry: maximum likelihood with ties counted as half a win for each side (the common
-"ties as half-wins" treatment, as in Chatbot Arena's analysis; not Rao-Kupper); both_bad votes
-carry no preference and are left out of the fit. Fitted by Newton's method on the log-strengths
-(mean 0) with a tiny ridge (1e-6) that only matters when one system wins everything. 95% CIs: a
-seeded percentile bootstrap over votes, all resamples fitted at once (batched Newton).
+Ratings: Bradley-Terry, P(i beats j) = s(t_i - t_j) with s the logistic function, ties counted as
+half a win for each side (the common "ties as half-wins" treatment, as in Chatbot Arena's analysis;
+not Rao-Kupper); both_bad votes carry no preference and are left out of the fit. The log-strengths t
+get a weak Gaussian prior, t_k ~ N(0, PRIOR_SD^2) with PRIOR_SD = 1, and the rating is the posterior
+mode on an Elo-like scale: 1000 + 400/ln(10) * t_k (the average system is 1000; 400 points = 10:1
+odds). Why a prior: with a dozen votes one system often wins every comparison it is in, and the
+plain maximum-likelihood fit is then infinite. What the prior is worth: its curvature 1/PRIOR_SD^2 = 1
+equals that of four tied games against an average system (a tie's log-likelihood has curvature 1/4
+at equal strengths), so it matters for a handful of votes and fades after a few dozen. A priori two
+systems' win probability lies within 6%-94% with 95% probability (s(+-1.96*sqrt(2))). Twelve straight
+wins of A over B give A a win probability of 0.91 (Laplace's rule of succession says 13/14 = 0.93).
+95% intervals: the Laplace approximation (the inverse Hessian of the negative log-posterior at the
+mode, centred), which stays honest where a bootstrap cannot: resampling twelve straight wins only
+ever gives twelve straight wins, hence a zero-width interval.
 """
 from __future__ import annotations
 
@@ -30,10 +39,10 @@ import hmac
 import io
 import itertools
 import json
+import math
 import os
 import random
 import secrets
-import sqlite3
 import time
 import uuid
 from collections import Counter, defaultdict
@@ -48,6 +57,7 @@ from sft_core.workspace import Workspace, atomic_write_text, read_jsonl
 
 CHOICES = ("left", "right", "tie", "both_bad")
 MAX_COMMENT = 2000
+MAX_GUIDELINES = 4000
 
 
 
@@ -57,32 +67,7 @@ class RatingError(StudioError):
 
 def _ctx(ws, store):
     ws = ws or Workspace.from_env()
-    store = store or open_store(ws.db_url)
-    if not getattr(store, "_ratings_columns_ok", False):
-        _add_missing_columns(store)
-        store._ratings_columns_ok = True
-    return ws, store
-
-
-_LATER_COLUMNS = {  # campaigns columns added after the first release, in order
-    "name": "TEXT NOT NULL DEFAULT ''",
-    "open_rating": "INTEGER NOT NULL DEFAULT 0 CHECK (open_rating IN (0, 1))",
-    "published_at": "REAL",
-    "closed_at": "REAL",
-}
-
-
-def _add_missing_columns(store: Store) -> None:
-    """Older databases get the campaigns columns added since (SCHEMAS only creates new tables)."""
-    cols = {r["name"] for r in store.query("PRAGMA table_info(campaigns)")}
-    for col, decl in _LATER_COLUMNS.items():
-        if col in cols:
-            continue
-        try:
-            store.execute(f"ALTER TABLE campaigns ADD COLUMN {col} {decl}")
-        except sqlite3.OperationalError as e:  # another process added it first
-            if "duplicate column" not in str(e):
-                raise
+    return ws, store or open_store(ws.db_url)  # Store adds the later campaigns columns (store.LATER_COLUMNS)
 
 
 def _campaign(store: Store, campaign_id: str) -> dict:
@@ -94,16 +79,20 @@ def _campaign(store: Store, campaign_id: str) -> dict:
 
 def create_campaign(eval_id: str, systems: list[str] | None = None, ws: Workspace | None = None,
                     store: Store | None = None, name: str | None = None, show_reference: bool = True,
-                    seed: int | None = None, open_rating: bool = False) -> str:
+                    seed: int | None = None, open_rating: bool = False, guidelines: str = "") -> str:
     """Tasks for every domain row and every pair of the chosen systems, left/right drawn at random.
 
     The order is recorded per task. ``seed=None`` (the default) draws it from the OS so nobody can
     replay the draw from the code; pass an int only for reproducible tests. ``open_rating``: anyone
-    may join under a self-chosen name (trusted rooms); otherwise raters need an invite."""
+    may join under a self-chosen name (trusted rooms); otherwise raters need an invite.
+    ``guidelines``: what raters read before they vote (Markdown, up to MAX_GUIDELINES characters)."""
     ws, store = _ctx(ws, store)
     name = (name or "").strip()
     if len(name) > 200 or any(ord(c) < 32 for c in name):
         raise RatingError("campaign names are up to 200 printable characters", "name")
+    guidelines = (guidelines or "").strip()
+    if len(guidelines) > MAX_GUIDELINES:
+        raise RatingError(f"guidelines are {len(guidelines)} characters; the limit is {MAX_GUIDELINES}", "guidelines")
     ev = store.query_one("SELECT * FROM evals WHERE id=?", (eval_id,))
     if ev is None:
         raise RatingError(f"unknown eval {eval_id!r}", "eval")
@@ -136,9 +125,10 @@ def create_campaign(eval_id: str, systems: list[str] | None = None, ws: Workspac
     if not tasks:
         raise RatingError(f"eval {eval_id} has no rows answered by all of {', '.join(systems)}", "eval")
     with store.tx() as con:
-        con.execute("INSERT INTO campaigns (id, eval_id, systems, show_reference, created_at, name, open_rating)"
-                    " VALUES (?,?,?,?,?,?,?)", (cid, eval_id, dumps(systems), int(show_reference), time.time(),
-                                                name or f"{eval_id}: {' vs '.join(systems)}", int(bool(open_rating))))
+        con.execute("INSERT INTO campaigns (id, eval_id, systems, show_reference, created_at, name, open_rating,"
+                    " guidelines) VALUES (?,?,?,?,?,?,?,?)",
+                    (cid, eval_id, dumps(systems), int(show_reference), time.time(),
+                     name or f"{eval_id}: {' vs '.join(systems)}", int(bool(open_rating)), guidelines))
         con.executemany("INSERT INTO rating_tasks (id, campaign_id, row_id, system_left, system_right, prompt, reference,"
                         " output_left, output_right) VALUES (?,?,?,?,?,?,?,?,?)", tasks)
     return cid
@@ -330,13 +320,35 @@ def next_task(campaign_id: str, rater: str, ws: Workspace | None = None, store: 
             task = dict(con.execute("SELECT * FROM rating_tasks WHERE id=?", (best["id"],)).fetchone())
             con.execute("INSERT INTO rating_assignments (task_id, rater, assigned_at) VALUES (?,?,?)",
                         (task["id"], rater, time.time()))
-        done = con.execute("SELECT COUNT(*) FROM votes WHERE campaign_id=? AND rater=?", (campaign_id, rater)).fetchone()[0]
-        total = con.execute("SELECT COUNT(*) FROM rating_tasks WHERE campaign_id=?", (campaign_id,)).fetchone()[0]
-    # Only what the rater needs: the task id is a random uuid, the order is fixed per task.
+        return _payload(con, camp, task, rater)
+
+
+def _payload(con, camp: dict, task: dict, rater: str) -> dict:
+    """Only what the rater needs: the task id is a random uuid, the order is fixed per task.
+    ``progress``: votes cast (``done``), tasks left (``remaining``), ``total`` in the campaign."""
+    done = con.execute("SELECT COUNT(*) FROM votes WHERE campaign_id=? AND rater=?", (camp["id"], rater)).fetchone()[0]
+    total = con.execute("SELECT COUNT(*) FROM rating_tasks WHERE campaign_id=?", (camp["id"],)).fetchone()[0]
     return {"task_id": task["id"], "prompt": task["prompt"],
             "reference": task["reference"] if camp["show_reference"] else None,
             "left": task["output_left"], "right": task["output_right"],
-            "progress": {"done": done, "remaining": total - done}}
+            "progress": {"done": done, "remaining": total - done, "total": total}}
+
+
+def last_vote(campaign_id: str, rater: str, ws: Workspace | None = None, store: Store | None = None) -> dict | None:
+    """The rater's own most recent vote, to undo it: the task's blind payload plus ``choice`` and
+    ``comment`` (None when they have not voted). The app shows the task again; the rater's next
+    choice replaces the vote through ``change_vote`` (the old one goes to vote_history)."""
+    ws, store = _ctx(ws, store)
+    rater = _check_rater(rater)
+    camp = _campaign(store, campaign_id)
+    _check_rating_open(camp)
+    with store.tx() as con:
+        row = con.execute("SELECT t.*, v.choice AS vote_choice, v.comment AS vote_comment FROM votes v "
+                          "JOIN rating_tasks t ON t.id=v.task_id WHERE v.campaign_id=? AND v.rater=? "
+                          "ORDER BY v.updated_at DESC, v.id DESC LIMIT 1", (campaign_id, rater)).fetchone()
+        if row is None:
+            return None
+        return {**_payload(con, camp, dict(row), rater), "choice": row["vote_choice"], "comment": row["vote_comment"]}
 
 
 def vote(campaign_id: str, task_id: str, rater: str, choice: str, comment: str = "",
@@ -377,61 +389,86 @@ def change_vote(campaign_id: str, task_id: str, rater: str, choice: str, comment
 # ------------------------------------------------------------------------------------------------
 # Statistics
 # ------------------------------------------------------------------------------------------------
-def _pair_design(n_items: int, i_idx, j_idx, w_ij):
-    """Collapse comparisons into categories (pair a<b, score of a in {0, 0.5, 1}).
+# Bradley-Terry with a weak Gaussian prior on the log-strengths (MAP), on an Elo-like scale.
+PRIOR_SD = 1.0  # sd of each system's log-strength a priori: see the module docstring for what it is worth
+RATING_SCALE = 400.0 / math.log(10.0)  # rating points per unit of log-strength: 400 points = 10:1 odds
+RATING_BASE = 1000.0  # the rating of an average system (the log-strengths are centred)
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
 
-    Returns (pairs (P,2), category->pair index (C,), category score (C,), category counts (C,))."""
+
+def _pair_design(n_items: int, i_idx, j_idx, w_ij):
+    """Per unordered pair (a<b): games and a's score (wins + half the ties).
+
+    Returns (pairs (P,2), games (P,), wins of the first system of each pair (P,))."""
     i_idx, j_idx, w = np.asarray(i_idx, dtype=int), np.asarray(j_idx, dtype=int), np.asarray(w_ij, dtype=float)
     if np.any(i_idx == j_idx):
         raise RatingError("a comparison needs two different systems", "votes")
     a, b = np.minimum(i_idx, j_idx), np.maximum(i_idx, j_idx)
     score = np.where(i_idx == a, w, 1.0 - w)  # a's score in each comparison
-    cats, counts = np.unique(np.stack([a, b, score]), axis=1, return_counts=True)
-    pairs, pair_of_cat = np.unique(cats[:2].T.astype(int), axis=0, return_inverse=True)
-    return pairs, pair_of_cat.reshape(-1), cats[2], counts
+    pairs, pair_of = np.unique(np.stack([a, b], axis=1), axis=0, return_inverse=True)
+    pair_of = pair_of.reshape(-1)
+    return pairs, np.bincount(pair_of, minlength=len(pairs)).astype(float), np.bincount(pair_of, weights=score,
+                                                                                         minlength=len(pairs))
 
 
-def _newton_bt(n_items: int, pairs, games, wins, ridge: float, iters: int) -> np.ndarray:
-    """Batched Newton on B independent problems: games/wins (B,P) -> log-strengths (B,K), mean 0."""
-    d_mat = np.zeros((len(pairs), n_items))
-    d_mat[np.arange(len(pairs)), pairs[:, 0]] = 1.0
-    d_mat[np.arange(len(pairs)), pairs[:, 1]] = -1.0
-    theta = np.zeros((games.shape[0], n_items))
-    eye = ridge * np.eye(n_items)
+def _design_matrix(n_items: int, pairs) -> np.ndarray:
+    d = np.zeros((len(pairs), n_items))
+    d[np.arange(len(pairs)), pairs[:, 0]] = 1.0
+    d[np.arange(len(pairs)), pairs[:, 1]] = -1.0
+    return d
+
+
+def _sigmoid(x):
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # without overflow
+
+
+def fit_bradley_terry(n_items: int, i_idx, j_idx, w_ij, prior_sd: float = PRIOR_SD,
+                      iters: int = 100) -> np.ndarray:
+    """Log-strengths theta (mean 0) maximising the penalised log-likelihood
+
+        sum_votes  w*log s(t_i - t_j) + (1-w)*log s(t_j - t_i)   -   |theta|^2 / (2 prior_sd^2)
+
+    for comparisons i vs j where i scored w (1 win, 0 loss, 0.5 tie); s is the logistic function.
+    That is the posterior mode under independent N(0, prior_sd^2) priors (``prior_sd=math.inf``: the
+    plain MLE, which is infinite when a system won or lost everything). The likelihood only sees
+    differences and its gradient sums to zero, so the optimum is centred; Newton's method with steps
+    capped at 2 (a log-strength of 2 is already 7:1 odds) and the Hessian's constant direction pinned."""
+    pairs, games, wins = _pair_design(n_items, i_idx, j_idx, w_ij)
+    d = _design_matrix(n_items, pairs)
+    ridge = 0.0 if math.isinf(prior_sd) else 1.0 / prior_sd ** 2
+    pin = np.ones((n_items, n_items)) / n_items  # fixes the mean (the likelihood is flat along it)
+    theta = np.zeros(n_items)
     for _ in range(iters):
-        p = 0.5 * (1.0 + np.tanh(0.5 * (theta @ d_mat.T)))  # sigmoid without overflow
-        grad = (wins - games * p) @ d_mat - ridge * theta
-        hess = np.einsum("pk,bp,pl->bkl", d_mat, games * p * (1 - p), d_mat) + eye
-        step = np.linalg.solve(hess, grad[..., None])[..., 0]
-        theta += step
-        if np.max(np.abs(step)) < 1e-11:
+        p = _sigmoid(d @ theta)
+        grad = (wins - games * p) @ d - ridge * theta
+        hess = d.T @ ((games * p * (1 - p))[:, None] * d) + ridge * np.eye(n_items) + pin
+        step = np.linalg.solve(hess, grad)
+        step *= min(1.0, 2.0 / max(np.max(np.abs(step)), 1e-300))
+        theta = theta + step
+        if np.max(np.abs(step)) < 1e-12:
             break
-    return theta - theta.mean(axis=1, keepdims=True)
+    return theta - theta.mean()
 
 
-def fit_bradley_terry(n_items: int, i_idx, j_idx, w_ij, ridge: float = 1e-6, iters: int = 200) -> np.ndarray:
-    """MLE of log-strengths theta (mean 0) for comparisons i vs j where i scored w (1 win, 0 loss, 0.5 tie).
+def posterior_cov(n_items: int, i_idx, j_idx, w_ij, theta, prior_sd: float = PRIOR_SD) -> np.ndarray:
+    """Laplace approximation: the covariance of the centred log-strengths around the mode ``theta``.
 
-    Log-likelihood sum w*log s(ti-tj) + (1-w)*log s(tj-ti) - ridge/2*|theta|^2; the tiny ridge only
-    pins the scale when one system wins everything (then the plain MLE is infinite)."""
-    pairs, pair_of_cat, score, counts = _pair_design(n_items, i_idx, j_idx, w_ij)
-    games = np.bincount(pair_of_cat, weights=counts, minlength=len(pairs))[None]
-    wins = np.bincount(pair_of_cat, weights=counts * score, minlength=len(pairs))[None]
-    return _newton_bt(n_items, pairs, games, wins, ridge, iters)[0]
+    The inverse of the negative log-posterior's Hessian, sum_pairs games*p*(1-p)*d d^T + I/prior_sd^2,
+    restricted to centred vectors (the prior's own uncertainty about the common level, which no vote
+    can inform and no comparison depends on, is projected out)."""
+    pairs, games, _ = _pair_design(n_items, i_idx, j_idx, w_ij)
+    d = _design_matrix(n_items, pairs)
+    p = _sigmoid(d @ np.asarray(theta, dtype=float))
+    ridge = 0.0 if math.isinf(prior_sd) else 1.0 / prior_sd ** 2
+    hess = d.T @ ((games * p * (1 - p))[:, None] * d) + ridge * np.eye(n_items)
+    centre = np.eye(n_items) - 1.0 / n_items
+    cov = np.linalg.pinv(hess) if ridge == 0 else np.linalg.inv(hess)
+    return centre @ cov @ centre
 
 
-def bootstrap_bradley_terry(n_items: int, i_idx, j_idx, w_ij, n_boot: int = 1000, seed: int = 0,
-                            ridge: float = 1e-6, iters: int = 200) -> np.ndarray:
-    """(n_boot, n_items) log-strengths refitted on votes resampled with replacement, all fits at once.
-
-    Resampling N votes with replacement is a multinomial draw over the vote categories
-    (pair, outcome), so each replicate is summarised by per-pair games and wins."""
-    pairs, pair_of_cat, score, counts = _pair_design(n_items, i_idx, j_idx, w_ij)
-    n = int(counts.sum())
-    draws = np.random.default_rng(seed).multinomial(n, counts / n, size=n_boot).astype(float)  # (B, C)
-    onehot = np.zeros((len(score), len(pairs)))
-    onehot[np.arange(len(score)), pair_of_cat] = 1.0
-    return _newton_bt(n_items, pairs, draws @ onehot, draws @ (onehot * score[:, None]), ridge, iters)
+def to_rating(theta):
+    """Log-strength -> the Elo-like rating scale (average system 1000, 400 points = 10:1 odds)."""
+    return RATING_BASE + RATING_SCALE * np.asarray(theta, dtype=float)
 
 
 def mle_exists(n_items: int, matches: list[tuple[int, int, float]]) -> bool:
@@ -455,18 +492,6 @@ def mle_exists(n_items: int, matches: list[tuple[int, int, float]]) -> bool:
                 todo.append(nxt)
         return seen
     return len(reach(beat)) == n_items and len(reach(back)) == n_items
-
-
-def elo(matches: list[tuple[int, int, float]], n_items: int, k: float = 16.0, seed: int = 0) -> np.ndarray:
-    """Online Elo over the votes in a seeded random order (for comparison with Bradley-Terry)."""
-    r = np.full(n_items, 1000.0)
-    order = list(matches)
-    random.Random(seed).shuffle(order)
-    for i, j, w in order:
-        e = 1 / (1 + 10 ** ((r[j] - r[i]) / 400))
-        r[i] += k * (w - e)
-        r[j] -= k * (w - e)
-    return r
 
 
 def cohen_kappa(a: list[str], b: list[str]) -> float:
@@ -509,34 +534,51 @@ def _matches(votes: list[dict], systems: list[str]) -> list[tuple[int, int, floa
     return out
 
 
-def results(campaign_id: str, ws: Workspace | None = None, store: Store | None = None, n_boot: int = 1000,
-            seed: int = 0) -> dict:
-    """Leaderboard (Bradley-Terry + bootstrap CIs, Elo), win-rate matrix, votes per system, agreement."""
+def results(campaign_id: str, ws: Workspace | None = None, store: Store | None = None,
+            prior_sd: float = PRIOR_SD) -> dict:
+    """Leaderboard (Bradley-Terry ratings with 95% intervals), win-rate matrix, votes, agreement.
+
+    ``leaderboard``: one row per system, best first: ``rating`` (Elo-like scale, see the module
+    docstring), ``ci_low``/``ci_high`` (95%, Laplace), ``strength`` (the centred log-strength),
+    ``wins``/``losses``/``ties``/``both_bad`` and ``votes`` (every vote it was in). ``win_rate[a][b]``:
+    the share of a-vs-b votes that a won, ties counting half (None when never compared), with the
+    number of those votes in ``games[a][b]``. Systems with no vote yet get the prior's rating (1000)
+    and its interval, so a campaign's leaderboard always lists all its systems."""
     ws, store = _ctx(ws, store)
     camp = _campaign(store, campaign_id)
-    if n_boot < 1:
-        raise RatingError(f"n_boot must be at least 1, got {n_boot}", "n_boot")
     systems = loads(camp["systems"])
     votes = store.query("SELECT v.*, t.system_left, t.system_right, t.row_id FROM votes v JOIN rating_tasks t "
                         "ON t.id=v.task_id WHERE v.campaign_id=? ORDER BY v.id", (campaign_id,))
     matches = _matches(votes, systems)
     n = len(systems)
     votes_per_system = {s: sum(1 for v in votes if s in (v["system_left"], v["system_right"])) for s in systems}
-    board, warnings = [], []
+    tally = {s: Counter() for s in systems}
+    for v in votes:
+        left, right = v["system_left"], v["system_right"]
+        outcome = {"left": ("wins", "losses"), "right": ("losses", "wins"), "tie": ("ties", "ties"),
+                   "both_bad": ("both_bad", "both_bad")}[v["choice"]]
+        tally[left][outcome[0]] += 1
+        tally[right][outcome[1]] += 1
+    warnings = []
     if matches:
         i, j, w = (np.array(x) for x in zip(*matches))
-        theta = fit_bradley_terry(n, i, j, w)
-        lo, hi = np.quantile(bootstrap_bradley_terry(n, i, j, w, n_boot=n_boot, seed=seed), [0.025, 0.975], axis=0)
-        el = elo(matches, n, seed=seed)
-        for k, s in enumerate(systems):
-            board.append({"system": s, "bt_score": float(theta[k]), "ci_low": float(lo[k]), "ci_high": float(hi[k]),
-                          "bt_rating": float(1000 + 400 / np.log(10) * theta[k]),  # Elo scale, for comparison
-                          "elo": float(el[k]), "votes": votes_per_system[s]})
-        board.sort(key=lambda r: -r["bt_score"])
+        theta = fit_bradley_terry(n, i, j, w, prior_sd=prior_sd)
+        sd = np.sqrt(np.clip(np.diag(posterior_cov(n, i, j, w, theta, prior_sd=prior_sd)), 0, None))
         if not mle_exists(n, matches):
             warnings.append("some system won (or lost) every comparison it was in, or some systems were never "
-                            "compared: the plain maximum-likelihood scores are unbounded, shown here with a 1e-6 "
-                            "ridge; collect more votes before trusting the gaps")
+                            "compared: those ratings rest on the prior as much as on the votes, and their "
+                            "intervals are wide for that reason; more votes will move them")
+    else:
+        theta = np.zeros(n)
+        sd = np.full(n, (prior_sd * math.sqrt((n - 1) / n)) if not math.isinf(prior_sd) else math.inf)
+    board = []
+    for k, s in enumerate(systems):
+        board.append({"system": s, "rating": float(to_rating(theta[k])),
+                      "ci_low": float(to_rating(theta[k] - Z95 * sd[k])),
+                      "ci_high": float(to_rating(theta[k] + Z95 * sd[k])), "strength": float(theta[k]),
+                      **{key: tally[s][key] for key in ("wins", "losses", "ties", "both_bad")},
+                      "votes": votes_per_system[s]})
+    board.sort(key=lambda r: (-r["rating"], r["system"]))
     wins = defaultdict(lambda: defaultdict(float))
     games = defaultdict(lambda: defaultdict(int))
     for a, b, w in matches:
@@ -562,15 +604,18 @@ def results(campaign_id: str, ws: Workspace | None = None, store: Store | None =
     agreement["tasks_with_several_raters"] = len(multi)
     judge = _judge_agreement(store, camp, votes)
     if judge is not None:
-        agreement["judge_vs_human"] = judge
+        agreement["judge_vs_human"], agreement["judge_votes_compared"] = judge
     return {"campaign": campaign_id, "name": camp["name"], "systems": systems, "n_votes": len(votes),
             "n_raters": len(raters), "leaderboard": board, "votes_per_system": votes_per_system,
-            "win_rate": win_rate, "agreement": agreement, "warnings": warnings,
-            "method": f"Bradley-Terry MLE on log-strengths (mean 0), ties = half a win each, both_bad excluded; "
-                      f"95% percentile bootstrap CIs over votes ({n_boot} resamples); Elo k=16 for comparison"}
+            "win_rate": win_rate, "games": {s: {t: games[s][t] for t in systems if t != s} for s in systems},
+            "agreement": agreement, "warnings": warnings,
+            "method": f"Bradley-Terry, ties = half a win each, both_bad left out; Gaussian prior on log-strengths "
+                      f"(sd {prior_sd:g}); rating = 1000 + 400/ln10 x log-strength (400 points = 10:1 odds); "
+                      f"95% intervals: Laplace approximation"}
 
 
-def _judge_agreement(store: Store, camp: dict, votes: list[dict]) -> float | None:
+def _judge_agreement(store: Store, camp: dict, votes: list[dict]) -> tuple[float, int] | None:
+    """(share of human left/right/tie votes on judged (row, pair)s that match the judge's verdict, how many)."""
     ev = store.query_one("SELECT path FROM evals WHERE id=?", (camp["eval_id"],))
     judged = read_jsonl(Path(ev["path"]) / "judge.jsonl") if ev else []
     if not judged:
@@ -589,7 +634,7 @@ def _judge_agreement(store: Store, camp: dict, votes: list[dict]) -> float | Non
             human = {"left": v["system_left"], "right": v["system_right"], "tie": "tie"}[v["choice"]]
             same += human == verdict[key]
             total += 1
-    return same / total if total else None
+    return (same / total, total) if total else None
 
 
 # ------------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import html
 import json
+import math
+from collections import Counter
 from pathlib import Path
 
 from sft_core.store import Store, loads, open_store
@@ -23,39 +25,168 @@ def _primary(summary: dict) -> str | None:
     return next((m for m in PRIMARY if m in have), None)
 
 
-def recommendation(scores: dict) -> str:
-    dom = scores["sets"].get("domain")
+def short_names(systems) -> dict[str, str]:
+    """Names for people: ``sft:run-abc`` -> ``sft``, ``sft+rag:run-abc`` -> ``sft+rag``, ``openai:MODEL``
+    -> ``MODEL``; systems that would read the same (two runs) keep their full names."""
+    def short(s: str) -> str:
+        kind, _, arg = s.partition(":")
+        return arg if kind == "openai" and arg else kind
+    base = {s: short(s) for s in systems}
+    taken = Counter(base.values())
+    return {s: b if taken[b] == 1 else s for s, b in base.items()}
+
+
+def verdict(scores: dict) -> dict | None:
+    """The decision in numbers, from the domain set's summary (what the report's opening sentence
+    and the Evaluate tab's card say): the ``metric`` (PRIMARY order), the ``best`` system and its mean
+    with 95% CI and n, and against the ``runner_up``: the ``margin`` (with the paired-bootstrap CI
+    of the difference when scores.json has it), ``p`` (Holm-corrected when available, as decisions
+    use), ``clear`` (p < 0.05), and ``cost``: {latency_s, completion_tokens: (best, runner-up) means}.
+    None when there is no domain result or no quality metric."""
+    dom = scores.get("sets", {}).get("domain")
     if not dom:
-        return "No domain results yet."
+        return None
     summary = dom["summary"]
     metric = _primary(summary)
     if metric is None:
-        return "No quality metric was computed."
-    ranked = sorted(summary["systems"].items(), key=lambda kv: -kv[1][metric]["mean"])
+        return None
+    ranked = sorted(((s, v) for s, v in summary["systems"].items() if metric in v), key=lambda kv: -kv[1][metric]["mean"])
     best, bv = ranked[0]
-    text = (f"**Recommendation: {best}.** On the domain test set it scores {metric} "
-            f"{bv[metric]['mean']:.3f} (95% CI {bv[metric]['low']:.3f}–{bv[metric]['high']:.3f}, n={bv[metric]['n']})")
+    out = {"metric": metric, "best": best, "mean": bv[metric]["mean"], "low": bv[metric]["low"],
+           "high": bv[metric]["high"], "n": bv[metric]["n"], "runner_up": None, "ranking": [s for s, _ in ranked]}
     if len(ranked) > 1:
         second, sv = ranked[1]
-        pair = next((p for p in summary["pairs"][metric] if {p["a"], p["b"]} == {best, second}), None)
-        diff = bv[metric]["mean"] - sv[metric]["mean"]
-        p = _p(pair) if pair else None
-        sig = pair and p < 0.05
-        held = f"Holm-corrected over {pair.get('n_tests', 1)} pairs" if pair and "p_holm" in pair else "uncorrected"
-        text += (f", {diff:+.3f} over the runner-up {second} ({sv[metric]['mean']:.3f}); "
+        pair = next((p for p in summary["pairs"].get(metric, []) if {p["a"], p["b"]} == {best, second}), None)
+        out.update(runner_up=second, runner_up_mean=sv[metric]["mean"], margin=bv[metric]["mean"] - sv[metric]["mean"],
+                   margin_ci=None, p=None, clear=False, held="uncorrected", effect_size=None)
+        if pair:
+            p = _p(pair)
+            ci = pair.get("ci")
+            if ci and len(ci) == 2:
+                out["margin_ci"] = tuple(ci) if pair["a"] == best else (-ci[1], -ci[0])
+            out.update(p=p, clear=p is not None and p < 0.05, effect_size=pair.get("effect_size"),
+                       held=f"Holm-corrected over {pair.get('n_tests', 1)} pairs" if "p_holm" in pair else "uncorrected")
+        out["cost"] = {m: (bv[m]["mean"], sv[m]["mean"]) for m in ("latency_s", "completion_tokens")
+                       if m in bv and m in sv}
+    return out
+
+
+def recommendation(scores: dict) -> str:
+    v = verdict(scores)
+    if v is None:
+        return "No domain results yet." if not scores.get("sets", {}).get("domain") else "No quality metric was computed."
+    metric, best = v["metric"], v["best"]
+    text = (f"**Recommendation: {best}.** On the domain test set it scores {metric} "
+            f"{v['mean']:.3f} (95% CI {v['low']:.3f}–{v['high']:.3f}, n={v['n']})")
+    if v["runner_up"]:
+        p, held = v["p"], v["held"]
+        text += (f", {v['margin']:+.3f} over the runner-up {v['runner_up']} ({v['runner_up_mean']:.3f}); "
                  + (f"the difference is statistically clear (paired bootstrap p={p:.3f}, {held}; "
-                    f"effect size d={pair['effect_size']:.2f})." if sig else
+                    f"effect size d={v['effect_size']:.2f})." if v["clear"] else
                     f"the difference is **not** statistically clear (p={p:.3f}, {held}) — "
-                    "collect more test rows or human ratings before deciding." if pair else "."))
+                    "collect more test rows or human ratings before deciding." if p is not None else "."))
     else:
         text += "."
     gen = scores["sets"].get("general")
     if gen:
         gm = _primary(gen["summary"])
         if gm:
-            parts = [f"{s} {v[gm]['mean']:.3f}" for s, v in gen["summary"]["systems"].items()]
+            parts = [f"{s} {val[gm]['mean']:.3f}" for s, val in gen["summary"]["systems"].items()]
             text += f" General-ability check ({gm}): " + ", ".join(parts) + "."
     return text
+
+
+GENERAL_NOTE = ("Rows of the *general* set are a fixed list of everyday questions (evals/data/general.jsonl), "
+                "the same in every eval: a fine-tuned adapter should not do worse there than the base model.")
+
+
+def _p_text(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def _signed(x: float, unit: str, digits: int) -> str:
+    return f"{x:+.{digits}f}{unit}"
+
+
+def card_markdown(scores: dict | None) -> str:
+    """The Evaluate tab's recommendation card: the verdict, the margin, the confidence and the cost
+    difference (latency and tokens per answer), with short system names."""
+    v = verdict(scores) if scores else None
+    if v is None:
+        return "_The verdict (which system to use, by how much, how sure) appears here once the eval is scored._"
+    names = short_names(v["ranking"])
+    best = names[v["best"]]
+    lines = [f"### 🏆 Recommendation: **{best}**",
+             f"Main metric **{v['metric']}** on the domain test set: **{v['mean']:.3f}** "
+             f"(95% CI {v['low']:.3f}–{v['high']:.3f}, {v['n']} rows)."]
+    if v["runner_up"]:
+        second = names[v["runner_up"]]
+        margin = f"**{v['margin']:+.3f}** over {second} ({v['runner_up_mean']:.3f})"
+        if v["margin_ci"]:
+            margin += f", 95% CI of the difference {v['margin_ci'][0]:+.3f} to {v['margin_ci'][1]:+.3f}"
+        lines.append(f"**Margin:** {margin}.")
+        if v["p"] is None:
+            lines.append("**Confidence:** not measurable (too few rows for a paired test).")
+        elif v["clear"]:
+            lines.append(f"**Confidence:** ✅ clear: paired bootstrap {_p_text(v['p'])} ({v['held']}).")
+        else:
+            lines.append(f"**Confidence:** ⚠️ not clear ({_p_text(v['p'])}, {v['held']}): collect more test rows or "
+                         "human ratings (Rate tab) before deciding.")
+        cost = v.get("cost") or {}
+        parts = []
+        if "latency_s" in cost:
+            a, b = cost["latency_s"]
+            parts.append(f"{a:.2f} s vs {b:.2f} s per answer ({_signed(a - b, ' s', 2)})")
+        if "completion_tokens" in cost:
+            a, b = cost["completion_tokens"]
+            parts.append(f"{a:.0f} vs {b:.0f} tokens per answer ({_signed(a - b, '', 0)})")
+        if parts:
+            lines.append(f"**Cost** ({best} vs {second}): " + "; ".join(parts) + ".")
+    if scores.get("sets", {}).get("general"):
+        lines.append(f"_{GENERAL_NOTE}_")
+    return "\n\n".join(lines)
+
+
+def eval_scores(eval_id: str, ws: Workspace | None = None, store: Store | None = None) -> dict | None:
+    """The eval's scores.json, or None while it is not scored (or for an unknown eval)."""
+    ws = ws or Workspace.from_env()
+    store = store or open_store(ws.db_url)
+    row = store.query_one("SELECT path FROM evals WHERE id=?", (eval_id,))
+    path = Path(row["path"]) / "scores.json" if row else None
+    return json.loads(path.read_text()) if path and path.exists() else None
+
+
+def score_table(scores: dict | None) -> tuple[list[str], list[list[str]]]:
+    """(columns, rows) for the Evaluate tab: one row per (set, system), domain first, best first; the
+    main metric right after the system, other quality metrics next, cost last; the winner marked ★."""
+    cols = ["set", "system"]
+    if not scores or not scores.get("sets"):
+        return cols + ["score (mean, 95% CI)"], []
+    metrics = {m for s in scores["sets"].values() for v in s["summary"]["systems"].values() for m in v}
+    v = verdict(scores)
+    main = v["metric"] if v else None
+    quality = sorted(m for m in metrics if m not in LOWER_IS_BETTER and m != main)
+    cost = [m for m in LOWER_IS_BETTER if m in metrics]
+    order = ([main] if main else []) + quality + cost
+    judged = (scores.get("judge") or {}).get("rubric") or {}
+    cols += order + (["judge_rubric"] if judged else [])
+    names = short_names([s for st in scores["sets"].values() for s in st["summary"]["systems"]])
+    rows = []
+    for set_name in sorted(scores["sets"], key=lambda n: (n != "domain", n)):
+        systems = scores["sets"][set_name]["summary"]["systems"]
+        ranked = sorted(systems, key=lambda s: -systems[s][main]["mean"] if main in systems[s] else math.inf)
+        for s in ranked:
+            ms = systems[s]
+            star = "★ " if v and set_name == "domain" and s == v["best"] else ""
+            row = [set_name, star + names[s]]
+            for m in order:
+                row.append(f"{ms[m]['mean']:.3f} [{ms[m]['low']:.3f}, {ms[m]['high']:.3f}]" if m in ms else "–")
+            if judged:
+                rub = judged.get(s) if set_name == "domain" else None
+                row.append(f"{rub['mean']:.2f} [{rub['low']:.2f}, {rub['high']:.2f}]" if rub and rub["mean"] is not None
+                           else "–")
+            rows.append(row)
+    return cols, rows
 
 
 def _p(pair: dict) -> float:
@@ -139,6 +270,48 @@ def _judge_section(judged: dict, cfg: dict) -> tuple[list[str], str]:
     return md, "".join(parts)
 
 
+def _provenance_section(eval_id: str, cfg: dict, ws: Workspace, store: Store) -> list[str]:
+    """Where preference-tuned adapters came from (base -> SFT run -> preference dataset -> run), and how well the
+    judge agrees with the human votes of this eval's campaigns (evals/calibration.py)."""
+    from evals.calibration import calibration_for_eval, format_markdown
+    from sft_core.pref_train import MODE, format_lineage, lineage_of_run
+    md = []
+    for name in cfg["systems"]:
+        run_id = name.split(":", 1)[1] if name.startswith(("sft:", "sft+rag:")) else None
+        run = store.query_one("SELECT config FROM runs WHERE id=?", (run_id,)) if run_id else None
+        if run and loads(run["config"], {}).get("mode") == MODE:
+            md.append(f"- {name}: {format_lineage(lineage_of_run(run_id, ws, store))}")
+    if md:
+        md = ["## Lineage of preference-tuned systems", ""] + md + [""]
+    cals = calibration_for_eval(eval_id, ws, store)
+    if cals:
+        md += ["## Judge calibration against human votes", ""]
+        for cal in cals:
+            md += format_markdown(cal)
+    return md
+
+
+def _md_to_html(lines: list[str]) -> str:
+    """The few markdown shapes _provenance_section writes (headings, bullets, tables, text) as HTML."""
+    out, table = [], []
+    for line in lines + [""]:
+        if line.startswith("|"):
+            if not line.startswith("|---"):
+                table.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|"))
+                             + "</tr>")
+            continue
+        if table:
+            out.append("<table>" + "".join(table) + "</table>")
+            table = []
+        if line.startswith("## "):
+            out.append(f"<h2>{html.escape(line[3:])}</h2>")
+        elif line.startswith("- "):
+            out.append(f"<p>{html.escape(line[2:])}</p>")
+        elif line:
+            out.append(f"<p>{html.escape(line)}</p>")
+    return "".join(out)
+
+
 def write_report(eval_id: str, ws: Workspace | None = None, store: Store | None = None,
                  out_dir: str | Path | None = None) -> tuple[Path, Path]:
     ws = ws or Workspace.from_env()
@@ -190,6 +363,10 @@ def write_report(eval_id: str, ws: Workspace | None = None, store: Store | None 
         jmd, jhtml = _judge_section(judged, cfg)
         md += jmd
         body.append(jhtml)
+    pmd = _provenance_section(eval_id, cfg, ws, store)
+    if pmd:
+        md += pmd
+        body.append(_md_to_html(pmd))
     # per-example side by side
     by_row: dict[str, dict] = {}
     for o in outputs:

@@ -593,11 +593,17 @@ def load_records(path: str | Path, fmt: str = "auto", mapping: dict | None = Non
     for n, row in _read_rows(path, issues, cfg):
         if chosen is None:
             chosen = detect_format(row, mapping)
-            if chosen is None:
-                issues.append(Issue(f, n, None, "cannot tell the format from the fields "
-                                                f"{', '.join(sorted(row))}; name it with --format, or map columns with "
-                                                "--map instruction=COL,response=COL"))
-                return [], issues, None
+            if chosen is None:  # a plain table: map its columns by their names when they leave no doubt
+                from sft_core.mapping import describe, guess_mapping, is_complete
+                guess = guess_mapping(list(row))
+                if not is_complete(guess):
+                    issues.append(Issue(f, n, None, "cannot tell which fields hold the question and the answer "
+                                                    f"(fields: {', '.join(sorted(map(str, row)))}); choose the format, "
+                                                    "or map the columns (instruction=COLUMN, response=COLUMN)"))
+                    return [], issues, None
+                mapping, chosen = guess, "table"
+                issues.append(Issue(f, None, None, f"columns mapped by their names: {describe(guess)}",
+                                    severity="warning"))
         if not columns_checked:
             columns_checked = True
             missing = _check_columns(set(row), chosen, mapping, f)

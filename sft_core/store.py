@@ -101,12 +101,14 @@ CREATE TABLE IF NOT EXISTS campaigns (
     systems     TEXT NOT NULL,          -- JSON list
     show_reference INTEGER NOT NULL DEFAULT 1 CHECK (show_reference IN (0, 1)),
     created_at  REAL NOT NULL,
-    name        TEXT NOT NULL DEFAULT '', -- added later: rating.py adds it to older databases
-    -- added later too (rating.py adds them): open_rating = anyone may join under a self-chosen name
-    -- (bound to a signed key); published_at / closed_at end the rating and show results to raters
+    -- the columns below were added later (LATER_COLUMNS adds them to older databases): open_rating =
+    -- anyone may join under a self-chosen name (bound to a signed key); published_at / closed_at end
+    -- the rating and show results to raters; guidelines = what raters read before they vote
+    name        TEXT NOT NULL DEFAULT '',
     open_rating INTEGER NOT NULL DEFAULT 0 CHECK (open_rating IN (0, 1)),
     published_at REAL,
-    closed_at   REAL
+    closed_at   REAL,
+    guidelines  TEXT NOT NULL DEFAULT ''
 );
 -- Server-issued rater identities; votes.rater holds raters.id for raters who came in through the app.
 -- invite: a secret link for one campaign (only its sha256 is kept); open: a self-chosen name bound to
@@ -174,6 +176,9 @@ class StoreError(StudioError):
 # Columns added to existing tables after their first release: {table: {column: declaration}}.
 LATER_COLUMNS: dict[str, dict[str, str]] = {
     "jobs": {"pid_start": "TEXT"},  # the worker's start time (/proc), so a reused pid is never signalled
+    "campaigns": {"name": "TEXT NOT NULL DEFAULT ''",  # evals/rating.py; in the order they were added
+                  "open_rating": "INTEGER NOT NULL DEFAULT 0 CHECK (open_rating IN (0, 1))",
+                  "published_at": "REAL", "closed_at": "REAL", "guidelines": "TEXT NOT NULL DEFAULT ''"},
 }
 
 

@@ -195,9 +195,9 @@ def test_upload_dataset_report_and_malformed_file(app, browser, tmp_path):
     page.locator("#data-check").click()
     page.get_by_text("broken.jsonl:2: invalid JSON").first.wait_for(timeout=60000)
     page.get_by_text("broken.jsonl:3 [instruction]: empty").first.wait_for(timeout=10000)
-    page.locator("#data-name input, #data-name textarea").first.fill("broken")
-    page.locator("#data-save").click()
-    page.get_by_text("invalid data, nothing stored").first.wait_for(timeout=60000)
+    # Save is enabled only by a passing Check (issue #16), so nothing can be stored from here
+    assert page.locator("#data-save").is_disabled()
+    assert "support" in page.locator("#data-versions").inner_text()  # the versions table stays
     shot(page, "data-errors")
     assert sorted(p.name for p in (home / "datasets").iterdir()) == before
 
@@ -326,7 +326,7 @@ def test_eval_then_blind_vote_moves_leaderboard(app, browser):
     body = page.locator("#rate-left").inner_text() + page.locator("#rate-right").inner_text()
     assert "prompt" not in body.lower().split() and "rag" not in body.lower().split()
     shot(page, "rate")
-    page.keyboard.press("1")  # keyboard shortcut: left is better
+    page.keyboard.press("1")  # keyboard shortcut: A (the left answer) is better
     page.locator("#rate-progress").get_by_text("1 rated").wait_for(timeout=30000)
 
     page.get_by_role("tab", name="Results").click()
@@ -334,7 +334,7 @@ def test_eval_then_blind_vote_moves_leaderboard(app, browser):
     page.get_by_role("option").first.click()
     page.locator("#results-refresh").click()
     page.locator("#results-summary").get_by_text("1 votes").wait_for(timeout=30000)
-    page.locator("#results-board").get_by_text("bt_score").wait_for(timeout=30000)
+    page.locator("#results-board").get_by_text("95% interval", exact=True).wait_for(timeout=30000)
     shot(page, "results")
     board_after = page.locator("#results-board").inner_text()
     assert board_after != board_before, board_after
@@ -404,7 +404,7 @@ def test_gradio_client_drives_the_same_functions(app, clients, tmp_path):
     msg, _ = client.predict("pydocs", "", *train_values(run_name="api-run", max_steps=3, max_length=64),
                             api_name="/train_start")
     assert "Queued run **api-run**" in msg
-    _, _, jobs, _ = client.predict("api-run", api_name="/train_poll")
+    jobs = client.predict("api-run", api_name="/train_poll")[2]  # progress, loss, jobs, runs, lr, tokens/s
     assert any("api-run" in row for row in jobs["data"]), jobs
     client.predict("api-run", api_name="/train_cancel")
     poll(lambda: client.predict("api-run", api_name="/train_poll")[3]["data"],
@@ -430,13 +430,15 @@ def test_gradio_client_drives_the_same_functions(app, clients, tmp_path):
     # picking the eval offers its systems (the checkbox group only takes offered choices)
     systems = client.predict(eval_id, api_name="/eval_systems")["value"]
     assert sorted(systems) == ["prompt", "rag"], systems
-    msg, _, _ = client.predict(eval_id, systems, False, api_name="/create_campaign")
+    msg, _, _ = client.predict(eval_id, systems, False, "", api_name="/create_campaign")
     campaign = msg.split("**")[1]
     # raters come in through an invite link (no admin password here, so anyone may make one)
     invite = client.predict(campaign, "api-rater", api_name="/campaign_invite").split("?invite=")[1].split("`")[0]
     prompt, left, right, progress, key = client.predict(campaign, invite, "", None, api_name="/rate_next")
     assert "Prompt" in prompt and left.strip() and right.strip() and "api-rater" in progress
-    prompt, left, right, progress, key, comment = client.predict(campaign, invite, "", None, "", api_name="/vote_left")
+    prompt, left, right, progress, key, comment, saved = client.predict(campaign, invite, "", None, "",
+                                                                        api_name="/vote_left")
+    assert "Saved: **A is better**" in saved and "Nothing left" in prompt  # the campaign's one task is done
     summary, board, _ = client.predict(campaign, api_name="/results_show")
     assert "1 votes" in summary and board["data"], (summary, board)
 
@@ -517,7 +519,7 @@ def test_admin_password_gates_writes_deletes_and_eval_outputs(tiny_model_dir, br
             anon.predict(handle_file(str(p)), "auto", "", "locked", api_name="/data_import")
         assert not (home / "datasets" / "locked").exists()
         # blind rating: an anonymous client sees aggregate scores, never answers labelled with their system
-        summary, table, examples, report = anon.predict(seeded["eval"], api_name="/eval_poll")
+        summary, table, examples, report, _ = anon.predict(seeded["eval"], api_name="/eval_poll")
         assert report is None and not examples["data"] and "admin login" in summary
         assert "ANSWER-" not in json.dumps([summary, table, examples])
         for api, args in [("/results_export", (seeded["campaign"], "csv")), ("/dataset_delete", ("api-ds",)),
@@ -543,7 +545,7 @@ def test_admin_password_gates_writes_deletes_and_eval_outputs(tiny_model_dir, br
         made.append(admin)
         msg, password_box = admin.predict("s3cret", api_name="/login")
         assert "Logged in" in msg and password_box == ""  # the password does not stay in the page's state
-        summary, table, examples, report = admin.predict(seeded["eval"], api_name="/eval_poll")
+        summary, table, examples, report, _ = admin.predict(seeded["eval"], api_name="/eval_poll")
         assert "ANSWER-prompt-r1" in json.dumps(examples["data"])
         assert "REPORT eval-locked" in Path(report).read_text()
         export = admin.predict(seeded["campaign"], "csv", api_name="/results_export")

@@ -213,3 +213,71 @@ def test_cli_import_and_list(tmp_path, ws, capsys):
     assert "qa@" in capsys.readouterr().out
     assert cli.main(["data", "import", str(p), "--name", "../evil"]) == 1
     assert "path separators" in capsys.readouterr().err
+
+
+# ---- tables without a record format: the column mapping is guessed from the headers ------------
+@pytest.mark.parametrize("columns, expected", [
+    (["question", "answer"], {"instruction": "question", "response": "answer"}),
+    (["prompt", "completion_text"], {"instruction": "prompt", "response": "completion_text"}),
+    (["input", "output"], {"instruction": "input", "response": "output"}),
+    # beside an instruction column, "input" is the context (alpaca's meaning)
+    (["instruction", "input", "output"], {"instruction": "instruction", "response": "output", "context": "input"}),
+    (["Question", "Answer", "Context", "System Prompt"],
+     {"instruction": "Question", "response": "Answer", "context": "Context", "system": "System Prompt"}),
+    (["customer_question", "Agent Answer"], {"instruction": "customer_question", "response": "Agent Answer"}),
+    (["query_id", "query", "reply"], {"instruction": "query", "response": "reply"}),  # never an id column
+    (["q", "a"], {"instruction": "q", "response": "a"}),
+    (["qa", "aq", "user_id"], {}),  # q, a and user match only as whole names
+    (["foo", "bar"], {}),
+])
+def test_guess_mapping(columns, expected):
+    from sft_core import mapping
+    assert mapping.guess_mapping(columns) == expected
+
+
+def _qa_csv(path: Path, header=("question", "answer")) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for q, a, _ in ROWS:
+            w.writerow([q, a])
+    return path
+
+
+def test_question_answer_csv_is_mapped_without_being_told(tmp_path):
+    """The support-desk CSV of issue #16: it used to fail with "rows read: 1" and CLI advice."""
+    p = _qa_csv(tmp_path / "support.csv")
+    recs, issues, fmt = data.load_records(p)
+    assert fmt == "table"
+    assert _canon(recs) == [(q, a, None) for q, a, _ in ROWS]
+    assert [(i.severity, i.message) for i in issues] == [
+        ("warning", "columns mapped by their names: question → instruction, answer → response")]
+    report = data.check_file(p, DataConfig(max_tokens=512))
+    assert report.ok and report.n_valid == len(ROWS) == report.n_rows
+    assert "rows read: **6**" in data.format_report(report)
+
+
+def test_undetectable_table_says_what_to_do_in_words(tmp_path):
+    p = _qa_csv(tmp_path / "odd.csv", header=("foo", "bar"))
+    report = data.check_file(p)
+    assert not report.ok
+    text = data.format_report(report)
+    assert "odd.csv:2: cannot tell which fields hold the question and the answer (fields: bar, foo)" in text
+    assert "--format" not in text and "--map" not in text
+
+
+def test_inspect_file_previews_columns_and_guesses(tmp_path):
+    from sft_core import mapping
+    info = mapping.inspect_file(_qa_csv(tmp_path / "support.csv"), n=3)
+    assert (info.name, info.columns, info.detected) == ("support.csv", ["question", "answer"], None)
+    assert info.rows == [{"question": q, "answer": a} for q, a, _ in ROWS[:3]]
+    assert info.needs_mapping and info.guess == {"instruction": "question", "response": "answer"}
+    assert mapping.to_text(info.guess) == "instruction=question,response=answer"
+    alpaca = mapping.inspect_file(_jsonl(tmp_path / "a.jsonl", [{"instruction": q, "output": a} for q, a, _ in ROWS]))
+    assert alpaca.detected == "alpaca" and not alpaca.needs_mapping and alpaca.guess == {} and len(alpaca.rows) == 5
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("{not json\n")
+    bad = mapping.inspect_file(broken)
+    assert bad.rows == [] and bad.problems == ["broken.jsonl:1: invalid JSON: Expecting property name enclosed in "
+                                               "double quotes at column 2"]
+    assert mapping.preview_cell({"a": [1, 2]}) == '{"a": [1, 2]}' and mapping.preview_cell("x" * 200, 10) == "x" * 9 + "…"
