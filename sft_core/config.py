@@ -340,6 +340,25 @@ class ServeConfig:
 MAX_SERVABLE_RANK = 64  # the engines start vLLM with --max-lora-rank 64
 
 
+def _validate_lora_and_schedule(cfg) -> None:
+    """The LoRA and optimisation fields that SFT (TrainConfig) and preference runs (PreferenceConfig) share."""
+    if not 1 <= cfg.lora_r <= MAX_SERVABLE_RANK:
+        raise ConfigError(f"must be between 1 and {MAX_SERVABLE_RANK}, got {cfg.lora_r}", "lora_r")
+    if cfg.lora_alpha <= 0:
+        raise ConfigError(f"must be positive, got {cfg.lora_alpha}", "lora_alpha")
+    if not 0 <= cfg.lora_dropout < 1:
+        raise ConfigError(f"must be in [0, 1), got {cfg.lora_dropout}", "lora_dropout")
+    if not cfg.learning_rate > 0:
+        raise ConfigError(f"must be positive, got {cfg.learning_rate}", "learning_rate")
+    if not 0 <= cfg.warmup_ratio < 1:
+        raise ConfigError(f"must be in [0, 1), got {cfg.warmup_ratio}", "warmup_ratio")
+    if cfg.max_steps < 0 or (cfg.max_steps == 0 and not cfg.epochs > 0):
+        raise ConfigError("give epochs > 0 or max_steps > 0", "max_steps" if cfg.max_steps < 0 else "epochs")
+    for name in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
+        if getattr(cfg, name) <= 0:
+            raise ConfigError(f"must be positive, got {getattr(cfg, name)}", name)
+
+
 @dataclass
 class TrainConfig:
     dataset: str = opt("", "Dataset name (imported with `sft-studio data import` or the example domain `pydocs`).")
@@ -376,21 +395,7 @@ class TrainConfig:
         """Checks that need no model or data; train.validate_train_config adds those."""
         if not self.dataset:
             raise ConfigError("choose a dataset", "dataset")
-        if not 1 <= self.lora_r <= MAX_SERVABLE_RANK:
-            raise ConfigError(f"must be between 1 and {MAX_SERVABLE_RANK}, got {self.lora_r}", "lora_r")
-        if self.lora_alpha <= 0:
-            raise ConfigError(f"must be positive, got {self.lora_alpha}", "lora_alpha")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"must be in [0, 1), got {self.lora_dropout}", "lora_dropout")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"must be positive, got {self.learning_rate}", "learning_rate")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"must be in [0, 1), got {self.warmup_ratio}", "warmup_ratio")
-        if self.max_steps < 0 or (self.max_steps == 0 and not self.epochs > 0):
-            raise ConfigError("give epochs > 0 or max_steps > 0", "max_steps" if self.max_steps < 0 else "epochs")
-        for name in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"must be positive, got {getattr(self, name)}", name)
+        _validate_lora_and_schedule(self)
         for name in ("eval_steps", "early_stopping_patience", "num_gpus"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, name)}", name)
@@ -451,21 +456,7 @@ class PreferenceConfig:
             raise ConfigError(f"must be in [0, 0.5), got {self.label_smoothing}", "label_smoothing")
         if self.loss_type == "exo_pair" and self.label_smoothing == 0:
             raise ConfigError("exo_pair needs label_smoothing > 0 (its paper uses 1e-3)", "label_smoothing")
-        if not 1 <= self.lora_r <= MAX_SERVABLE_RANK:
-            raise ConfigError(f"must be between 1 and {MAX_SERVABLE_RANK}, got {self.lora_r}", "lora_r")
-        if self.lora_alpha <= 0:
-            raise ConfigError(f"must be positive, got {self.lora_alpha}", "lora_alpha")
-        if not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"must be in [0, 1), got {self.lora_dropout}", "lora_dropout")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"must be positive, got {self.learning_rate}", "learning_rate")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"must be in [0, 1), got {self.warmup_ratio}", "warmup_ratio")
-        if self.max_steps < 0 or (self.max_steps == 0 and not self.epochs > 0):
-            raise ConfigError("give epochs > 0 or max_steps > 0", "max_steps" if self.max_steps < 0 else "epochs")
-        for name in ("batch_size", "grad_accum", "max_length", "save_steps", "logging_steps"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"must be positive, got {getattr(self, name)}", name)
+        _validate_lora_and_schedule(self)
         for name in ("eval_steps", "num_gpus"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, name)}", name)

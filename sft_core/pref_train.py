@@ -23,7 +23,6 @@ came from) -> this run.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
@@ -34,7 +33,7 @@ from pathlib import Path
 from sft_core import StudioError, preference, train
 from sft_core.config import ConfigError, PreferenceConfig, load_config, to_dict
 from sft_core.store import Store, dumps, loads, open_store
-from sft_core.workspace import Workspace, append_jsonl, atomic_dir, atomic_write_json, atomic_write_text, safe_name
+from sft_core.workspace import Workspace, append_jsonl, atomic_dir, atomic_write_json, safe_name
 
 MODE = "preference"
 REWARD_KEYS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -442,35 +441,8 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sft_core.pref_train")
-    parser.add_argument("--run-dir", required=True)
-    parser.add_argument("--resume", action="store_true")
-    parser.add_argument("--job-id", default=None)
-    parser.add_argument("--db-url", default=None)
-    args = parser.parse_args(argv)
-    run_dir = Path(args.run_dir).resolve()
-    store = heartbeat = None
-    if args.db_url:
-        store = Store(args.db_url)
-        if args.job_id:
-            heartbeat = train.start_heartbeat(store, args.job_id)
-    code, error = 1, None
-    try:
-        code = run(run_dir, resume=args.resume, job_id=args.job_id, store=store)
-    except StudioError as e:
-        error = str(e)
-        print(f"error: {e}", file=sys.stderr)
-    except Exception as e:  # the reason is kept for the UI; the traceback goes to the log
-        import traceback
-        error = f"{type(e).__name__}: {e}"
-        traceback.print_exc()
-    finally:
-        if heartbeat is not None:
-            heartbeat.set()
-    if error is not None:
-        atomic_write_text(run_dir / "error.txt", error)
-    train._record_exit(run_dir, args.job_id, code, error)
-    return code
+    """The worker process: the SFT worker's wrapper (heartbeat, exit record) around this module's ``run``."""
+    return train.main(argv, run_fn=run, prog="python -m sft_core.pref_train")
 
 
 if __name__ == "__main__":

@@ -492,8 +492,10 @@ def _record_exit(run_dir: Path, job_id: str | None, code: int, error: str | None
         print(f"could not write {EXIT_FILE}: {e}", file=sys.stderr)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m sft_core.train")
+def main(argv: list[str] | None = None, run_fn=None, prog: str = "python -m sft_core.train") -> int:
+    """A training worker's process: heartbeat, the run, its exit record. ``run_fn`` (default: SFT's
+    ``run``) is what trains; preference runs (sft_core/pref_train.py) come through here with theirs."""
+    parser = argparse.ArgumentParser(prog=prog)
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--job-id", default=None)
@@ -508,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat = start_heartbeat(store, args.job_id)
     code, error = 1, None
     try:
-        code = run(run_dir, resume=args.resume, job_id=args.job_id, store=store)
+        code = (run_fn or run)(run_dir, resume=args.resume, job_id=args.job_id, store=store)
     except StudioError as e:
         error = str(e)
         print(f"error: {e}", file=sys.stderr)

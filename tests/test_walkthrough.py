@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.test_app import ARTIFACTS, CHROMIUM, start_app, stop_app, wait_example
+from tests.test_app import ARTIFACTS, browser, start_app, stop_app, wait_example  # noqa: F401 (browser: a fixture)
 
 pytestmark = pytest.mark.browser
 
@@ -31,19 +30,6 @@ def fresh_app(tmp_path_factory, tiny_model_dir):
     wait_example(url)
     yield url, home
     stop_app(proc)
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).exists():
-        pytest.skip("Debian's chromium is not installed (make test installs it as root)")
-    from playwright.sync_api import sync_playwright
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run", "--disable-sync"])
-        yield b
-        b.close()
 
 
 class Clicks:
