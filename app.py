@@ -748,7 +748,7 @@ async def chat_send(message, s1, s2, s3, s4, kb, temperature, max_new_tokens, is
         try:
             req = _system_messages(system, message, kb or None)
             if req.get("passages"):
-                passages[i] = _hits_markdown(req["passages"])
+                passages[i] = _hits_markdown(req["passages"], message)
             for delta in engine.chat(req["messages"], adapter=req.get("adapter"), decoding=decoding):
                 put((i, delta))
         except StudioError as e:
