@@ -53,7 +53,6 @@ APP = textwrap.dedent("""
         eng = VLLMEngine(arg, ws, Store(ws.db_url), cfg=cfg)
         close_on_signals(close_all)
         srv, port = eng._server, eng._server.port
-        srv.grace_s = grace  # the grace this test asks for (the engine's default: STOP_GRACE_S)
     else:
         from sft_core.serving.vllm_engine import _Server
         srv = _Server([sys.executable, "-c", arg], dict(os.environ), 0, home / "server.log", grace_s=grace)
@@ -266,14 +265,8 @@ def test_attach_mode_sends_the_configured_api_key(ws, monkeypatch):
 def test_vllm_group_dies_with_the_app(tmp_path, tiny_model_dir, sig):
     """A real vLLM started by VLLMEngine in an app process: SIGTERM (handlers close the engine) and
     SIGKILL (a crash: the supervisor notices) both leave no process of its group and a closed port."""
-    # A longer grace than the app's own (STOP_GRACE_S, sized for docker stop's 10 s): this test is about the
-    # clean SIGTERM path reaching every process of the group. On a loaded 2-core machine vLLM can need more
-    # than 5 s to exit; the SIGKILL fallback then leaves its orphaned children for init to reap, which some
-    # sandboxes' init does late (the group id stays in use). The SIGKILL fallback itself is covered by
-    # test_stand_in_server_ignoring_sigterm_is_killed_after_the_grace.
-    grace = 15.0
-    app, info = _run_app(tmp_path, "vllm", str(tiny_model_dir), grace=grace, start_timeout=420)
+    app, info = _run_app(tmp_path, "vllm", str(tiny_model_dir), grace=STOP_GRACE_S, start_timeout=420)
     assert _port_open(info["port"])
     # bound: the engine's stop grace (SIGTERM -> SIGKILL), the SIGKILL wait, the supervisor's poll, slack
-    took = _check_group_dies(app, info, sig, bound_s=grace + 5 + POLL_S + 10)
+    took = _check_group_dies(app, info, sig, bound_s=STOP_GRACE_S + 5 + POLL_S + 10)
     print(f"{sig.name}: vLLM group gone after {took:.1f}s")
