@@ -82,10 +82,19 @@ def test_adapters_change_the_answer_and_mix_in_one_batch(hf):
 
 
 def test_chat_streams_deltas_and_honours_stop(hf):
-    deltas = list(hf.chat(user("What is the secret?"), "run-banana", GREEDY))
+    info: dict = {}
+    deltas = list(hf.chat(user("What is the secret?"), "run-banana", GREEDY, info=info))
     assert len(deltas) > 1  # streamed, not one blob
-    whole = hf.generate_batch([GenRequest(user("What is the secret?"), "run-banana", GREEDY)])[0].text
+    res = hf.generate_batch([GenRequest(user("What is the secret?"), "run-banana", GREEDY)])[0]
+    whole = res.text
     assert "".join(deltas) == whole
+    # the Chat tab's per-answer line: the stream's own counts agree with the batched request's
+    assert (info["prompt_tokens"], info["completion_tokens"], info["finish_reason"]) == \
+        (res.prompt_tokens, res.completion_tokens, res.finish_reason)
+    cut: dict = {}
+    list(hf.chat(user("What is the secret?"), "run-banana", DecodingConfig(temperature=0.0, max_new_tokens=2),
+                 info=cut))
+    assert cut["finish_reason"] == "length" and cut["completion_tokens"] == 2 and cut["latency_s"] > 0
     stop = DecodingConfig(temperature=0.0, max_new_tokens=12, stop=["word"])
     streamed = "".join(hf.chat(user("What is the secret?"), "run-banana", stop))
     batched = hf.generate_batch([GenRequest(user("What is the secret?"), "run-banana", stop)])[0]

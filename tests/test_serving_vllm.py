@@ -69,8 +69,16 @@ def test_base_and_adapter_answers_differ_and_adapters_are_listed(vllm):
     assert "Kiwi" in out[2].text or "fly" in out[2].text, out[2].text
     assert sorted(vllm.list_adapters()) == ["run-banana", "run-kiwi"]
     assert out[1].prompt_tokens > 0 and out[1].completion_tokens > 0
-    streamed = list(vllm.chat(user("What is the secret?"), "run-banana", GREEDY))
+    info: dict = {}
+    streamed = list(vllm.chat(user("What is the secret?"), "run-banana", GREEDY, info=info))
     assert len(streamed) > 1 and "".join(streamed) == out[1].text
+    # the Chat tab's per-answer line: the stream's own counts agree with the batched request's
+    assert (info["prompt_tokens"], info["completion_tokens"], info["finish_reason"]) == \
+        (out[1].prompt_tokens, out[1].completion_tokens, out[1].finish_reason)
+    cut: dict = {}
+    list(vllm.chat(user("What is the secret?"), "run-banana", DecodingConfig(temperature=0.0, max_new_tokens=2),
+                   info=cut))
+    assert cut["finish_reason"] == "length" and cut["completion_tokens"] == 2 and cut["latency_s"] > 0
 
 
 def test_unload_removes_adapter(vllm):

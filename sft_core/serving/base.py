@@ -46,8 +46,12 @@ class Engine(Protocol):
     base_model: str
 
     def chat(self, messages: list[dict], adapter: str | None = None,
-             decoding: DecodingConfig | None = None) -> Iterator[str]:
-        """Stream the answer to one conversation as text deltas."""
+             decoding: DecodingConfig | None = None, info: dict | None = None) -> Iterator[str]:
+        """Stream the answer to one conversation as text deltas.
+
+        With ``info`` (a dict the caller owns), the engine fills it once the stream ends: ``finish_reason``
+        ("stop" or "length": cut at the token limit), ``prompt_tokens``, ``completion_tokens`` and
+        ``latency_s`` (first request to last token), for the Chat tab's per-answer line."""
 
     def generate_batch(self, requests: list[GenRequest]) -> list[GenResult]:
         """Answer many conversations (each with its own adapter); results in request order.

@@ -167,29 +167,38 @@ class HFEngine:
         return results
 
     def chat(self, messages: list[dict], adapter: str | None = None,
-             decoding: DecodingConfig | None = None) -> Iterator[str]:
+             decoding: DecodingConfig | None = None, info: dict | None = None) -> Iterator[str]:
         import torch
         from transformers import TextIteratorStreamer
 
+        t0 = time.perf_counter()
         cfg = resolve_decoding(decoding)
         name = self._ensure(adapter)
         p = self.prompt_ids(messages)
         ids = torch.tensor([p], device=self.device)
         streamer = TextIteratorStreamer(self.tok, skip_prompt=True, skip_special_tokens=True, timeout=300)
         errors: list[BaseException] = []
+        counts: dict = {}
 
         def work():
             try:
                 with self._lock, torch.inference_mode():
                     if cfg.temperature > 0:
                         torch.manual_seed(cfg.seed)
-                    self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
-                                        **self._gen_kwargs(cfg), **self._adapter_kw([name]))
+                    out = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                                              **self._gen_kwargs(cfg), **self._adapter_kw([name]))
+                new = out[0, ids.shape[1]:].tolist()
+                gen_eos = self.model.generation_config.eos_token_id
+                eos = {self.tok.eos_token_id} | set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+                n = next((k for k, t in enumerate(new) if t in eos), None)
+                counts.update(prompt_tokens=len(p), completion_tokens=len(new) if n is None else n,
+                              finish_reason="length" if n is None else "stop")
             except BaseException as e:  # surfaced to the reader below
                 errors.append(e)
                 streamer.end()
 
-        threading.Thread(target=work, name="hf-engine-chat", daemon=True).start()
+        worker = threading.Thread(target=work, name="hf-engine-chat", daemon=True)
+        worker.start()
         # hold back the tail that could be the start of a stop string, so no stop text leaks out
         hold = max((len(s) for s in cfg.stop), default=0)
         buf, stopped = "", False
@@ -210,6 +219,12 @@ class HFEngine:
             yield buf
         if errors:
             raise EngineError(f"generation failed: {errors[0]}", "hf") from errors[0]
+        if info is not None:
+            worker.join(timeout=60)  # the streamer ended: generate is returning its ids
+            info.update(counts)
+            if stopped:
+                info["finish_reason"] = "stop"
+            info["latency_s"] = time.perf_counter() - t0
 
     # -- parity / scoring ----------------------------------------------------------------------
     def score(self, messages: list[dict], completion_ids: list[int], adapter: str | None = None) -> dict:

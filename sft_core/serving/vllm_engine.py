@@ -694,15 +694,27 @@ class VLLMEngine:
         return kw
 
     def chat(self, messages: list[dict], adapter: str | None = None,
-             decoding: DecodingConfig | None = None) -> Iterator[str]:
+             decoding: DecodingConfig | None = None, info: dict | None = None) -> Iterator[str]:
         cfg = resolve_decoding(decoding)
+        t0 = time.perf_counter()
         client = self._ready()
         model = self._model_for(adapter)
         try:
-            stream = client.chat.completions.create(model=model, messages=messages, stream=True, **self._params(cfg))
+            # include_usage: the server sends one last chunk with the token counts (and no choices)
+            stream = client.chat.completions.create(model=model, messages=messages, stream=True,
+                                                    stream_options={"include_usage": True}, **self._params(cfg))
             for chunk in stream:
-                if chunk.choices and chunk.choices[0].delta.content:
-                    yield chunk.choices[0].delta.content
+                if chunk.choices:
+                    choice = chunk.choices[0]
+                    if choice.delta.content:
+                        yield choice.delta.content
+                    if choice.finish_reason and info is not None:
+                        info["finish_reason"] = choice.finish_reason
+                if getattr(chunk, "usage", None) and info is not None:
+                    info["prompt_tokens"] = chunk.usage.prompt_tokens
+                    info["completion_tokens"] = chunk.usage.completion_tokens
+            if info is not None:
+                info["latency_s"] = time.perf_counter() - t0
         except EngineError:
             raise
         except Exception as e:
