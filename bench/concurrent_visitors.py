@@ -35,6 +35,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 QUESTION = "In two sentences, what is a Python list comprehension?"
+CLIENT = "http"  # set by --client
 
 
 def free_port() -> int:
@@ -73,6 +74,43 @@ def chat_args(tokens: int) -> tuple:
 
 
 def one_visitor(url: str, tokens: int, start: threading.Event | None = None) -> dict:
+    return (one_visitor_http if CLIENT == "http" else one_visitor_gradio_client)(url, tokens, start)
+
+
+def one_visitor_http(url: str, tokens: int, start: threading.Event | None = None) -> dict:
+    """A visitor as Gradio's documented HTTP API sees it: POST ``/gradio_api/call/chat_send`` (an event id),
+    then read that event's server-sent events until ``complete``. Lighter on the client side than
+    gradio_client (which keeps a session, applies diffs and runs threads of its own), so on a 2-core machine
+    where client and server share the cores the ratio measures the server more than the client."""
+    import json
+    import httpx
+    with httpx.Client(base_url=url, timeout=300) as http:
+        if start is not None:
+            start.wait()
+        t0 = time.perf_counter()
+        event_id = http.post("/gradio_api/call/chat_send", json={"data": list(chat_args(tokens))}).json()["event_id"]
+        first, event, result = None, None, None
+        with http.stream("GET", f"/gradio_api/call/chat_send/{event_id}") as resp:
+            for line in resp.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:].strip()
+                elif line.startswith("data: ") and event in ("generating", "complete", "error"):
+                    data = json.loads(line[6:])
+                    if event == "error":
+                        raise SystemExit(f"chat failed: {data!r}")
+                    if first is None and isinstance(data, list) and data and _text(data):
+                        first = time.perf_counter() - t0
+                    if event == "complete":
+                        result = data
+                        break
+        wall = time.perf_counter() - t0
+    text = _text(result)
+    if not text or "⚠️" in text:
+        raise SystemExit(f"chat failed: {text!r}")
+    return {"wall": wall, "first": first if first is not None else wall, "chars": len(text)}
+
+
+def one_visitor_gradio_client(url: str, tokens: int, start: threading.Event | None = None) -> dict:
     from gradio_client import Client
     c = Client(url + "/", verbose=False)
     try:
@@ -98,7 +136,7 @@ def one_visitor(url: str, tokens: int, start: threading.Event | None = None) -> 
 
 def _text(outputs) -> str:
     hist = outputs[0] if outputs else []
-    if not hist:
+    if not hist or not isinstance(hist, list):  # a skipped output (gr.skip) is not a history
         return ""
     content = hist[-1].get("content") if isinstance(hist[-1], dict) else hist[-1]
     if isinstance(content, list):
@@ -201,9 +239,13 @@ def main(argv=None) -> int:
     p.add_argument("--engine", default="vllm", choices=["vllm", "hf"])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--compare-limit-1", action="store_true")
+    p.add_argument("--client", default="http", choices=["http", "gradio_client"],
+                   help="how each visitor talks to the app: Gradio's plain HTTP API (SSE) or gradio_client")
     args = p.parse_args(argv)
+    global CLIENT
+    CLIENT = args.client
     print(f"engine {args.engine}, model {args.model}, {os.cpu_count()} CPUs, {args.visitors} visitors, "
-          f"{args.tokens} tokens", flush=True)
+          f"{args.tokens} tokens, client {args.client}", flush=True)
     if args.compare_limit_1:
         run(args, {"SFT_STUDIO_CHAT_CONCURRENCY": "1"}, "one event at a time (old default)")
     ratio = run(args, {}, "as configured")
