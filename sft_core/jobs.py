@@ -193,6 +193,9 @@ register_job_kind("example", _worker_build, None, _worker_outcome, accelerator=F
 # export copies files (and uploads): it runs beside anything
 register_job_kind("merge", _worker_build, None, _worker_outcome, accelerator=True)
 register_job_kind("export", _worker_build, None, _worker_outcome, accelerator=False)
+# synth generates through the local engine (the accelerator slot); with an external generator it does not
+register_job_kind("synth", _worker_build, None, _worker_outcome,
+                  accelerator=lambda job: bool(loads(job["payload"], {}).get("accelerator", True)))
 
 
 def new_run_id(cfg: TrainConfig) -> str:

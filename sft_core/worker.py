@@ -45,6 +45,7 @@ ENTRIES = {
     "example": "sft_core.example:job_entry",
     "merge": "sft_core.artifacts:job_entry",
     "export": "sft_core.artifacts:job_entry",
+    "synth": "sft_core.synth:job_entry",
 }
 
 

@@ -1,4 +1,4 @@
-"""`sft-studio data check|import|list` and `sft-studio example build`."""
+"""`sft-studio data check|import|list|synth` and `sft-studio example build`."""
 from __future__ import annotations
 
 import json
@@ -72,6 +72,22 @@ def cmd_example(args) -> int:
     return 0
 
 
+def cmd_synth(args) -> int:
+    """Synthetic Q&A from a knowledge base as a ``synth`` job (the one the app queues), followed here unless
+    --detach; prints the filter counts and the splits."""
+    from sft_core import synth
+    from sft_core.commands.follow import run_job
+    from sft_core.store import open_store
+    cfg = load_config(synth.SynthConfig, args.config, overrides_from_args(args, synth.SynthConfig))
+    ws = Workspace.from_env()
+    store = open_store(ws.db_url)
+    job_id = synth.submit_synth(cfg, ws, store)
+    done = run_job(job_id, ws, store, args.detach, f"synth {cfg.name}")
+    if done is not None:
+        print(f"dataset {done.get('result', cfg.name)}")
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("data", help="check, import and list instruction datasets")
     s = p.add_subparsers(dest="data_cmd", metavar="ACTION", required=True)
@@ -88,6 +104,12 @@ def register(sub) -> None:
         q.add_argument("--map", dest="mapping", default=None, help="alias of --mapping")
         q.set_defaults(func=fn)
     s.add_parser("list", help="list dataset versions").set_defaults(func=cmd_list)
+    from sft_core.synth import SynthConfig
+    y = s.add_parser("synth", help="generate a Q&A dataset from a knowledge base (test split held out by document)")
+    y.add_argument("--config", help="YAML file with synth options (e.g. a multi-line prompt_template)")
+    y.add_argument("--detach", action="store_true", help="queue the synth job and return at once")
+    add_arguments(y, SynthConfig)
+    y.set_defaults(func=cmd_synth)
     e = sub.add_parser("example", help="the built-in example domain (Python stdlib docs)")
     es = e.add_subparsers(dest="example_cmd", metavar="ACTION", required=True)
     eb = es.add_parser("build", help="build the example corpus, dataset and knowledge base")
