@@ -1,16 +1,25 @@
-"""The decision report: report.md and a self-contained report.html (inline SVG charts, no network).
+"""The decision report: report.md and a self-contained report.html, both rendered from one data model.
 
-The opening paragraph states the recommendation from the numbers: the best system on the primary
-metric, by how much over the runner-up, and whether that gap is statistically clear.
+``build_report`` reads an eval once into a ``Report`` (the verdict card, one ``Table`` per result, charts,
+judge, calibration, lineage, examples); ``evals/templates/report.md.j2`` and ``report.html.j2`` (Jinja2)
+render the same objects, so a number reads the same in both. Numbers are rounded to what their 95% CI
+supports (``decimals``); the charts are matplotlib SVG, inlined: the HTML loads nothing from anywhere.
 """
 from __future__ import annotations
 
-import html
+import io
 import json
 import math
+import os
+import re
+import tempfile
+import textwrap
 from collections import Counter
+from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
+from sft_core import StudioError
 from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, atomic_write_text, read_jsonl
 
@@ -18,8 +27,51 @@ from evals.judge import summarize_judge
 
 PRIMARY = ("token_f1", "rouge_l", "semantic_similarity", "chrf", "exact_match")
 LOWER_IS_BETTER = ("latency_s", "completion_tokens", "answer_length")
+TEMPLATES = Path(__file__).with_name("templates")
+MAX_EXAMPLES = 100
 
 
+# ------------------------------------------------------------------------------------------------
+# Rounding: as many decimals as the CI's half-width has before its first significant digit
+# ------------------------------------------------------------------------------------------------
+def decimals(low: float, high: float, default: int = 3, most: int = 4) -> int:
+    """Decimals a value with this 95% CI deserves: those down to the half-width's first significant digit
+    (±0.041 -> 2, ±0.004 -> 3, ±2.3 -> 0). A zero-width or unknown CI says nothing: ``default``."""
+    half = (high - low) / 2 if all(map(math.isfinite, (low, high))) else 0.0
+    if half <= 0:
+        return default
+    return max(0, min(most, -math.floor(math.log10(half))))
+
+
+def fmt_point(x: float | None, low: float | None = None, high: float | None = None, default: int = 3,
+              sign: bool = False) -> str:
+    """The value alone, with the decimals its CI (low, high) supports; without a CI, ``default`` decimals."""
+    if x is None or not math.isfinite(x):
+        return "–"
+    d = default if low is None or high is None else decimals(low, high, default)
+    return f"{x:{'+' if sign else ''}.{d}f}"
+
+
+def fmt_ci(mean: float | None, low: float | None = None, high: float | None = None, default: int = 3,
+           sign: bool = False) -> str:
+    """``0.6234, 0.5824, 0.6644`` -> ``0.62 [0.58, 0.66]`` (``decimals``); without a CI the mean alone."""
+    point = fmt_point(mean, low, high, default, sign)
+    if point == "–" or low is None or high is None:
+        return point
+    return f"{point} [{fmt_point(low, low, high, default, sign)}, {fmt_point(high, low, high, default, sign)}]"
+
+
+def _p_text(p: float) -> str:
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def _signed(x: float, unit: str, digits: int) -> str:
+    return f"{x:+.{digits}f}{unit}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The verdict (the app's recommendation card and the report's opening use it)
+# ------------------------------------------------------------------------------------------------
 def _primary(summary: dict) -> str | None:
     have = {m for s in summary["systems"].values() for m in s}
     return next((m for m in PRIMARY if m in have), None)
@@ -36,13 +88,18 @@ def short_names(systems) -> dict[str, str]:
     return {s: b if taken[b] == 1 else s for s, b in base.items()}
 
 
+def _p(pair: dict) -> float:
+    """The p-value decisions use: Holm-corrected across the pairs shown (older scores: the raw one)."""
+    return pair.get("p_holm", pair["p_value"])
+
+
 def verdict(scores: dict) -> dict | None:
     """The decision in numbers, from the domain set's summary (what the report's opening sentence
     and the Evaluate tab's card say): the ``metric`` (PRIMARY order), the ``best`` system and its mean
-    with 95% CI and n, and against the ``runner_up``: the ``margin`` (with the paired-bootstrap CI
-    of the difference when scores.json has it), ``p`` (Holm-corrected when available, as decisions
-    use), ``clear`` (p < 0.05), and ``cost``: {latency_s, completion_tokens: (best, runner-up) means}.
-    None when there is no domain result or no quality metric."""
+    with 95% CI and n, and against the ``runner_up`` (its mean and ``runner_up_ci``): the ``margin`` (with
+    the paired-bootstrap CI of the difference when scores.json has it), ``p`` (Holm-corrected when
+    available, as decisions use), ``clear`` (p < 0.05), and ``cost``: {latency_s, completion_tokens:
+    (best, runner-up) means}. None when there is no domain result or no quality metric."""
     dom = scores.get("sets", {}).get("domain")
     if not dom:
         return None
@@ -58,29 +115,37 @@ def verdict(scores: dict) -> dict | None:
         second, sv = ranked[1]
         pair = next((p for p in summary["pairs"].get(metric, []) if {p["a"], p["b"]} == {best, second}), None)
         out.update(runner_up=second, runner_up_mean=sv[metric]["mean"], margin=bv[metric]["mean"] - sv[metric]["mean"],
+                   runner_up_ci=(sv[metric]["low"], sv[metric]["high"]),
                    margin_ci=None, p=None, clear=False, held="uncorrected", effect_size=None)
         if pair:
             p = _p(pair)
             ci = pair.get("ci")
             if ci and len(ci) == 2:
                 out["margin_ci"] = tuple(ci) if pair["a"] == best else (-ci[1], -ci[0])
-            out.update(p=p, clear=p is not None and p < 0.05, effect_size=pair.get("effect_size"),
+            d = pair.get("effect_size")  # of a - b: the best system's side up
+            out.update(p=p, clear=p is not None and p < 0.05, effect_size=d if d is None or pair["a"] == best else -d,
                        held=f"Holm-corrected over {pair.get('n_tests', 1)} pairs" if "p_holm" in pair else "uncorrected")
         out["cost"] = {m: (bv[m]["mean"], sv[m]["mean"]) for m in ("latency_s", "completion_tokens")
                        if m in bv and m in sv}
     return out
 
 
+def _margin_text(v: dict) -> str:
+    """The margin over the runner-up, with the decimals of its own CI (else of the best system's)."""
+    return fmt_point(v["margin"], *(v.get("margin_ci") or (v["low"], v["high"])), sign=True)
+
+
 def recommendation(scores: dict) -> str:
     v = verdict(scores)
     if v is None:
         return "No domain results yet." if not scores.get("sets", {}).get("domain") else "No quality metric was computed."
-    metric, best = v["metric"], v["best"]
-    text = (f"**Recommendation: {best}.** On the domain test set it scores {metric} "
-            f"{v['mean']:.3f} (95% CI {v['low']:.3f}–{v['high']:.3f}, n={v['n']})")
+    d = decimals(v["low"], v["high"])
+    text = (f"**Recommendation: {v['best']}.** On the domain test set it scores {v['metric']} "
+            f"{v['mean']:.{d}f} (95% CI {v['low']:.{d}f}–{v['high']:.{d}f}, n={v['n']})")
     if v["runner_up"]:
         p, held = v["p"], v["held"]
-        text += (f", {v['margin']:+.3f} over the runner-up {v['runner_up']} ({v['runner_up_mean']:.3f}); "
+        text += (f", {_margin_text(v)} over the runner-up {v['runner_up']} "
+                 f"({fmt_point(v['runner_up_mean'], *v['runner_up_ci'])}); "
                  + (f"the difference is statistically clear (paired bootstrap p={p:.3f}, {held}; "
                     f"effect size d={v['effect_size']:.2f})." if v["clear"] else
                     f"the difference is **not** statistically clear (p={p:.3f}, {held}) — "
@@ -91,7 +156,7 @@ def recommendation(scores: dict) -> str:
     if gen:
         gm = _primary(gen["summary"])
         if gm:
-            parts = [f"{s} {val[gm]['mean']:.3f}" for s, val in gen["summary"]["systems"].items()]
+            parts = [f"{s} {fmt_point(val[gm]['mean'], val[gm]['low'], val[gm]['high'])}" for s, val in gen["summary"]["systems"].items() if gm in val]
             text += f" General-ability check ({gm}): " + ", ".join(parts) + "."
     return text
 
@@ -100,30 +165,22 @@ GENERAL_NOTE = ("Rows of the *general* set are a fixed list of everyday question
                 "the same in every eval: a fine-tuned adapter should not do worse there than the base model.")
 
 
-def _p_text(p: float) -> str:
-    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
-
-
-def _signed(x: float, unit: str, digits: int) -> str:
-    return f"{x:+.{digits}f}{unit}"
-
-
-def card_markdown(scores: dict | None) -> str:
-    """The Evaluate tab's recommendation card: the verdict, the margin, the confidence and the cost
-    difference (latency and tokens per answer), with short system names."""
+def _card_lines(scores: dict | None) -> list[str]:
     v = verdict(scores) if scores else None
     if v is None:
-        return "_The verdict (which system to use, by how much, how sure) appears here once the eval is scored._"
+        return ["_The verdict (which system to use, by how much, how sure) appears here once the eval is scored._"]
     names = short_names(v["ranking"])
-    best = names[v["best"]]
+    best, d = names[v["best"]], decimals(v["low"], v["high"])
     lines = [f"### 🏆 Recommendation: **{best}**",
-             f"Main metric **{v['metric']}** on the domain test set: **{v['mean']:.3f}** "
-             f"(95% CI {v['low']:.3f}–{v['high']:.3f}, {v['n']} rows)."]
+             f"Main metric **{v['metric']}** on the domain test set: **{v['mean']:.{d}f}** "
+             f"(95% CI {v['low']:.{d}f}–{v['high']:.{d}f}, {v['n']} rows)."]
     if v["runner_up"]:
         second = names[v["runner_up"]]
-        margin = f"**{v['margin']:+.3f}** over {second} ({v['runner_up_mean']:.3f})"
+        margin = (f"**{_margin_text(v)}** over {second} "
+                  f"({fmt_point(v['runner_up_mean'], *v['runner_up_ci'])})")
         if v["margin_ci"]:
-            margin += f", 95% CI of the difference {v['margin_ci'][0]:+.3f} to {v['margin_ci'][1]:+.3f}"
+            md = decimals(*v["margin_ci"])
+            margin += f", 95% CI of the difference {v['margin_ci'][0]:+.{md}f} to {v['margin_ci'][1]:+.{md}f}"
         lines.append(f"**Margin:** {margin}.")
         if v["p"] is None:
             lines.append("**Confidence:** not measurable (too few rows for a paired test).")
@@ -144,7 +201,13 @@ def card_markdown(scores: dict | None) -> str:
             lines.append(f"**Cost** ({best} vs {second}): " + "; ".join(parts) + ".")
     if scores.get("sets", {}).get("general"):
         lines.append(f"_{GENERAL_NOTE}_")
-    return "\n\n".join(lines)
+    return lines
+
+
+def card_markdown(scores: dict | None) -> str:
+    """The Evaluate tab's recommendation card: the verdict, the margin, the confidence and the cost
+    difference (latency and tokens per answer), with short system names (also the report's first block)."""
+    return "\n\n".join(_card_lines(scores))
 
 
 def eval_scores(eval_id: str, ws: Workspace | None = None, store: Store | None = None) -> dict | None:
@@ -156,6 +219,12 @@ def eval_scores(eval_id: str, ws: Workspace | None = None, store: Store | None =
     return json.loads(path.read_text()) if path and path.exists() else None
 
 
+def _metric_order(metrics, main: str | None) -> list[str]:
+    """The main metric first, other quality metrics next (by name), cost last."""
+    quality = sorted(m for m in metrics if m not in LOWER_IS_BETTER and m != main)
+    return ([main] if main else []) + quality + [m for m in LOWER_IS_BETTER if m in metrics]
+
+
 def score_table(scores: dict | None) -> tuple[list[str], list[list[str]]]:
     """(columns, rows) for the Evaluate tab: one row per (set, system), domain first, best first; the
     main metric right after the system, other quality metrics next, cost last; the winner marked ★."""
@@ -165,9 +234,7 @@ def score_table(scores: dict | None) -> tuple[list[str], list[list[str]]]:
     metrics = {m for s in scores["sets"].values() for v in s["summary"]["systems"].values() for m in v}
     v = verdict(scores)
     main = v["metric"] if v else None
-    quality = sorted(m for m in metrics if m not in LOWER_IS_BETTER and m != main)
-    cost = [m for m in LOWER_IS_BETTER if m in metrics]
-    order = ([main] if main else []) + quality + cost
+    order = _metric_order(metrics, main)
     judged = (scores.get("judge") or {}).get("rubric") or {}
     cols += order + (["judge_rubric"] if judged else [])
     names = short_names([s for st in scores["sets"].values() for s in st["summary"]["systems"]])
@@ -189,44 +256,81 @@ def score_table(scores: dict | None) -> tuple[list[str], list[list[str]]]:
     return cols, rows
 
 
-def _p(pair: dict) -> float:
-    """The p-value decisions use: Holm-corrected across the pairs shown (older scores: the raw one)."""
-    return pair.get("p_holm", pair["p_value"])
+# ------------------------------------------------------------------------------------------------
+# The data model both templates render
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Table:
+    columns: list[str]
+    rows: list[list[str]]
+    winner: int | None = None  # index of the highlighted row
 
 
-def _svg_bars(summary: dict, metric: str) -> str:
-    items = [(s, v[metric]) for s, v in summary["systems"].items() if metric in v]
-    if not items:
-        return ""
-    top = max(max(v["high"] for _, v in items), 1e-9)
-    w, bh, gap, left = 520, 22, 10, 150
-    h = len(items) * (bh + gap) + 20
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" role="img" aria-label="{metric}">']
-    for i, (s, v) in enumerate(items):
-        y = 10 + i * (bh + gap)
-        scale = (w - left - 60) / top
-        parts.append(f'<text x="{left - 6}" y="{y + bh - 6}" text-anchor="end" font-size="12">{html.escape(s)}</text>')
-        parts.append(f'<rect x="{left}" y="{y}" width="{max(0, v["mean"]) * scale:.1f}" height="{bh}" fill="#4f7cac"/>')
-        lo, hi = left + max(0, v["low"]) * scale, left + max(0, v["high"]) * scale
-        mid = y + bh / 2
-        parts.append(f'<line x1="{lo:.1f}" x2="{hi:.1f}" y1="{mid}" y2="{mid}" stroke="#222" stroke-width="2"/>')
-        for x in (lo, hi):
-            parts.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y + 4}" y2="{y + bh - 4}" stroke="#222" stroke-width="2"/>')
-        parts.append(f'<text x="{hi + 6:.1f}" y="{y + bh - 6}" font-size="12">{v["mean"]:.3f}</text>')
-    parts.append("</svg>")
-    return "".join(parts)
+@dataclass
+class Chart:
+    title: str
+    svg: str
 
 
-def _table(summary: dict) -> tuple[list[str], list[list[str]]]:
-    metrics = sorted({m for s in summary["systems"].values() for m in s})
+@dataclass
+class SetSection:
+    name: str
+    main: str | None
+    table: Table
+    charts: list[Chart] = field(default_factory=list)
+    pairs: Table | None = None
+    note: str = ""
+
+
+@dataclass
+class Report:
+    eval_id: str
+    recommendation: str               # one paragraph, Markdown emphasis
+    card: list[str]                   # the verdict card's lines (Markdown, as the app shows them)
+    setup: dict
+    sets: list[SetSection]
+    judge: dict | None = None         # {where, cover, pairwise_line, pairwise: Table, rubric: Table}
+    calibration: list[dict] = field(default_factory=list)  # {title, table: Table, method}
+    lineage: list[str] = field(default_factory=list)
+    systems: list[str] = field(default_factory=list)
+    examples: list[dict] = field(default_factory=list)     # {question, reference, answers: [{text, passages}]}
+
+
+def _p_cell(p: float | None) -> str:
+    return "–" if p is None or math.isnan(p) else "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _pairs_table(pairs: list[dict]) -> Table:
     rows = []
-    for s, v in summary["systems"].items():
-        rows.append([s] + [f"{v[m]['mean']:.3f} [{v[m]['low']:.3f}, {v[m]['high']:.3f}]" if m in v else "–"
-                           for m in metrics])
-    return ["system"] + metrics, rows
+    for p in pairs:
+        ci = p.get("ci") or (None, None)
+        diff = fmt_ci(p["diff"], *ci, sign=True) if len(ci) == 2 else fmt_ci(p["diff"], sign=True)
+        pv, ph, d = p["p_value"], _p(p), p.get("effect_size")
+        rows.append([p["a"], p["b"], diff, _p_cell(pv), _p_cell(ph),
+                     "–" if d is None or math.isnan(d) else "∞" if math.isinf(d) else f"{d:.2f}"])
+    return Table(["A", "B", "A−B [95% CI]", "p", "p (Holm)", "effect d"], rows)
 
 
-def _judge_section(judged: dict, cfg: dict) -> tuple[list[str], str]:
+def _set_section(name: str, summary: dict, main: str | None, best: str | None) -> SetSection:
+    systems = summary["systems"]
+    order = _metric_order({m for v in systems.values() for m in v}, main)
+    ranked = sorted(systems, key=lambda s: -systems[s][main]["mean"] if main in systems[s] else math.inf)
+    rows = [[s] + [fmt_ci(systems[s][m]["mean"], systems[s][m]["low"], systems[s][m]["high"]) if m in systems[s]
+                   else "–" for m in order] for s in ranked]
+    winner = ranked.index(best) if best in ranked else (0 if main and ranked and main in systems[ranked[0]] else None)
+    sec = SetSection(name, main, Table(["system"] + order, rows, winner),
+                     note=GENERAL_NOTE if name == "general" else "")
+    for m in [m for m in (main, "latency_s", "completion_tokens") if m]:
+        svg = bar_chart(tuple((s, systems[s][m]["mean"], systems[s][m]["low"], systems[s][m]["high"])
+                              for s in ranked if m in systems[s]), m, ranked[winner] if winner is not None else None)
+        if svg:
+            sec.charts.append(Chart(f"{m} ({name})", svg))
+    if main and summary.get("pairs", {}).get(main):
+        sec.pairs = _pairs_table(summary["pairs"][main])
+    return sec
+
+
+def _judge_model(judged: dict, cfg: dict) -> dict:
     """LLM judge: pairwise wins/ties/inconsistent (both orders) and the mean 1-5 rubric per system."""
     where = cfg.get("judge")
     if where in (True, "local"):
@@ -240,158 +344,171 @@ def _judge_section(judged: dict, cfg: dict) -> tuple[list[str], str]:
     if rows is not None:
         cover = (f" Judged {rows} of {total} domain rows"
                  + (f" (judge limit {judged['limit']})." if judged.get("limit") and rows < (total or 0) else "."))
-    md = ["## LLM judge", "", f"Judge: {where}.{cover}", ""]
-    parts = [f"<h2>LLM judge</h2><p>Judge: {html.escape(str(where))}.{html.escape(cover)}</p>"]
+    out = {"where": str(where), "cover": cover, "pairwise_line": "", "pairwise": None, "rubric": None}
     pw = judged.get("pairwise") or {}
     if pw.get("n"):
         wins = ", ".join(f"{s} {n}" for s, n in pw["wins"].items())
-        line = (f"Pairwise, both orders (position swap): {pw['n']} comparisons; wins: {wins}; ties {pw['ties']}; "
-                f"inconsistent after the swap {pw['inconsistent']}.")
-        md += [line, "", "| A | B | A wins | B wins | ties | inconsistent |", "|---|---|---|---|---|---|"]
-        md += [f"| {p['a']} | {p['b']} | {p['a_wins']} | {p['b_wins']} | {p['ties']} | {p['inconsistent']} |"
-               for p in pw["pairs"]]
-        md.append("")
-        parts.append(f"<p>{html.escape(line)}</p><table><tr><th>A</th><th>B</th><th>A wins</th><th>B wins</th>"
-                     "<th>ties</th><th>inconsistent</th></tr>" + "".join(
-                         f"<tr><td>{html.escape(p['a'])}</td><td>{html.escape(p['b'])}</td><td>{p['a_wins']}</td>"
-                         f"<td>{p['b_wins']}</td><td>{p['ties']}</td><td>{p['inconsistent']}</td></tr>"
-                         for p in pw["pairs"]) + "</table>")
+        out["pairwise_line"] = (f"Pairwise, both orders (position swap): {pw['n']} comparisons; wins: {wins}; "
+                                f"ties {pw['ties']}; inconsistent after the swap {pw['inconsistent']}.")
+        out["pairwise"] = Table(["A", "B", "A wins", "B wins", "ties", "inconsistent"],
+                                [[p["a"], p["b"], str(p["a_wins"]), str(p["b_wins"]), str(p["ties"]),
+                                  str(p["inconsistent"])] for p in pw["pairs"]])
     rub = judged.get("rubric") or {}
     if rub:
-        def fmt(v):
-            return "–" if v["mean"] is None else f"{v['mean']:.2f} [{v['low']:.2f}, {v['high']:.2f}]"
-        md += ["Rubric score (1-5, mean with 95% CI):", "", "| system | mean rubric | n | unparsed |", "|---|---|---|---|"]
-        md += [f"| {s} | {fmt(v)} | {v['n']} | {v['unparsed']} |" for s, v in rub.items()]
-        md.append("")
-        parts.append("<h3>Rubric score (1-5)</h3><table><tr><th>system</th><th>mean rubric [95% CI]</th><th>n</th>"
-                     "<th>unparsed</th></tr>" + "".join(
-                         f"<tr><td>{html.escape(s)}</td><td>{fmt(v)}</td><td>{v['n']}</td><td>{v['unparsed']}</td></tr>"
-                         for s, v in rub.items()) + "</table>")
-    return md, "".join(parts)
+        out["rubric"] = Table(["system", "mean rubric [95% CI]", "n", "unparsed"],
+                              [[s, fmt_ci(v["mean"], v.get("low"), v.get("high"), default=2), str(v["n"]),
+                                str(v["unparsed"])] for s, v in rub.items()])
+    return out
 
 
-def _provenance_section(eval_id: str, cfg: dict, ws: Workspace, store: Store) -> list[str]:
-    """Where preference-tuned adapters came from (base -> SFT run -> preference dataset -> run), and how well the
-    judge agrees with the human votes of this eval's campaigns (evals/calibration.py)."""
-    from evals.calibration import calibration_for_eval, format_markdown
+def _calibration(cal: dict) -> dict:
+    """One campaign's judge-vs-votes agreement (evals/calibration.py) as a table."""
+    def ci(v, c):
+        return fmt_ci(v, *(c or (None, None)), default=2)
+    rows = [[j["judge"], j["prompt"], str(j["n_decisive"]), ci(j["accuracy"], j["accuracy_ci"]),
+             str(j["n_judge_decisive"]), ci(j["accuracy_when_judge_decisive"], None), ci(j["kappa"], j["kappa_ci"]),
+             str(j["n_votes"])] for j in cal["judges"]]
+    return {"title": f"Judge vs human votes, campaign {cal['campaign']} ({cal['campaign_name']})",
+            "table": Table(["judge", "prompt", "decisive votes", "accuracy [95% CI]", "judge decisive",
+                            "accuracy when decisive", "Cohen's κ [95% CI]", "votes (with ties)"], rows),
+            "method": cal["method"]}
+
+
+def _lineage(systems: list[str], ws: Workspace, store: Store) -> list[str]:
+    """Where each preference-tuned adapter came from; any system whose argument names a preference run counts,
+    whatever its kind (sft:, sft+rag:, or a kind added later)."""
     from sft_core.pref_train import MODE, format_lineage, lineage_of_run
-    md = []
-    for name in cfg["systems"]:
-        run_id = name.split(":", 1)[1] if name.startswith(("sft:", "sft+rag:")) else None
+    out = []
+    for name in systems:
+        run_id = name.partition(":")[2]
         run = store.query_one("SELECT config FROM runs WHERE id=?", (run_id,)) if run_id else None
         if run and loads(run["config"], {}).get("mode") == MODE:
-            md.append(f"- {name}: {format_lineage(lineage_of_run(run_id, ws, store))}")
-    if md:
-        md = ["## Lineage of preference-tuned systems", ""] + md + [""]
-    cals = calibration_for_eval(eval_id, ws, store)
-    if cals:
-        md += ["## Judge calibration against human votes", ""]
-        for cal in cals:
-            md += format_markdown(cal)
-    return md
+            out.append(f"{name}: {format_lineage(lineage_of_run(run_id, ws, store))}")
+    return out
 
 
-def _md_to_html(lines: list[str]) -> str:
-    """The few markdown shapes _provenance_section writes (headings, bullets, tables, text) as HTML."""
-    out, table = [], []
-    for line in lines + [""]:
-        if line.startswith("|"):
-            if not line.startswith("|---"):
-                table.append("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|"))
-                             + "</tr>")
-            continue
-        if table:
-            out.append("<table>" + "".join(table) + "</table>")
-            table = []
-        if line.startswith("## "):
-            out.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("- "):
-            out.append(f"<p>{html.escape(line[2:])}</p>")
-        elif line:
-            out.append(f"<p>{html.escape(line)}</p>")
-    return "".join(out)
+def _examples(outputs: list[dict], systems: list[str]) -> list[dict]:
+    by_row: dict[str, dict] = {}
+    for o in outputs:
+        if o["set"] == "domain":
+            by_row.setdefault(o["row_id"], {"question": o["instruction"], "reference": o["reference"], "by": {}})[
+                "by"][o["system"]] = o
+    return [{"question": r["question"], "reference": r["reference"],
+             "answers": [{"text": r["by"][s]["output"], "passages": [f"{p['doc_id']}: {p['text'][:200]}"
+                                                                    for p in r["by"][s].get("passages") or []]}
+                         if s in r["by"] else None for s in systems]}
+            for r in list(by_row.values())[:MAX_EXAMPLES]]
+
+
+def build_report(eval_id: str, ws: Workspace | None = None, store: Store | None = None) -> Report:
+    """Everything the report shows, read once from the eval's directory and the store."""
+    from evals.calibration import calibration_for_eval
+    ws = ws or Workspace.from_env()
+    store = store or open_store(ws.db_url)
+    row = store.query_one("SELECT * FROM evals WHERE id=?", (eval_id,))
+    if row is None:
+        raise StudioError(f"unknown eval {eval_id!r}", "eval")
+    path, cfg = Path(row["path"]), loads(row["config"])
+    if not (path / "scores.json").exists():
+        raise StudioError(f"eval {eval_id} has no scores yet ({row['status']}): {path / 'scores.json'} is missing", "eval")
+    scores = json.loads((path / "scores.json").read_text())
+    v = verdict(scores)
+    sets = []
+    for set_name in sorted(scores["sets"], key=lambda n: (n != "domain", n)):
+        summary = scores["sets"][set_name]["summary"]
+        main = v["metric"] if v and set_name == "domain" else _primary(summary)
+        sets.append(_set_section(set_name, summary, main, v["best"] if v and set_name == "domain" else None))
+    judged = scores.get("judge") or summarize_judge(path, cfg["systems"])
+    setup = {k: cfg.get(k) for k in ("dataset", "dataset_version", "split", "base_model")}
+    setup["max_new_tokens"] = (cfg.get("decoding") or {}).get("max_new_tokens")
+    return Report(eval_id, recommendation(scores), _card_lines(scores), setup, sets,
+                  judge=_judge_model(judged, cfg) if judged else None,
+                  calibration=[_calibration(c) for c in calibration_for_eval(eval_id, ws, store)],
+                  lineage=_lineage(cfg["systems"], ws, store), systems=list(cfg["systems"]),
+                  examples=_examples(read_jsonl(path / "outputs.jsonl"), cfg["systems"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# Charts: matplotlib, horizontal bars (full system names fit), SVG with text kept as <text>
+# ------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=64)  # a report re-rendered (CLI export after the eval) reuses its charts
+def bar_chart(items: tuple[tuple[str, float, float, float], ...], metric: str, winner: str | None = None) -> str:
+    """Inline SVG: one horizontal bar per (system, mean, low, high) with its 95% CI as an error bar, the full
+    system name as the label (long names wrap), the value rounded by ``decimals``; the winner in a darker blue."""
+    if not items:
+        return ""
+    os.environ.setdefault("MPLCONFIGDIR", str(Path(tempfile.gettempdir()) / "sft-studio-matplotlib"))
+    import matplotlib
+    from matplotlib.backends.backend_svg import FigureCanvasSVG
+    from matplotlib.figure import Figure
+    labels = ["\n".join(textwrap.wrap(s, 28, break_on_hyphens=False)) or s for s, *_ in items]
+    means = [m for _, m, _, _ in items]
+    err = [[max(0.0, m - lo) for _, m, lo, _ in items], [max(0.0, hi - m) for _, m, _, hi in items]]
+    with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "sft-studio", "font.size": 10}):
+        fig = Figure(figsize=(7, 0.45 * len(items) + 1.0), layout="constrained")
+        FigureCanvasSVG(fig)
+        ax = fig.add_subplot()
+        ys = range(len(items))
+        bars = ax.barh(ys, means, xerr=err, capsize=4, error_kw={"elinewidth": 1.2, "ecolor": "#222"},
+                       color=["#1f4e79" if s == winner else "#6f9bc6" for s, *_ in items])
+        for i, b in enumerate(bars):
+            b.set_gid(f"bar-{re.sub(r'[^a-z0-9]+', '-', metric.lower())}-{i}")
+        ax.set_yticks(list(ys), labels)
+        ax.invert_yaxis()  # best (first) on top
+        ax.bar_label(bars, labels=[fmt_point(m, lo, hi) for _, m, lo, hi in items], padding=22, fontsize=9)
+        ax.set_xlabel(metric + (" (lower is better)" if metric in LOWER_IS_BETTER else "") + ", mean with 95% CI")
+        ax.set_xlim(min(0.0, min(lo for *_, lo, _ in items)), max(hi for *_, hi in items) * 1.2 or 1.0)
+        ax.spines[["top", "right"]].set_visible(False)
+        buf = io.StringIO()
+        fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
+    svg = buf.getvalue()
+    svg = svg[svg.index("<svg"):]  # drop the XML prolog and DOCTYPE (it names a remote DTD)
+    return re.sub(r"<metadata>.*?</metadata>", "", svg, flags=re.S)
+
+
+# ------------------------------------------------------------------------------------------------
+# Rendering
+# ------------------------------------------------------------------------------------------------
+def _md_cell(text) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _inline_md(text: str):
+    """The card's Markdown emphasis (**bold**, *em*, _em_) as HTML, everything else escaped."""
+    from markupsafe import Markup, escape
+    text = text.removeprefix("### ")
+    whole = len(text) > 2 and text[0] == text[-1] == "_"  # a line in italics (the general-set note)
+    out = str(escape(text[1:-1] if whole else text))
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    out = re.sub(r"(?<![\w*])\*(.+?)\*(?![\w*])", r"<em>\1</em>", out)
+    return Markup(f"<em>{out}</em>" if whole else out)
+
+
+@lru_cache(maxsize=1)
+def _env():
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(("html.j2",)),
+                      trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True, undefined=StrictUndefined)
+    env.filters.update(md_cell=_md_cell, inline_md=_inline_md)
+    return env
+
+
+def render_markdown(report: Report) -> str:
+    return _env().get_template("report.md.j2").render(r=report)
+
+
+def render_html(report: Report) -> str:
+    return _env().get_template("report.html.j2").render(r=report)
 
 
 def write_report(eval_id: str, ws: Workspace | None = None, store: Store | None = None,
                  out_dir: str | Path | None = None) -> tuple[Path, Path]:
+    """Build the report once and write report.html and report.md (to the eval's directory, or ``out_dir``)."""
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
-    row = store.query_one("SELECT * FROM evals WHERE id=?", (eval_id,))
-    path = Path(row["path"])
-    cfg = loads(row["config"])
-    scores = json.loads((path / "scores.json").read_text())
-    outputs = read_jsonl(path / "outputs.jsonl")
-    out = Path(out_dir) if out_dir else path
-    rec = recommendation(scores)
-
-    md = [f"# Decision report — {eval_id}", "", rec.replace("**", "**"), "",
-          f"Dataset `{cfg['dataset']}@{cfg['dataset_version']}` split `{cfg['split']}`, base model "
-          f"`{cfg['base_model']}`, systems: {', '.join(cfg['systems'])}; greedy decoding, "
-          f"max {cfg['decoding']['max_new_tokens']} new tokens. Means with 95% BCa bootstrap CIs.", ""]
-    body = [f"<h1>Decision report — {html.escape(eval_id)}</h1>",
-            f"<p class='rec'>{html.escape(rec).replace('**', '')}</p>",
-            f"<p>Dataset <code>{html.escape(cfg['dataset'])}@{cfg['dataset_version']}</code>, split "
-            f"<code>{cfg['split']}</code>, base model <code>{html.escape(cfg['base_model'])}</code>. "
-            "Means with 95% BCa bootstrap confidence intervals; pairwise paired-bootstrap tests.</p>"]
-    for set_name, s in scores["sets"].items():
-        summary = s["summary"]
-        head, rows = _table(summary)
-        md += [f"## {set_name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        md += ["| " + " | ".join(r) + " |" for r in rows]
-        body.append(f"<h2>{set_name}</h2><table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"
-                    + "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-                    + "</table>")
-        for metric in [m for m in (_primary(summary), "latency_s", "completion_tokens") if m]:
-            body.append(f"<h3>{metric}</h3>" + _svg_bars(summary, metric))
-        metric = _primary(summary)
-        if metric and summary["pairs"].get(metric):
-            pairs = summary["pairs"][metric]
-            note = (f"p is the paired-bootstrap p-value; p (Holm) is Holm-corrected across the {len(pairs)} pairs "
-                    "shown, and decisions use it.")
-            md += ["", f"Significance ({metric}, paired bootstrap):", "", note, "",
-                   "| A | B | A−B | p | p (Holm) | effect d |", "|---|---|---|---|---|---|"]
-            md += [f"| {p['a']} | {p['b']} | {p['diff']:+.3f} | {p['p_value']:.3f} | {_p(p):.3f} | {p['effect_size']:.2f} |"
-                   for p in pairs]
-            body.append(f"<h3>Significance matrix ({metric})</h3><p>{html.escape(note)}</p><table><tr><th>A</th>"
-                        "<th>B</th><th>A−B</th><th>p</th><th>p (Holm)</th><th>d</th></tr>" + "".join(
-                            f"<tr><td>{html.escape(p['a'])}</td><td>{html.escape(p['b'])}</td><td>{p['diff']:+.3f}</td>"
-                            f"<td>{p['p_value']:.3f}</td><td>{_p(p):.3f}</td><td>{p['effect_size']:.2f}</td></tr>"
-                            for p in pairs) + "</table>")
-        md.append("")
-    judged = scores.get("judge") or summarize_judge(path, cfg["systems"])
-    if judged:
-        jmd, jhtml = _judge_section(judged, cfg)
-        md += jmd
-        body.append(jhtml)
-    pmd = _provenance_section(eval_id, cfg, ws, store)
-    if pmd:
-        md += pmd
-        body.append(_md_to_html(pmd))
-    # per-example side by side
-    by_row: dict[str, dict] = {}
-    for o in outputs:
-        if o["set"] != "domain":
-            continue
-        by_row.setdefault(o["row_id"], {"q": o["instruction"], "ref": o["reference"], "ans": {}})["ans"][o["system"]] = o
-    systems = cfg["systems"]
-    ex = ["<h2>Examples</h2><table><tr><th>question</th><th>reference</th>"
-          + "".join(f"<th>{html.escape(s)}</th>" for s in systems) + "</tr>"]
-    for rid, r in list(by_row.items())[:100]:
-        cells = []
-        for s in systems:
-            o = r["ans"].get(s)
-            if not o:
-                cells.append("<td></td>")
-                continue
-            psg = "".join(f"<li><small>{html.escape(p['doc_id'])}: {html.escape(p['text'][:200])}</small></li>"
-                          for p in o.get("passages") or [])
-            cells.append(f"<td>{html.escape(o['output'])}" + (f"<ul>{psg}</ul>" if psg else "") + "</td>")
-        ex.append(f"<tr><td>{html.escape(r['q'])}</td><td>{html.escape(r['ref'])}</td>{''.join(cells)}</tr>")
-    body.append("".join(ex) + "</table>")
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}"
-             ".rec{font-size:1.15em;background:#eef4fa;padding:1em;border-left:4px solid #4f7cac}")
-    html_doc = (f"<!doctype html><html><head><meta charset='utf-8'><title>SFT Studio — {html.escape(eval_id)}</title>"
-                f"<style>{style}</style></head><body>{''.join(body)}</body></html>")
+    rep = build_report(eval_id, ws, store)
+    html_doc, md = render_html(rep), render_markdown(rep)  # both rendered before anything is written
+    row = store.query_one("SELECT path FROM evals WHERE id=?", (eval_id,))
+    out = Path(out_dir) if out_dir else Path(row["path"])
     out.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(out / "report.html", html_doc), atomic_write_text(out / "report.md", "\n".join(md) + "\n")
+    return atomic_write_text(out / "report.html", html_doc), atomic_write_text(out / "report.md", md)
