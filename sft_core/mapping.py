@@ -95,7 +95,7 @@ def inspect_file(path: str | Path, cfg: DataConfig | None = None, n: int = 5) ->
     path = Path(path)
     issues: list = []
     rows: list[dict] = []
-    for _, row in data._read_rows(path, issues, cfg or DataConfig()):
+    for _, row in data.read_rows(path, issues, cfg or DataConfig()):
         rows.append(row)
         if len(rows) >= n:
             break

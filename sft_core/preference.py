@@ -449,7 +449,7 @@ def build_from_file(path: str | Path, name: str, eval_fraction: float = 0.1, see
     issues: list = []
     f = str(path)
     raw = []
-    for n, row in data._read_rows(Path(path), issues, cfg):  # the data module's reader: its limits and line numbers
+    for n, row in data.read_rows(Path(path), issues, cfg):  # the data module's reader: its limits and line numbers
         r = parse_file_row(row, f, n, issues)
         if r is not None:
             raw.append(r)

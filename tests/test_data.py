@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sft_core import cli, data
+from sft_core import cli, data, models
+from sft_core.render import format_report
 from sft_core.config import DataConfig
 from sft_core.store import open_store
 
@@ -190,7 +191,7 @@ def test_quality_report_finds_duplicates_pii_and_leakage(tmp_path, cfg):
     masked = json.dumps(st["pii_examples"])
     assert "jane.doe@example.com" not in masked and "4111 1111 1111 1111" not in masked and "1111" in masked
     assert st["tokens"]["max"] >= st["tokens"]["min"] > 0 and st["tokens"]["histogram"]
-    text = data.format_report(report)
+    text = format_report(report)
     assert "likely PII" in text and "duplicates" in text
 
     leaky = {"train": [data.make_record("What is X?", "x")], "test": [data.make_record("what is x", "x")]}
@@ -254,14 +255,14 @@ def test_question_answer_csv_is_mapped_without_being_told(tmp_path):
         ("warning", "columns mapped by their names: question → instruction, answer → response")]
     report = data.check_file(p, DataConfig(max_tokens=512))
     assert report.ok and report.n_valid == len(ROWS) == report.n_rows
-    assert "rows read: **6**" in data.format_report(report)
+    assert "rows read: **6**" in format_report(report)
 
 
 def test_undetectable_table_says_what_to_do_in_words(tmp_path):
     p = _qa_csv(tmp_path / "odd.csv", header=("foo", "bar"))
     report = data.check_file(p)
     assert not report.ok
-    text = data.format_report(report)
+    text = format_report(report)
     assert "odd.csv:2: cannot tell which fields hold the question and the answer (fields: bar, foo)" in text
     assert "--format" not in text and "--map" not in text
 
@@ -281,3 +282,118 @@ def test_inspect_file_previews_columns_and_guesses(tmp_path):
     assert bad.rows == [] and bad.problems == ["broken.jsonl:1: invalid JSON: Expecting property name enclosed in "
                                                "double quotes at column 2"]
     assert mapping.preview_cell({"a": [1, 2]}) == '{"a": [1, 2]}' and mapping.preview_cell("x" * 200, 10) == "x" * 9 + "…"
+
+
+# ---- one pass: a file is read once and each row tokenized once, however it is imported -----------
+class _CountingTokenizer:
+    """The real tokenizer, counting the conversations it is asked to tokenize."""
+
+    def __init__(self, tok, counts: dict):
+        self._tok, self._counts = tok, counts
+
+    def apply_chat_template(self, conversation, *args, **kwargs):
+        batched = bool(conversation) and isinstance(conversation[0], list)
+        self._counts["conversations"] += len(conversation) if batched else 1
+        return self._tok.apply_chat_template(conversation, *args, **kwargs)
+
+    def __call__(self, text, *args, **kwargs):  # the plain-text fallback
+        self._counts["conversations"] += len(text) if isinstance(text, list) else 1
+        return self._tok(text, *args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Counts, through the real reader and tokenizer: reads of each file, tokenizer loads, conversations tokenized."""
+    import builtins
+    import io
+    counts = {"opens": [], "tokenizers": 0, "conversations": 0}
+    real_open, real_load = builtins.open, models.load_tokenizer
+
+    def counting_open(f, mode="r", *args, **kwargs):
+        if not set(mode) & set("wax+"):  # reads only: writing the test's own file does not count
+            counts["opens"].append(str(f))
+        return real_open(f, mode, *args, **kwargs)
+
+    def counting_load(path):
+        counts["tokenizers"] += 1
+        return _CountingTokenizer(real_load(path), counts)
+
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)  # pathlib's Path.open
+    monkeypatch.setattr(models, "load_tokenizer", counting_load)
+    return counts
+
+
+def _one_pass(counts: dict, path: Path, n_rows: int) -> tuple[int, int, int]:
+    return counts["opens"].count(str(path)), counts["tokenizers"], counts["conversations"] - n_rows
+
+
+def test_import_reads_the_file_once_and_tokenizes_each_row_once(tmp_path, ws, store, cfg, counted):
+    """An import used to parse its file twice (check_file, then load_records again) and the CLI's three
+    times, running the tokenizer pass twice; each count here is 1 (0 extra conversations) after the fix."""
+    rows = [{"instruction": q, "output": a} for q, a, _ in ROWS]
+    rows.append(rows[0])  # an exact duplicate is measured too (quality sees every row read), but stored once
+    p = _jsonl(tmp_path / "once.jsonl", rows)
+    v = data.import_dataset(p, "once", cfg, ws=ws, store=store)
+    assert v.created and v.n_rows == len(ROWS)
+    assert _one_pass(counted, p, len(rows)) == (1, 1, 0)
+
+
+def test_check_then_import_reads_the_file_once(tmp_path, ws, store, cfg, counted):
+    """The check-then-save flow (CLI `data import`, the app's Data tab) can keep what the check read."""
+    p = _jsonl(tmp_path / "flow.jsonl", [{"instruction": q, "output": a} for q, a, _ in ROWS])
+    checked = data.check(p, cfg)
+    assert checked.report.ok and checked.report.stats["splits"] == {s: len(r) for s, r in checked.splits.items()}
+    v = data.import_checked(checked, "flow", ws=ws, store=store)
+    assert v.splits == checked.report.stats["splits"]
+    assert _one_pass(counted, p, len(ROWS)) == (1, 1, 0)
+    assert json.loads((v.path / "report.json").read_text()) == checked.report.to_dict()
+    bad = data.check(_jsonl(tmp_path / "bad.jsonl", [{"instruction": "q", "output": " "}]), cfg)
+    with pytest.raises(data.DataError, match=r"bad.jsonl:1 \[output\]: empty"):
+        data.import_checked(bad, "bad", ws=ws, store=store)
+    assert store.query("SELECT name FROM datasets") == [{"name": "flow"}]
+
+
+def test_cli_import_reads_the_file_once(tmp_path, ws, counted, capsys):
+    p = _jsonl(tmp_path / "cli.jsonl", [{"instruction": q, "output": a} for q, a, _ in ROWS])
+    assert cli.main(["data", "import", str(p), "--name", "cli"]) == 0
+    capsys.readouterr()
+    assert _one_pass(counted, p, len(ROWS)) == (1, 1, 0)
+
+
+def test_token_lengths_in_batches_match_one_conversation_at_a_time(monkeypatch):
+    from sft_core.data import stats
+    from sft_core.records import to_messages
+    recs = [data.make_record(f"question {i} " + "word " * i, f"answer {i}", system="Be brief." if i % 2 else None,
+                             context="some context" if i % 3 == 0 else None) for i in range(7)]
+    recs.append(data.make_record("bye", "ciao", messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]))
+    tok = models.load_tokenizer(models.resolve_model(DataConfig().model))
+    one_at_a_time = [len(tok.apply_chat_template(to_messages(r), tokenize=True, return_dict=True)["input_ids"])
+                     for r in recs]
+    monkeypatch.setattr(stats, "TOKEN_BATCH", 3)  # several batches, the last one short
+    assert stats._token_lengths(recs, DataConfig().model) == one_at_a_time
+    assert len(set(one_at_a_time)) > 3  # the records differ in length, so a mix-up of rows would show
+
+
+def test_data_layer_does_not_import_the_presentation_layer():
+    import subprocess
+    import sys
+    code = "import sys, sft_core.data; print('sft_core.render' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    assert out == "False"
+    assert data.format_report is format_report  # the old name still works, forwarded lazily
+
+
+def test_no_public_name_hides_a_module_of_the_package():
+    """``data.quality`` is the function and ``sft_core.data.stats`` the module: were a module named like a
+    re-exported function, ``from sft_core.data import X`` would give one or the other depending on import order."""
+    import pkgutil
+    modules = {m.name for m in pkgutil.iter_modules(data.__path__)}
+    assert {"readers", "formats", "stats", "pipeline", "versions", "issues"} <= modules
+    assert not modules & set(data.__all__)

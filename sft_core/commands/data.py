@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 from sft_core import data
+from sft_core.render import format_report
 from sft_core.config import DataConfig, add_arguments, load_config, overrides_from_args
 from sft_core.workspace import Workspace
 
@@ -14,7 +15,7 @@ def _cfg(args) -> DataConfig:
 
 def cmd_check(args) -> int:
     report = data.check_file(args.path, _cfg(args))
-    print(json.dumps(report.to_dict(), indent=2) if args.json else data.format_report(report))
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     if not report.ok:  # the report is on stdout; stderr gets the verdict in one line
         _verdict(report)
     return 0 if report.ok else 1
@@ -32,13 +33,14 @@ def cmd_import(args) -> int:
     from sft_core.workspace import safe_name
     safe_name(args.name, "name")
     cfg = _cfg(args)
-    report = data.check_file(args.path, cfg)
+    checked = data.check(args.path, cfg)  # read, normalised, split and scored once; imported as checked
+    report = checked.report
     if not report.ok:
-        print(data.format_report(report))
+        print(format_report(report))
         first = report.errors[0] if report.errors else "no valid records"
         more = f" (and {len(report.errors) - 1} more, listed above)" if len(report.errors) > 1 else ""
         raise data.DataError(f"invalid data, nothing stored: {first}{more}", args.path)
-    v = data.import_dataset(args.path, args.name, cfg)
+    v = data.import_checked(checked, args.name)
     state = "new version" if v.created else "identical to existing version"
     print(f"{v.name}@{v.version} ({state}): " + ", ".join(f"{k} {n}" for k, n in v.splits.items()))
     return 0
