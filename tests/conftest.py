@@ -64,9 +64,9 @@ def embedded_model_dir(session_dir):
 @pytest.fixture(scope="session")
 def tiny_model_dir(session_dir, embedded_model_dir):
     """A 2-layer, hidden-64 random Llama with the embedded model's tokenizer and chat template."""
-    from sft_core import models
     from sft_core.workspace import Workspace
-    return models.build_tiny_llama(session_dir / "tiny-llama", Workspace.at(session_dir / "ws"))
+    from tests.tiny_model import build_tiny_llama
+    return build_tiny_llama(session_dir / "tiny-llama", Workspace.at(session_dir / "ws"))
 
 
 # ---------------------------------------------------------------------------------------------

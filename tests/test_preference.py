@@ -17,6 +17,7 @@ import torch
 
 from evals import calibration, rating
 from sft_core import data, jobs, pref_train, preference, train
+from tests.tiny_model import build_tiny_llama
 from sft_core.config import PREFERENCE_LOSSES, ConfigError, DataConfig, PreferenceConfig, TrainConfig, load_config
 from sft_core.store import dumps
 from sft_core.workspace import read_jsonl, write_jsonl
@@ -441,9 +442,8 @@ def test_sft_refuses_pairs_and_preference_refuses_instructions(module_home, tiny
 
 
 def test_base_model_mismatch_is_refused(module_home, tiny_model_dir, sft_run, pairs_version, tmp_path):
-    from sft_core import models
     ws, store = module_home
-    other = models.build_tiny_llama(tmp_path / "other-tiny", ws, seed=1)  # same shape, other weights
+    other = build_tiny_llama(tmp_path / "other-tiny", ws, seed=1)  # same shape, other weights
     before = tables(store, ws)
     with pytest.raises(ConfigError, match=f"run {sft_run} was trained on .*not on {re.escape(str(other))}") as e:
         pref_train.submit_pref_run(load_config(PreferenceConfig, overrides=dict(
