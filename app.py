@@ -154,6 +154,19 @@ def dataset_choices() -> list[str]:
     return sorted({d["name"] for d in data.list_datasets(STUDIO.ws, STUDIO.store)})
 
 
+def preference_dataset_choices() -> list[str]:
+    """Datasets whose newest version holds preference pairs (sft_core/preference.py), for the Train tab's
+    preference mode."""
+    import types as _types
+
+    from sft_core import data, preference
+    newest: dict[str, dict] = {}
+    for d in data.list_datasets(STUDIO.ws, STUDIO.store):  # newest first
+        newest.setdefault(d["name"], d)
+    return sorted(n for n, d in newest.items()
+                  if preference.dataset_kind(_types.SimpleNamespace(path=d["path"])) == preference.KIND)
+
+
 def kb_choices() -> list[str]:
     from sft_core import retrieval
     return sorted(k["name"] for k in retrieval.list_kbs(STUDIO.ws, STUDIO.store))
@@ -483,12 +496,44 @@ def kb_search(name, query, k, mode):
         raise StudioError("choose a knowledge base", "knowledge base")
     if not (query or "").strip():
         raise StudioError("type a query", "query")
-    hits = retrieval.open_kb(name, STUDIO.ws).search(query, k=int(k), mode=mode)
-    return _hits_markdown(hits, query, open_first=True) or "_no hits_"
+    kb = retrieval.open_kb(name, STUDIO.ws)
+    hits = kb.search(query, k=int(k), mode=mode)
+    if not hits:
+        return "_no hits_"
+    reranked = bool(kb.cfg.reranker) and mode == "hybrid"
+    return (f"{len(hits)} passages, best first · {SCORE_WORDS['rerank' if reranked else mode][1]}\n\n"
+            + _hits_markdown(hits, query, open_first=True, mode="rerank" if reranked else mode, rrf_k=kb.cfg.rrf_k))
 
 
-RELEVANCE_HELP = ("relevance: this passage's retrieval score as a share of the best passage's; the score itself "
-                  "(BM25, cosine, or reciprocal-rank fusion for hybrid) only orders passages")
+def kb_table():
+    """The Knowledge tab's list of knowledge bases: name, documents, chunks, embedder, when built."""
+    from sft_core import retrieval
+    rows = [{"name": k["name"], "documents": k["n_docs"], "chunks": k["n_chunks"], "embedder": k["embedder"],
+             "built at": time.strftime("%Y-%m-%d %H:%M", time.localtime(k["updated_at"]))}
+            for k in retrieval.list_kbs(STUDIO.ws, STUDIO.store)]
+    return pd.DataFrame(rows, columns=["name", "documents", "chunks", "embedder", "built at"])
+
+
+# What a passage's score is, per retriever (sft_core/retrieval.py KnowledgeBase.search): (short name, what it means).
+SCORE_WORDS = {
+    "hybrid": ("fused rank score", "hybrid score: reciprocal-rank fusion, 1/(k + rank) summed over the keyword (BM25) "
+               "and the meaning (embedding) rankings; higher is better, the most is 2/(k + 1) for a passage both "
+               "rank first"),
+    "bm25": ("BM25 score", "BM25 score: keyword match, weighted by how rare each word is; higher is better, "
+             "no fixed top"),
+    "dense": ("cosine similarity", "cosine similarity of the question's and the passage's embeddings: -1 to 1, "
+              "higher is better"),
+    "rerank": ("reranker score", "the cross-encoder reranker's score for the question and passage together; "
+               "higher is better"),
+}
+
+
+def _score_text(score: float, mode: str, rrf_k: int) -> str:
+    """The score in words: for hybrid search against its most (both rankings put the passage first)."""
+    name = SCORE_WORDS.get(mode, SCORE_WORDS["hybrid"])[0]
+    if mode == "hybrid":
+        return f"{name} {score:.3f} (most {2 / (rrf_k + 1):.3f})"
+    return f"{name} {score:.3f}" if mode != "bm25" else f"{name} {score:.2f}"
 
 
 HIGHLIGHT_SKIP = {"the", "and", "for", "with", "that", "this", "from", "what", "which", "when", "where", "who", "why",
@@ -508,11 +553,13 @@ def _highlight(text: str, query: str | None) -> str:
     return out.replace("\n", "<br>")
 
 
-def _hits_markdown(hits, query: str | None = None, open_first: bool = False) -> str:
+def _hits_markdown(hits, query: str | None = None, open_first: bool = False, mode: str = "hybrid",
+                   rrf_k: int = 60) -> str:
     """Retrieved passages as collapsible chips (HTML <details>, one line each, so Markdown leaves it
-    alone): the source file once (the document id only when it says more), relevance, the position,
-    then the passage as plain text with the query's words highlighted. Document text is escaped:
-    it can neither format the page nor load anything."""
+    alone): the source file once (the document id only when it says more), the chunk's heading in small
+    type, relevance and the score in words (``mode``: which retriever scored it), the position, then the
+    passage as plain text with the query's words highlighted. Document text is escaped: it can neither
+    format the page nor load anything."""
     import html
     hits = list(hits or [])
     if not hits:
@@ -526,11 +573,15 @@ def _hits_markdown(hits, query: str | None = None, open_first: bool = False) -> 
         label = src if doc in ("", src, Path(src).stem) else f"{src} · {doc}"
         score = float(get(h, "score") or 0.0)
         rel = f"relevance {score / top:.0%}" if top > 0 else "relevance n/a"
+        title = str(get(h, "title") or "").strip().lstrip("#").strip()
+        head = f' <span class="passage-title">{html.escape(title[:120])}</span>' if title and title != label else ""
+        help_ = f"relevance: this passage's score as a share of the best passage's. {SCORE_WORDS.get(mode, SCORE_WORDS['hybrid'])[1]}"
         text = str(get(h, "text") or "")
         text = text if len(text) < 700 else text[:700] + " …"
         out.append(f'<details class="passage"{" open" if open_first and i == 1 else ""}><summary>'
-                   f'<span class="passage-n">{i}</span> <span class="passage-src">{html.escape(label)}</span> '
-                   f'<span class="passage-rel" title="{html.escape(RELEVANCE_HELP)}">{rel} · score {score:.3f}</span>'
+                   f'<span class="passage-n">{i}</span> <span class="passage-src">{html.escape(label)}</span>{head} '
+                   f'<span class="passage-rel" title="{html.escape(help_)}">{rel} · '
+                   f'{html.escape(_score_text(score, mode, rrf_k))}</span>'
                    f'</summary><div class="passage-pos">{html.escape(str(get(h, "position") or ""))}</div>'
                    f'<div class="passage-text">{_highlight(text, query)}</div></details>')
     out.append("</div>")
@@ -560,6 +611,54 @@ def train_start(dataset, base_model, is_admin, *values):
     cfg = load_config(_train_config_cls(), overrides=overrides)
     run_id = jobs.submit_train(cfg, ws=STUDIO.ws, store=STUDIO.store)
     return f"Queued run **{run_id}**.", gr.update(choices=all_runs(), value=run_id)
+
+
+def _pref_config_cls():
+    from sft_core.config import PreferenceConfig
+    return PreferenceConfig
+
+
+# PreferenceConfig fields the preference form takes from its own dropdowns (dataset, starting run), or leaves to
+# them (the base model is the starting run's own; the latest dataset version)
+PREF_FORM_SKIP = ("dataset", "dataset_version", "from_run", "base_model")
+
+
+def pref_form_fields() -> list[dict]:
+    return [f for f in fields_for_form(_pref_config_cls()) if f["name"] not in PREF_FORM_SKIP]
+
+
+@ui_errors
+def pref_start(dataset, from_run, is_admin, *values):
+    """Queue a preference run (sft_core/pref_train.py) on a preference dataset, from a finished SFT run
+    (its adapter trained further, the reference being that SFT model) or, with none, from the base model."""
+    from sft_core import pref_train
+    admin_required(is_admin)
+    if not dataset:
+        raise StudioError("choose a preference dataset (Results tab → Train on these votes builds one)", "dataset")
+    overrides = {f["name"]: (v if v not in ("", None) else None) for f, v in zip(pref_form_fields(), values)}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    overrides.update(dataset=dataset, from_run=from_run or "")
+    cfg = load_config(_pref_config_cls(), overrides=overrides)
+    run_id = pref_train.submit_pref_run(cfg, STUDIO.ws, STUDIO.store)
+    start = f"SFT run **{from_run}**" if from_run else "the base model"
+    return (f"Queued preference run **{run_id}** on **{dataset}**, starting from {start}. "
+            f"When it has finished, evaluate it as system `sft:{run_id}`."), gr.update(choices=all_runs(), value=run_id)
+
+
+def train_mode(mode):
+    """The Train tab's mode: the SFT form and its Start button, or the preference form."""
+    pref = mode == PREF_MODE
+    return gr.update(visible=not pref), gr.update(visible=pref), gr.update(visible=not pref)
+
+
+def run_lineage(run_id: str, config: dict) -> str:
+    """A preference run's lineage in one line (base → SFT run → preference dataset (its campaign or eval) →
+    this run); empty for an SFT run."""
+    from sft_core import pref_train
+    if config.get("mode") != pref_train.MODE:
+        return ""
+    steps = pref_train.lineage_of_run(run_id, STUDIO.ws, STUDIO.store)
+    return "**Lineage:** " + safe_markdown(pref_train.format_lineage(steps))
 
 
 @ui_errors
@@ -639,6 +738,8 @@ def _run_line(run_id: str, status: str, events: list[dict], job: dict) -> str:
     p = guide.run_progress(status, events, jobs.describe(job, STUDIO.store) if job and status == "queued" else "")
     text = p["text"] if p["text"].startswith(status) else f"{status} · {p['text']}"
     line = f"**{run_id}** · {text}"
+    if status in jobs.FINAL and job and job.get("ended_at") and job.get("started_at"):
+        line += f" · took {guide._fmt_s(job['ended_at'] - job['started_at'])}"
     if status in ("queued", "running"):
         line += "\n\n" + guide.progress_bar_html(p["fraction"], p["phase"])
     return line
@@ -696,6 +797,9 @@ def train_poll(run_id):
     line = _run_line(run_id, status, events, job)
     if job.get("error"):
         line += f"\n\n❌ {job['error']}"
+    lineage = run_lineage(run_id, json.loads(run.get("config") or "{}") if isinstance(run.get("config"), str) else {})
+    if lineage:
+        line += "\n\n" + lineage
     return line, curves["loss"], jobs_table(), runs_table(), curves["lr"], curves["speed"]
 
 
@@ -737,6 +841,8 @@ async def chat_send(message, s1, s2, s3, s4, kb, temperature, max_new_tokens, is
     chosen = [s1, s2, s3, s4]
     hists = [list(h or []) for h in (h1, h2, h3, h4)]
     passages = [""] * 4
+    infos: list[dict] = [{} for _ in range(4)]  # each engine fills its pane's at the stream's end
+    failed = [False] * 4
     raw = [""] * 4  # the model's text; the chat shows safe_markdown(raw): no remote image is ever fetched
     loop = asyncio.get_running_loop()
     q: asyncio.Queue = asyncio.Queue()
@@ -749,11 +855,13 @@ async def chat_send(message, s1, s2, s3, s4, kb, temperature, max_new_tokens, is
             req = _system_messages(system, message, kb or None)
             if req.get("passages"):
                 passages[i] = _hits_markdown(req["passages"], message)
-            for delta in engine.chat(req["messages"], adapter=req.get("adapter"), decoding=decoding):
+            for delta in engine.chat(req["messages"], adapter=req.get("adapter"), decoding=decoding, info=infos[i]):
                 put((i, delta))
         except StudioError as e:
+            failed[i] = True
             put((i, f"\n⚠️ {e}"))
         except Exception as e:  # engine trouble: show it in that column
+            failed[i] = True
             put((i, f"\n⚠️ {type(e).__name__}: {e}"))
         finally:
             put((i, None))
@@ -766,7 +874,8 @@ async def chat_send(message, s1, s2, s3, s4, kb, temperature, max_new_tokens, is
             threading.Thread(target=worker, args=(i, system), daemon=True).start()
             live.append(i)
     pending = set(live)
-    yield (*hists, *passages)
+    # the previous answers' lines go; a pane without a system keeps nothing
+    yield (*hists, *passages, *("_answering…_" if i in live else "" for i in range(4)))
     last = time.monotonic()
     changed: set[int] = set()
     while pending:
@@ -781,9 +890,30 @@ async def chat_send(message, s1, s2, s3, s4, kb, temperature, max_new_tokens, is
             last = time.monotonic()
             # only the panes that changed: Gradio postprocesses and diffs every output it is given, and on a
             # small CPU that server work competes with the engine for the cores
-            yield (*(hists[k] if k in changed else gr.skip() for k in range(4)), *(gr.skip(),) * 4)
+            yield (*(hists[k] if k in changed else gr.skip() for k in range(4)), *(gr.skip(),) * 8)
             changed.clear()
-    yield (*hists, *passages)
+    yield (*hists, *passages, *(answer_info(infos[i], decoding.max_new_tokens) if i in live and not failed[i] else ""
+                                for i in range(4)))
+
+
+def answer_info(info: dict, max_new_tokens: int) -> str:
+    """The line under an answer: how long it took and how many tokens it has, and a badge when the
+    engine cut it at the token limit (finish_reason "length"). Empty when the engine reported nothing."""
+    if not info:
+        return ""
+    parts = []
+    if info.get("latency_s") is not None:
+        parts.append(f"{info['latency_s']:.1f} s")
+    n = info.get("completion_tokens")
+    if n is not None:
+        parts.append(f"{n} token{'s' if n != 1 else ''}")
+    line = " · ".join(parts)
+    if info.get("finish_reason") == "length":
+        badge = (f'<span class="chat-truncated" title="the answer reached Max new tokens ({max_new_tokens}) and was '
+                 f'cut there: raise the limit for the rest">⚠ truncated at {n if n is not None else max_new_tokens} '
+                 'tokens</span>')
+        line = f"{line} · {badge}" if line else badge
+    return f'<span class="chat-info">{line}</span>' if line else ""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -828,21 +958,26 @@ def eval_resume(eval_id, is_admin):
     return f"Eval **{eval_id}** queued again: it continues with the answers still missing."
 
 
-def _eval_job_line(eval_id) -> str:
+def _eval_job_line(eval_id, eval_status: str | None = None) -> str:
+    """The eval job's line: while it runs, a progress bar with done/total, rate and ETA; once the job or
+    the eval has finished, how long it took (an ETA of 0 s says nothing after the fact). Nothing in it
+    changes between polls unless the job moved, so the timer has nothing to redraw."""
     from sft_core import jobs
     job = jobs.latest_job(eval_id, STUDIO.store)
-    return jobs.describe(job, STUDIO.store) if job else ""
-
-
-def _progress_bar(line: str, ref: str) -> str:
-    """The job line with a text progress bar (done/total) when the job reports progress."""
-    from sft_core import jobs
-    job = jobs.latest_job(ref, STUDIO.store)
-    p = jobs.progress_of(job) if job else {}
-    if job and job["status"] == "running" and p.get("total"):
-        frac = max(0.0, min(1.0, p.get("done", 0) / p["total"]))
-        bar = "█" * int(round(frac * 20)) + "░" * (20 - int(round(frac * 20)))
-        return f"`{bar}` {frac:.0%} · {line}"
+    if not job:
+        return ""
+    if job["status"] in jobs.FINAL or eval_status in jobs.FINAL:
+        if job["status"] not in jobs.FINAL:  # the answers are scored; the worker writes the report
+            return f"{job['kind']} {eval_id}: {eval_status} · writing the report…"
+        took = (job.get("ended_at") or 0) - (job.get("started_at") or job["created_at"])
+        line = f"{job['kind']} {eval_id}: {job['status']}"
+        if job.get("ended_at") and took >= 0:
+            line += f" · took {guide._fmt_s(took)}"
+        return line + (f" — {job['error']}" if job["status"] == "failed" and job.get("error") else "")
+    line = jobs.describe(job, STUDIO.store)
+    p = jobs.progress_of(job)
+    if job["status"] == "running" and p.get("total"):
+        return guide.progress_bar_html(max(0.0, min(1.0, p.get("done", 0) / p["total"])), line)
     return line
 
 
@@ -863,9 +998,9 @@ def eval_poll(eval_id, is_admin=False):
         return "_no eval selected_", pd.DataFrame(columns=cols), no_examples, None, report.card_markdown(None)
     st = runner.eval_status(eval_id, ws=STUDIO.ws, store=STUDIO.store)
     summary = st.get("summary", "")
-    line = _eval_job_line(eval_id)
+    line = _eval_job_line(eval_id, st.get("status"))
     if line:
-        summary += f"\n\n{_progress_bar(line, eval_id)}"
+        summary += f"\n\n{line}"
     scores = report.eval_scores(eval_id, ws=STUDIO.ws, store=STUDIO.store)
     cols, rows = report.score_table(scores)
     table, card = pd.DataFrame(rows, columns=cols), report.card_markdown(scores)
@@ -876,6 +1011,13 @@ def eval_poll(eval_id, is_admin=False):
                             columns=no_examples.columns)
     rep = st.get("report_html")
     return summary, table, examples, (STUDIO.stage_download(rep) if rep and Path(rep).exists() else None), card
+
+
+def eval_tick(eval_id, is_admin, last):
+    """The Evaluate tab's timer: eval_poll's outputs, each only when it changed (plus the fingerprints),
+    so a finished eval's card, table and report are not redrawn every 3 s."""
+    values, digests = skip_unchanged(eval_poll(eval_id, is_admin), last)
+    return (*values, digests)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -984,8 +1126,14 @@ def rate_vote(campaign, invite, name, key, task_id, choice, comment, revise=None
     else:
         rating.vote(campaign, task_id, rater, choice, comment or "", ws=STUDIO.ws, store=STUDIO.store)
     saved = f"✓ {'Vote changed' if changed else 'Saved'}: **{VOTE_WORDS[choice]}**."
+    # only where the campaign allows it, and only for the task this rater has just voted on (evals.rating)
+    shown = rating.reveal(campaign, task_id, rater, ws=STUDIO.ws, store=STUDIO.store)
+    if shown:
+        saved += (f" A was **{safe_markdown(shown['left'])}**, B was **{safe_markdown(shown['right'])}** "
+                  "(this campaign shows the systems after each vote).")
     task = rating.next_task(campaign, rater, ws=STUDIO.ws, store=STUDIO.store)
-    return (*_show_task(task, display, key), "", saved, gr.update(visible=True), None)
+    # a revealed vote stays as cast (rating.change_vote refuses it): no Undo then
+    return (*_show_task(task, display, key), "", saved, gr.update(visible=not shown), None)
 
 
 @ui_errors
@@ -994,6 +1142,8 @@ def rate_undo(campaign, invite, name, key, request: gr.Request = None, profile: 
     stays in the vote history). Same outputs as rate_vote."""
     from evals import rating
     rater, display, key = _identify(campaign, invite, name, key, request, profile)
+    if rating.get_campaign(campaign, ws=STUDIO.ws, store=STUDIO.store)["reveal_after_vote"]:
+        raise StudioError("this campaign shows the systems after each vote, so votes cannot be changed", "vote")
     last = rating.last_vote(campaign, rater, ws=STUDIO.ws, store=STUDIO.store)
     if last is None:
         raise StudioError("you have no vote in this campaign to undo", "vote")
@@ -1029,16 +1179,19 @@ def rate_link(request: gr.Request):
 
 
 @ui_errors
-def create_campaign(eval_id, systems, open_rating, guidelines, is_admin):
+def create_campaign(eval_id, systems, open_rating, guidelines, reveal_after_vote, is_admin):
     from evals import rating
     admin_required(is_admin)
     if not eval_id:
         raise StudioError("choose an eval", "eval")
     systems = [s for s in (systems or [])]
     cid = rating.create_campaign(eval_id, systems or None, ws=STUDIO.ws, store=STUDIO.store,
-                                 open_rating=bool(open_rating), guidelines=guidelines or "")
+                                 open_rating=bool(open_rating), guidelines=guidelines or "",
+                                 reveal_after_vote=bool(reveal_after_vote))
     how = ("anyone may join under a name of their choice" if open_rating else
            "raters need an invite link (Results tab → Campaign admin)")
+    if reveal_after_vote:
+        how += "; each rater sees which systems answered once they have voted on a task"
     return f"Campaign **{cid}** created: {how}.", gr.update(choices=campaign_choices(), value=cid), \
         gr.update(choices=campaign_choices(), value=cid)
 
@@ -1083,6 +1236,29 @@ def results_export(campaign, fmt, is_admin):
     out = STUDIO.ws.root / "exports" / f"{campaign}-{fmt}.{'jsonl' if fmt in ('jsonl', 'dpo') else 'csv'}"
     rating.export_votes(campaign, fmt, out, ws=STUDIO.ws, store=STUDIO.store)
     return STUDIO.stage_download(out)
+
+
+@ui_errors
+def results_train_on_votes(campaign, from_run, is_admin):
+    """Results tab → "Train on these votes": the campaign's decisive votes become a preference dataset
+    version, and a preference run is queued from the campaign's SFT run (or the run chosen). A campaign
+    with nothing to learn from (no decisive votes), or a run that cannot be started from, is answered in
+    the message line; nothing is stored then. Outputs: message, the Train tab's run, its mode."""
+    from sft_core import pref_train, preference
+    admin_required(is_admin)
+    if not campaign:
+        raise StudioError("choose a campaign", "campaign")
+    try:
+        dv, run_id = pref_train.train_on_votes(campaign, from_run or None, ws=STUDIO.ws, store=STUDIO.store)
+    except StudioError as e:
+        return f"❌ Not started: {safe_markdown(str(e))}", gr.skip()
+    rep = preference.report(dv.name, dv.version, STUDIO.ws, STUDIO.store)
+    counts = rep.get("splits") or {}
+    pairs = " · ".join(f"{k} {v}" for k, v in counts.items()) if isinstance(counts, dict) else ""
+    lineage = pref_train.format_lineage(pref_train.lineage_of_run(run_id, STUDIO.ws, STUDIO.store))
+    return (f"✅ Preference dataset **{dv.name}@{dv.version}**" + (f" ({pairs} pairs)" if pairs else "")
+            + f" built from the votes; preference run **{run_id}** queued. Follow it on the **Train** tab.\n\n"
+            + f"**Lineage:** {safe_markdown(lineage)}"), gr.update(choices=all_runs(), value=run_id)
 
 
 def _base_url(request) -> str:
@@ -1191,7 +1367,10 @@ TRAIN_LABELS = {
     "early_stopping_patience": "Early-stopping patience", "logging_steps": "Log every N steps",
     "load_in_4bit": "4-bit base model (QLoRA)", "gradient_checkpointing": "Gradient checkpointing",
     "num_gpus": "GPUs", "report_to": "Extra logger",
+    # preference tuning (PreferenceConfig)
+    "loss_type": "Preference loss", "beta": "Beta (distance from the reference)", "label_smoothing": "Label smoothing",
 }
+SFT_MODE, PREF_MODE = "SFT (instruction data)", "Preference (from votes)"
 TRAIN_GROUPS = [
     ("Run", ["run_name", "seed"]),
     ("Length of training", ["epochs", "max_steps", "early_stopping_patience", "eval_steps"]),
@@ -1229,6 +1408,7 @@ APP_CSS = """
 .passages summary { cursor: pointer; font-size: 0.88em; overflow-wrap: anywhere; }
 .passages .passage-n { display: inline-block; min-width: 1.4em; font-weight: 600; }
 .passages .passage-rel { color: var(--body-text-color-subdued); }
+.passages .passage-title { font-size: 0.9em; font-weight: 600; }
 .passages .passage-pos { color: var(--body-text-color-subdued); font-size: 0.8em; }
 .passages .passage-text { font-size: 0.88em; max-height: 14em; overflow: auto; overflow-wrap: anywhere; }
 .passages mark { padding: 0 1px; border-radius: 2px; }
@@ -1238,6 +1418,8 @@ APP_CSS = """
    clip cuts the same overflow without being one */
 .gradio-container { overflow: clip !important; }
 .chat-pane-head { align-items: center; }
+.chat-info { color: var(--body-text-color-subdued); font-size: 0.85em; }
+.chat-truncated { color: #b45309; font-weight: 600; }
 /* phone width: nothing wider than the screen; shorter chat panes */
 @media (max-width: 640px) {
   #guide .step .detail { display: none; }
@@ -1248,14 +1430,14 @@ APP_CSS = """
 """
 
 
-def _form_component(f: dict, value=None, disabled: str | None = None):
+def _form_component(f: dict, value=None, disabled: str | None = None, prefix: str = "train-opt"):
     """One config field as a form widget (value: the preset's, else the dataclass default); a field this
     machine cannot use is shown disabled, its reason in place of the help."""
     label = TRAIN_LABELS.get(f["name"], f["name"].replace("_", " "))
     info = f"⛔ {disabled}" if disabled else f["help"]
     default = f["default"] if value is None else value
     kw = {"label": label, "info": info, "interactive": False if disabled else None,
-          "elem_id": f"train-opt-{f['name'].replace('_', '-')}"}
+          "elem_id": f"{prefix}-{f['name'].replace('_', '-')}"}
     if f.get("choices"):
         return gr.Dropdown(choices=f["choices"], value=default, **kw)
     if f["type"] == "bool":
@@ -1342,7 +1524,7 @@ def build_demo() -> gr.Blocks:
                     d_del_no = gr.Button("Keep it", elem_id="data-delete-no")
 
             # -- Knowledge -------------------------------------------------------------------
-            with gr.Tab("Knowledge", id="knowledge"):
+            with gr.Tab("Knowledge", id="knowledge") as kb_tab:
                 with gr.Row():
                     k_files = gr.File(label="Documents (.txt .md .html .pdf .jsonl)", file_count="multiple",
                                       elem_id="kb-files")
@@ -1354,39 +1536,64 @@ def build_demo() -> gr.Blocks:
                     k_pick = gr.Dropdown(kb_choices(), allow_custom_value=True, label="Knowledge base", elem_id="kb-pick")
                     k_mode = gr.Radio(["hybrid", "bm25", "dense"], value="hybrid", label="Retriever")
                     k_k = gr.Slider(1, 20, value=5, step=1, label="Top k")
-                k_query = gr.Textbox(label="Search", elem_id="kb-query")
+                with gr.Row(equal_height=True):
+                    k_query = gr.Textbox(label="Search", placeholder="a question; Enter or the button searches",
+                                         scale=5, elem_id="kb-query")
+                    k_search = gr.Button("Search", variant="primary", scale=0, min_width=110, elem_id="kb-search")
                 k_hits = gr.Markdown(elem_id="kb-hits")
+                k_table = gr.Dataframe(kb_table, label="Knowledge bases", interactive=False, elem_id="kb-list")
 
             # -- Train -----------------------------------------------------------------------
             with gr.Tab("Train", id="train"):
-                with gr.Row():
-                    t_dataset = gr.Dropdown(dataset_choices(), allow_custom_value=True, label="Dataset", elem_id="train-dataset")
-                    t_base = gr.Textbox(value=STUDIO.settings.base_model, label="Base model",
-                                        info="embedded name, local model directory or hub id")
-                train_fields = [f for f in fields_for_form(_train_config_cls()) if f["name"] not in TRAIN_FORM_SKIP]
-                hw = guide.hardware_limits()
-                with gr.Row():
-                    t_preset = gr.Radio(list(guide.TRAIN_PRESETS), value=guide.DEFAULT_PRESET, label="Preset",
-                                        elem_id="train-preset", scale=2)
-                    t_preset_help = gr.Markdown(guide.PRESET_HELP[guide.DEFAULT_PRESET], elem_id="train-preset-help")
-                gr.Markdown(hw["summary"], elem_id="train-hardware")
-                preset = guide.preset_values(guide.DEFAULT_PRESET)
-                t_fields = {}
-                with gr.Accordion("Advanced: LoRA and training options", open=False, elem_id="train-advanced"):
-                    by_name = {f["name"]: f for f in train_fields}
-                    groups = [names for _, names in TRAIN_GROUPS]
-                    rest = [f["name"] for f in train_fields if not any(f["name"] in g for g in groups)]
-                    for title, names in [*TRAIN_GROUPS, ("Other", rest)]:
-                        names = [n for n in names if n in by_name]
-                        if not names:
-                            continue
-                        gr.Markdown(f"**{title}**")
-                        for i in range(0, len(names), 3):
+                t_mode = gr.Radio([SFT_MODE, PREF_MODE], value=SFT_MODE, label="What to train", elem_id="train-mode",
+                                  info="SFT: imitate a dataset's answers. Preference: learn from pairs of a better and "
+                                       "a worse answer (votes of a campaign), starting from a finished SFT run")
+                with gr.Column(elem_id="train-sft") as t_sft_box:
+                    with gr.Row():
+                        t_dataset = gr.Dropdown(dataset_choices(), allow_custom_value=True, label="Dataset", elem_id="train-dataset")
+                        t_base = gr.Textbox(value=STUDIO.settings.base_model, label="Base model",
+                                            info="embedded name, local model directory or hub id")
+                    train_fields = [f for f in fields_for_form(_train_config_cls()) if f["name"] not in TRAIN_FORM_SKIP]
+                    hw = guide.hardware_limits()
+                    with gr.Row():
+                        t_preset = gr.Radio(list(guide.TRAIN_PRESETS), value=guide.DEFAULT_PRESET, label="Preset",
+                                            elem_id="train-preset", scale=2)
+                        t_preset_help = gr.Markdown(guide.PRESET_HELP[guide.DEFAULT_PRESET], elem_id="train-preset-help")
+                    gr.Markdown(hw["summary"], elem_id="train-hardware")
+                    preset = guide.preset_values(guide.DEFAULT_PRESET)
+                    t_fields = {}
+                    with gr.Accordion("Advanced: LoRA and training options", open=False, elem_id="train-advanced"):
+                        by_name = {f["name"]: f for f in train_fields}
+                        groups = [names for _, names in TRAIN_GROUPS]
+                        rest = [f["name"] for f in train_fields if not any(f["name"] in g for g in groups)]
+                        for title, names in [*TRAIN_GROUPS, ("Other", rest)]:
+                            names = [n for n in names if n in by_name]
+                            if not names:
+                                continue
+                            gr.Markdown(f"**{title}**")
+                            for i in range(0, len(names), 3):
+                                with gr.Row():
+                                    for n in names[i:i + 3]:
+                                        t_fields[n] = _form_component(by_name[n], preset.get(n, by_name[n]["default"]),
+                                                                      hw["disabled"].get(n))
+                    t_inputs = [t_fields[f["name"]] for f in train_fields]  # train_start takes them in field order
+                with gr.Column(visible=False, elem_id="train-pref") as t_pref_box:
+                    with gr.Row():
+                        tp_dataset = gr.Dropdown(preference_dataset_choices(), value=None, allow_custom_value=True,
+                                                 label="Preference dataset", elem_id="pref-dataset",
+                                                 info="pairs built from a campaign's votes (Results tab → Train on "
+                                                      "these votes) or with `sft-studio pref build`")
+                        tp_from = gr.Dropdown(finished_runs(), value=None, allow_custom_value=True,
+                                              label="Start from SFT run (empty: the base model)", elem_id="pref-from-run")
+                    pref_fields = pref_form_fields()
+                    tp_fields = {}
+                    with gr.Accordion("Preference options (DPO by default)", open=False, elem_id="pref-advanced"):
+                        for i in range(0, len(pref_fields), 3):
                             with gr.Row():
-                                for n in names[i:i + 3]:
-                                    t_fields[n] = _form_component(by_name[n], preset.get(n, by_name[n]["default"]),
-                                                                  hw["disabled"].get(n))
-                t_inputs = [t_fields[f["name"]] for f in train_fields]  # train_start takes them in field order
+                                for f in pref_fields[i:i + 3]:
+                                    tp_fields[f["name"]] = _form_component(f, prefix="pref-opt")
+                    tp_inputs = [tp_fields[f["name"]] for f in pref_fields]  # pref_start takes them in field order
+                    tp_start = gr.Button("Start preference run", variant="primary", elem_id="pref-start")
                 with gr.Row():
                     t_start = gr.Button("Start training", variant="primary", elem_id="train-start")
                     t_run = gr.Dropdown(all_runs(), allow_custom_value=True, label="Run", elem_id="train-run")
@@ -1422,8 +1629,8 @@ def build_demo() -> gr.Blocks:
                     c_kb = gr.Dropdown(kb_choices(), allow_custom_value=True, value=EXAMPLE_NAME if EXAMPLE_NAME in kb_choices() else None,
                                        label="Knowledge base (for RAG)", elem_id="chat-kb")
                     c_temp = gr.Slider(0, 1.5, value=0.0, step=0.05, label="Temperature")
-                    c_max = gr.Slider(16, 1024, value=128, step=16, label="Max new tokens")
-                c_sys, c_heads, c_bots, c_pass = [], [], [], []
+                    c_max = gr.Slider(16, 1024, value=128, step=16, label="Max new tokens", elem_id="chat-max")
+                c_sys, c_heads, c_bots, c_pass, c_info = [], [], [], [], []
                 first = ["prompt", "rag", None, None]
                 for row in range(2):  # a 2 x 2 grid (one column on a phone)
                     with gr.Row(elem_classes=["chat-grid"]):
@@ -1436,6 +1643,7 @@ def build_demo() -> gr.Blocks:
                                                              min_width=140, elem_id=f"chat-sys-{i}"))
                                 c_bots.append(gr.Chatbot(label=f"System {i + 1}", show_label=False, height=320,
                                                          elem_id=f"chat-bot-{i}"))
+                                c_info.append(gr.Markdown(elem_id=f"chat-info-{i}", elem_classes=["chat-info-line"]))
                                 c_pass.append(gr.Markdown(elem_id=f"chat-passages-{i}"))
 
             # -- Evaluate --------------------------------------------------------------------
@@ -1465,6 +1673,7 @@ def build_demo() -> gr.Blocks:
                                           elem_id="eval-examples")
                 e_report = gr.File(label="Decision report (HTML)", elem_id="eval-report")
                 e_timer = gr.Timer(3.0)
+                e_last = gr.State(None)  # fingerprints of what the timer last sent (eval_tick)
 
             # -- Rate ------------------------------------------------------------------------
             with gr.Tab("Rate", id="rate") as rate_tab:
@@ -1510,6 +1719,8 @@ def build_demo() -> gr.Blocks:
                         rc_open = gr.Checkbox(False, label="Open rating: anyone joins under a name they pick "
                                               "(trusted rooms only; otherwise invite links)", elem_id="rate-new-open")
                         rc_create = gr.Button("Create campaign", elem_id="rate-create")
+                    rc_reveal = gr.Checkbox(False, label="Show raters which systems were A and B after they "
+                                            "vote (their vote can then not be changed)", elem_id="rate-new-reveal")
                     rc_guide = gr.Textbox(label="Guidelines for raters (optional, shown above every task)", lines=3,
                                           placeholder="e.g. Prefer the answer that is correct; length does not matter.",
                                           elem_id="rate-new-guidelines")
@@ -1527,6 +1738,17 @@ def build_demo() -> gr.Blocks:
                                            elem_id="results-winrate")
                 with gr.Accordion("How the ratings are computed", open=False, elem_id="results-method"):
                     gr.Markdown(METHOD_HELP)
+                with gr.Accordion("Close the loop: train on these votes (admin)", open=False, elem_id="results-loop"):
+                    gr.Markdown("The campaign's decisive votes (A or B better; ties and \"both bad\" say nothing "
+                                "about which answer to prefer, so they are left out) become a preference dataset, and "
+                                "a preference run (DPO) starts from the campaign's fine-tuned run: the model learns to "
+                                "answer the way the raters preferred. Evaluate it afterwards as `sft:RUN`.")
+                    with gr.Row(equal_height=True):
+                        res_pref_from = gr.Dropdown(finished_runs(), value=None, allow_custom_value=True,
+                                                    label="Start from run (empty: the campaign's fine-tuned run)",
+                                                    elem_id="results-pref-from")
+                        res_train = gr.Button("Train on these votes", variant="primary", elem_id="results-train")
+                    res_train_msg = gr.Markdown(elem_id="results-train-msg")
                 with gr.Row():
                     res_fmt = gr.Radio(["csv", "jsonl", "dpo"], value="csv", label="Export votes as")
                     res_export = gr.Button("Export", elem_id="results-export")
@@ -1553,9 +1775,14 @@ def build_demo() -> gr.Blocks:
         d_del_yes.click(dataset_delete, [d_del_pick, is_admin], [d_msg, d_table, d_del_row, d_del_pick])
         d_del_no.click(_hide, None, d_del_row, api_visibility="private")
         d_del_pick.change(_hide, None, d_del_row, api_visibility="private")  # confirm only what was asked
-        k_build.click(kb_build, [k_files, k_name, is_admin], [k_msg, k_pick])
+        k_build.click(kb_build, [k_files, k_name, is_admin], [k_msg, k_pick]).then(
+            kb_table, None, k_table, api_visibility="private")
         k_query.submit(kb_search, [k_pick, k_query, k_k, k_mode], k_hits)
+        k_search.click(kb_search, [k_pick, k_query, k_k, k_mode], k_hits, api_visibility="private")
         t_start.click(train_start, [t_dataset, t_base, is_admin, *t_inputs], [t_msg, t_run])
+        t_mode.input(train_mode, t_mode, [t_sft_box, t_pref_box, t_start], api_visibility="private",
+                     show_progress="hidden")
+        tp_start.click(pref_start, [tp_dataset, tp_from, is_admin, *tp_inputs], [t_msg, t_run])
         t_preset.input(train_preset, t_preset, [t_preset_help, *t_inputs], api_visibility="private")
         t_cancel.click(train_cancel, [t_run, is_admin], t_msg)
         t_resume.click(train_resume, [t_run, is_admin], t_msg)
@@ -1568,15 +1795,17 @@ def build_demo() -> gr.Blocks:
                      show_progress="hidden", api_visibility="private")
         t_run.change(train_poll, t_run, [t_progress, t_plot, t_jobs, t_runs, t_lr, t_speed])
         chat_inputs = [c_msg, *c_sys, c_kb, c_temp, c_max, is_admin, *c_bots]
-        c_send.click(chat_send, chat_inputs, [*c_bots, *c_pass])
-        c_msg.submit(chat_send, chat_inputs, [*c_bots, *c_pass])
+        c_send.click(chat_send, chat_inputs, [*c_bots, *c_pass, *c_info])
+        c_msg.submit(chat_send, chat_inputs, [*c_bots, *c_pass, *c_info])
         for c in c_sys:
             c.change(chat_heads, c_sys, c_heads, api_visibility="private", show_progress="hidden")
         e_start.click(eval_start, [e_dataset, e_split, e_systems, e_kb, e_limit, e_metrics, e_judge, is_admin],
                       [e_msg, e_pick])
         e_cancel.click(eval_cancel, [e_pick, is_admin], e_msg)
         e_resume.click(eval_resume, [e_pick, is_admin], e_msg)
-        e_timer.tick(eval_poll, [e_pick, is_admin], [e_summary, e_table, e_examples, e_report, e_card])
+        # like the Train tab's timer: only what changed, without the loading overlay (no flicker)
+        e_timer.tick(eval_tick, [e_pick, is_admin, e_last], [e_summary, e_table, e_examples, e_report, e_card, e_last],
+                     show_progress="hidden", api_visibility="private")
         e_pick.change(eval_poll, [e_pick, is_admin], [e_summary, e_table, e_examples, e_report, e_card])
         r_outs = [r_task, r_prompt, r_left, r_right, r_progress, r_key]
         r_who = [r_campaign, r_invite, r_rater, r_key]
@@ -1592,13 +1821,14 @@ def build_demo() -> gr.Blocks:
         r_campaign.change(rate_guidelines, r_campaign, r_guide)
         rate_tab.select(rate_guidelines, r_campaign, r_guide, api_visibility="private")
         rc_eval.change(eval_systems, rc_eval, rc_systems)
-        rc_create.click(create_campaign, [rc_eval, rc_systems, rc_open, rc_guide, is_admin],
+        rc_create.click(create_campaign, [rc_eval, rc_systems, rc_open, rc_guide, rc_reveal, is_admin],
                         [rc_msg, r_campaign, res_campaign])
         res_campaign.change(results_show, [res_campaign, is_admin], res_outs)
         # the campaign dropdown starts on the newest campaign without a change event: show it when the
         # tab opens (and again on every visit, so votes cast meanwhile are counted)
         res_tab.select(results_show, [res_campaign, is_admin], res_outs, api_visibility="private")
         res_export.click(results_export, [res_campaign, res_fmt, is_admin], res_file)
+        res_train.click(results_train_on_votes, [res_campaign, res_pref_from, is_admin], [res_train_msg, t_run])
         res_invite.click(campaign_invite, [res_campaign, res_inv_names, is_admin], res_admin_msg)
         res_publish.click(campaign_publish, [res_campaign, is_admin], res_admin_msg).success(
             results_show, [res_campaign, is_admin], res_outs, api_visibility="private")
@@ -1608,15 +1838,18 @@ def build_demo() -> gr.Blocks:
         # keep every dropdown fresh when the page loads (a second browser sees the same state)
         fresh = {"datasets": [t_dataset, e_dataset, d_del_pick], "kbs": [k_pick, c_kb, e_kb],
                  "systems": [e_systems, *c_sys],
-                 "evals": [e_pick, rc_eval], "campaigns": [r_campaign, res_campaign], "runs": [t_run]}
+                 "evals": [e_pick, rc_eval], "campaigns": [r_campaign, res_campaign], "runs": [t_run],
+                 "finished": [tp_from, res_pref_from], "pref_datasets": [tp_dataset]}
 
         def refresh():
             choices = {"datasets": dataset_choices(), "kbs": kb_choices(), "systems": system_choices(),
-                       "evals": eval_choices(), "campaigns": campaign_choices(), "runs": all_runs()}
+                       "evals": eval_choices(), "campaigns": campaign_choices(), "runs": all_runs(),
+                       "finished": finished_runs(), "pref_datasets": preference_dataset_choices()}
             return {c: gr.update(choices=choices[k]) for k, comps in fresh.items() for c in comps}
 
         fresh_outputs = [c for comps in fresh.values() for c in comps]
-        tabs.select(refresh, None, fresh_outputs)  # new datasets, runs, evals, campaigns show up on every tab switch
+        tabs.select(refresh, None, fresh_outputs)
+        kb_tab.select(kb_table, None, k_table, api_visibility="private", show_progress="hidden")  # new datasets, runs, evals, campaigns show up on every tab switch
         # on load: the same choices, and each selection where this browser left it (else the running or
         # newest one); every user-visible pick is remembered in the browser (sel, gr.BrowserState)
         restore_outputs = [t_dataset, e_dataset, d_del_pick, k_pick, c_kb, e_kb, e_systems, *c_sys, e_pick, rc_eval,
@@ -1651,7 +1884,8 @@ def _voter(choice: str):
 # many chats at once cost about one chat's latency. Heavy handlers (parsing uploads, building an index,
 # exporting) share one small group so they cannot starve the rest; everything else is a quick read or
 # write of the store. Events not named here get the light limit.
-HEAVY_EVENTS = {"data_check", "data_import", "kb_build", "results_export", "create_campaign", "eval_start"}
+HEAVY_EVENTS = {"data_check", "data_import", "kb_build", "results_export", "create_campaign", "eval_start",
+                "results_train_on_votes", "pref_start"}
 ENGINE_EVENTS = {"chat_send"}
 
 

@@ -16,6 +16,11 @@ Results stay hidden from raters until the admin publishes them (``publish``) or 
 (``close``); either also ends the rating, since a vote followed by a look at the counts would name
 the system behind each side.
 
+Reveal after vote (``reveal_after_vote``, off by default): a campaign may tell each rater which systems
+answered a task once they have voted on it (``reveal``), as a training aid for raters or a demo. Only
+for that rater's own voted tasks, never before the vote; and a revealed vote can no longer be changed
+(``change_vote`` refuses), since the rater has seen the names.
+
 Ratings: Bradley-Terry, P(i beats j) = s(t_i - t_j) with s the logistic function, ties counted as
 half a win for each side (the common "ties as half-wins" treatment, as in Chatbot Arena's analysis;
 not Rao-Kupper); both_bad votes carry no preference and are left out of the fit. The log-strengths t
@@ -79,13 +84,15 @@ def _campaign(store: Store, campaign_id: str) -> dict:
 
 def create_campaign(eval_id: str, systems: list[str] | None = None, ws: Workspace | None = None,
                     store: Store | None = None, name: str | None = None, show_reference: bool = True,
-                    seed: int | None = None, open_rating: bool = False, guidelines: str = "") -> str:
+                    seed: int | None = None, open_rating: bool = False, guidelines: str = "",
+                    reveal_after_vote: bool = False) -> str:
     """Tasks for every domain row and every pair of the chosen systems, left/right drawn at random.
 
     The order is recorded per task. ``seed=None`` (the default) draws it from the OS so nobody can
     replay the draw from the code; pass an int only for reproducible tests. ``open_rating``: anyone
     may join under a self-chosen name (trusted rooms); otherwise raters need an invite.
-    ``guidelines``: what raters read before they vote (Markdown, up to MAX_GUIDELINES characters)."""
+    ``guidelines``: what raters read before they vote (Markdown, up to MAX_GUIDELINES characters).
+    ``reveal_after_vote``: a rater learns which systems were A and B on each task they have voted on."""
     ws, store = _ctx(ws, store)
     name = (name or "").strip()
     if len(name) > 200 or any(ord(c) < 32 for c in name):
@@ -126,9 +133,10 @@ def create_campaign(eval_id: str, systems: list[str] | None = None, ws: Workspac
         raise RatingError(f"eval {eval_id} has no rows answered by all of {', '.join(systems)}", "eval")
     with store.tx() as con:
         con.execute("INSERT INTO campaigns (id, eval_id, systems, show_reference, created_at, name, open_rating,"
-                    " guidelines) VALUES (?,?,?,?,?,?,?,?)",
+                    " guidelines, reveal_after_vote) VALUES (?,?,?,?,?,?,?,?,?)",
                     (cid, eval_id, dumps(systems), int(show_reference), time.time(),
-                     name or f"{eval_id}: {' vs '.join(systems)}", int(bool(open_rating)), guidelines))
+                     name or f"{eval_id}: {' vs '.join(systems)}", int(bool(open_rating)), guidelines,
+                     int(bool(reveal_after_vote))))
         con.executemany("INSERT INTO rating_tasks (id, campaign_id, row_id, system_left, system_right, prompt, reference,"
                         " output_left, output_right) VALUES (?,?,?,?,?,?,?,?,?)", tasks)
     return cid
@@ -369,12 +377,31 @@ def vote(campaign_id: str, task_id: str, rater: str, choice: str, comment: str =
                     " VALUES (?,?,?,?,?,?,?)", (campaign_id, task_id, rater, choice, comment, now, now))
 
 
+def reveal(campaign_id: str, task_id: str, rater: str, ws: Workspace | None = None,
+           store: Store | None = None) -> dict | None:
+    """``{"left": system, "right": system}`` of a task this rater has voted on, when the campaign reveals
+    identities after a vote; None otherwise (the campaign keeps them hidden, or the rater has not voted on
+    that task: a task id alone reveals nothing)."""
+    ws, store = _ctx(ws, store)
+    rater = _check_rater(rater)
+    if not _campaign(store, campaign_id)["reveal_after_vote"]:
+        return None
+    row = store.query_one("SELECT t.system_left, t.system_right FROM rating_tasks t JOIN votes v ON v.task_id=t.id "
+                          "WHERE t.id=? AND t.campaign_id=? AND v.rater=?", (task_id, campaign_id, rater))
+    return {"left": row["system_left"], "right": row["system_right"]} if row else None
+
+
 def change_vote(campaign_id: str, task_id: str, rater: str, choice: str, comment: str = "",
                 ws: Workspace | None = None, store: Store | None = None) -> None:
-    """Replace a rater's vote; the previous one is kept in vote_history."""
+    """Replace a rater's vote; the previous one is kept in vote_history. Refused where the campaign
+    revealed the systems after the vote: a changed vote would no longer be blind."""
     ws, store = _ctx(ws, store)
     rater, comment = _check_rater(rater), _check_vote(choice, comment)
-    _check_rating_open(_campaign(store, campaign_id))
+    camp = _campaign(store, campaign_id)
+    _check_rating_open(camp)
+    if camp["reveal_after_vote"]:
+        raise RatingError(f"campaign {campaign_id} shows the systems after each vote, so a vote cannot be changed "
+                          "(it would no longer be blind)", "vote")
     with store.tx() as con:
         old = con.execute("SELECT * FROM votes WHERE task_id=? AND rater=? AND campaign_id=?",
                           (task_id, rater, campaign_id)).fetchone()

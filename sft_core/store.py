@@ -103,12 +103,14 @@ CREATE TABLE IF NOT EXISTS campaigns (
     created_at  REAL NOT NULL,
     -- the columns below were added later (LATER_COLUMNS adds them to older databases): open_rating =
     -- anyone may join under a self-chosen name (bound to a signed key); published_at / closed_at end
-    -- the rating and show results to raters; guidelines = what raters read before they vote
+    -- the rating and show results to raters; guidelines = what raters read before they vote;
+    -- reveal_after_vote = a rater learns which systems were A and B, only on tasks they have voted on
     name        TEXT NOT NULL DEFAULT '',
     open_rating INTEGER NOT NULL DEFAULT 0 CHECK (open_rating IN (0, 1)),
     published_at REAL,
     closed_at   REAL,
-    guidelines  TEXT NOT NULL DEFAULT ''
+    guidelines  TEXT NOT NULL DEFAULT '',
+    reveal_after_vote INTEGER NOT NULL DEFAULT 0 CHECK (reveal_after_vote IN (0, 1))
 );
 -- Server-issued rater identities; votes.rater holds raters.id for raters who came in through the app.
 -- invite: a secret link for one campaign (only its sha256 is kept); open: a self-chosen name bound to
@@ -178,7 +180,8 @@ LATER_COLUMNS: dict[str, dict[str, str]] = {
     "jobs": {"pid_start": "TEXT"},  # the worker's start time (/proc), so a reused pid is never signalled
     "campaigns": {"name": "TEXT NOT NULL DEFAULT ''",  # evals/rating.py; in the order they were added
                   "open_rating": "INTEGER NOT NULL DEFAULT 0 CHECK (open_rating IN (0, 1))",
-                  "published_at": "REAL", "closed_at": "REAL", "guidelines": "TEXT NOT NULL DEFAULT ''"},
+                  "published_at": "REAL", "closed_at": "REAL", "guidelines": "TEXT NOT NULL DEFAULT ''",
+                  "reveal_after_vote": "INTEGER NOT NULL DEFAULT 0 CHECK (reveal_after_vote IN (0, 1))"},
 }
 
 

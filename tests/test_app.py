@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -215,12 +216,20 @@ def test_knowledge_build_and_search(app, browser, tmp_path):
     # the build is a job: the message follows it (queued, running) until the index is updated
     page.locator("#kb-msg").get_by_text("updated").first.wait_for(timeout=120000)
     assert "Knowledge base widgets updated" in page.locator("#kb-msg").inner_text()
-    # building selects the new base for searching
+    # the list of knowledge bases shows the new one: its documents, chunks, embedder, when it was built
+    page.wait_for_function("() => /\\bwidgets\\b/.test(document.querySelector('#kb-list').innerText)", timeout=30000)
+    listing = page.locator("#kb-list").inner_text()
+    assert "pydocs" in listing and "all-minilm" in listing.lower() and "built at" in listing, listing
+    # building selects the new base for searching; the Search button searches (Enter too, below)
     fill(page, "kb-query", "how often is the flux capacitor recalibrated")
-    page.locator("#kb-query input, #kb-query textarea").first.press("Enter")
+    page.locator("#kb-search").click()
     page.locator("#kb-hits").get_by_text("widgets.md").first.wait_for(timeout=60000)
     hits = page.locator("#kb-hits").inner_text()
-    assert "frobnicator" in hits.lower() and "score" in hits, hits
+    assert "frobnicator" in hits.lower() and "fused rank score" in hits and "(most 0.033)" in hits, hits
+    assert hits.count("widgets.md") == len(page.locator("#kb-hits details").all()), hits  # the file once per hit
+    fill(page, "kb-query", "whale-free oil")
+    page.locator("#kb-query input, #kb-query textarea").first.press("Enter")
+    page.locator("#kb-hits").get_by_text("whale-free").first.wait_for(timeout=60000)
     shot(page, "knowledge")
 
 
@@ -230,11 +239,11 @@ def test_train_loss_chart_survives_reload(app, browser):
     open_tab(page, url, "Train")
     pick(page, "train-dataset", "pydocs")
     page.get_by_text("LoRA and training options").click()
-    page.get_by_label("max steps").fill("400")
-    page.get_by_label("max length").fill("96")
-    page.get_by_label("batch size").fill("2")
-    page.get_by_label("save steps").fill("20")
-    page.get_by_label("run name").fill("ui-run")
+    fill(page, "train-opt-max-steps", "400")
+    fill(page, "train-opt-max-length", "96")
+    fill(page, "train-opt-batch-size", "2")
+    fill(page, "train-opt-save-steps", "20")
+    fill(page, "train-opt-run-name", "ui-run")
     page.locator("#train-start").click()
     page.get_by_text("Queued run").wait_for(timeout=60000)
     progress = page.locator("#train-progress")
@@ -282,6 +291,15 @@ def test_chat_two_systems(app, browser):
     message = "What does json.dumps do?"
     for a in answers:
         assert a.strip() and a.strip() != message and "⚠️" not in a, answers
+    # under each answer: its latency and tokens; the tiny random model almost never ends an answer itself
+    # (its end token is 1 of ~49k: about 0.3% over 128 tokens), so at the default 128-token limit both
+    # answers are cut there and say so
+    for i in (0, 1):
+        page.locator(f"#chat-info-{i}").get_by_text("tokens").first.wait_for(timeout=30000)
+        line = page.locator(f"#chat-info-{i}").inner_text()
+        assert re.search(r"\d+\.\d s · 128 tokens", line), line  # the default limit, 128
+        assert "truncated at 128 tokens" in line, line
+    assert page.locator("#chat-info-2").inner_text().strip() == ""  # no system chosen: no line
 
 
 def test_eval_then_blind_vote_moves_leaderboard(app, browser):
@@ -430,7 +448,7 @@ def test_gradio_client_drives_the_same_functions(app, clients, tmp_path):
     # picking the eval offers its systems (the checkbox group only takes offered choices)
     systems = client.predict(eval_id, api_name="/eval_systems")["value"]
     assert sorted(systems) == ["prompt", "rag"], systems
-    msg, _, _ = client.predict(eval_id, systems, False, "", api_name="/create_campaign")
+    msg, _, _ = client.predict(eval_id, systems, False, "", False, api_name="/create_campaign")
     campaign = msg.split("**")[1]
     # raters come in through an invite link (no admin password here, so anyone may make one)
     invite = client.predict(campaign, "api-rater", api_name="/campaign_invite").split("?invite=")[1].split("`")[0]

@@ -38,6 +38,7 @@ def seed(home) -> dict:
         out = {k: rating.create_campaign("eval-r", ws=ws, store=st, name=k, seed=i)
                for i, k in enumerate(("votes", "blind", "fakes"))}
         out["open"] = rating.create_campaign("eval-r", ws=ws, store=st, name="open", open_rating=True)
+        out["reveal"] = rating.create_campaign("eval-r", ws=ws, store=st, name="reveal", seed=7, reveal_after_vote=True)
         # model outputs and a dataset question that would load remote resources in the rater's browser
         path = ws.evals_dir("eval-img")
         path.mkdir(parents=True)
@@ -294,3 +295,87 @@ def test_rated_texts_load_nothing_remote(locked, client):
     shown = prompt + left + right
     assert "![" not in shown and "<img" not in shown.lower() and "<iframe" not in shown.lower(), shown
     assert "[image: cat](<http://evil.example/cat.png>)" in left + right  # still there, as a link to follow
+
+
+# ---- identities revealed after a vote, only where the campaign allows it (issue 16 item 8) --------
+def test_reveal_after_vote_only_where_allowed_and_only_own_voted_tasks(ws, store, tmp_path, capsys, monkeypatch):
+    import sqlite3
+
+    from evals import rating
+    from sft_core import cli
+    from sft_core.store import Store
+    from tests.test_rating import make_eval
+    ev = make_eval(ws, store, 3)
+    blind = rating.create_campaign(ev, ["prompt", "rag"], ws=ws, store=store, seed=1)
+    shown = rating.create_campaign(ev, ["prompt", "rag"], ws=ws, store=store, seed=2, reveal_after_vote=True)
+    assert rating.get_campaign(blind, ws=ws, store=store)["reveal_after_vote"] == 0  # off by default
+    tasks = {}
+    for cid in (blind, shown):
+        t = rating.next_task(cid, "ann", ws=ws, store=store)
+        assert set(t) == {"task_id", "prompt", "reference", "left", "right", "progress"}  # blind payload either way
+        assert rating.reveal(cid, t["task_id"], "ann", ws=ws, store=store) is None  # not before the vote
+        rating.vote(cid, t["task_id"], "ann", "left", ws=ws, store=store)
+        tasks[cid] = t["task_id"]
+    assert rating.reveal(blind, tasks[blind], "ann", ws=ws, store=store) is None  # the campaign keeps them hidden
+    row = store.query_one("SELECT system_left, system_right FROM rating_tasks WHERE id=?", (tasks[shown],))
+    assert rating.reveal(shown, tasks[shown], "ann", ws=ws, store=store) == {"left": row["system_left"],
+                                                                           "right": row["system_right"]}
+    # a task id alone reveals nothing: not to another rater, not for a task of another campaign
+    assert rating.reveal(shown, tasks[shown], "bob", ws=ws, store=store) is None
+    assert rating.reveal(shown, tasks[blind], "ann", ws=ws, store=store) is None
+    bob_task = rating.next_task(shown, "bob", ws=ws, store=store)["task_id"]
+    assert rating.reveal(shown, bob_task, "ann", ws=ws, store=store) is None
+    # a revealed vote stays as cast; in a blind campaign it can still be changed
+    with pytest.raises(rating.RatingError, match="cannot be changed"):
+        rating.change_vote(shown, tasks[shown], "ann", "right", ws=ws, store=store)
+    rating.change_vote(blind, tasks[blind], "ann", "right", ws=ws, store=store)
+    # the CLI flag
+    monkeypatch.setenv("SFT_STUDIO_HOME", str(ws.root))
+    assert cli.main(["rate", "campaign", "create", "--eval", ev, "--reveal-after-vote"]) == 0
+    cid = capsys.readouterr().out.strip()
+    assert rating.get_campaign(cid, ws=ws, store=store)["reveal_after_vote"] == 1
+    assert cli.main(["rate", "campaign", "list"]) == 0
+    listing = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()}
+    assert "reveals systems after each vote" in listing[cid] and "reveals" not in listing[blind]
+    # an older database gets the column, off
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE campaigns (id TEXT PRIMARY KEY, eval_id TEXT NOT NULL, systems TEXT NOT NULL,"
+                " show_reference INTEGER NOT NULL DEFAULT 1, created_at REAL NOT NULL, name TEXT NOT NULL DEFAULT '',"
+                " open_rating INTEGER NOT NULL DEFAULT 0, published_at REAL, closed_at REAL,"
+                " guidelines TEXT NOT NULL DEFAULT '')")
+    con.execute("INSERT INTO campaigns (id, eval_id, systems, created_at) VALUES ('camp-old', 'ev', '[]', 0)")
+    con.commit()
+    con.close()
+    st = Store(f"sqlite:///{db}")
+    assert rating.get_campaign("camp-old", store=st)["reveal_after_vote"] == 0
+    st.close()
+
+
+def test_vote_reveals_systems_over_the_api_only_where_allowed(locked, client):
+    """What a rater can call: the vote's confirmation names the systems only in a reveal-after-vote
+    campaign, for the task just voted on; a blind campaign's confirmation names none, and the revealed
+    vote cannot be reopened with Undo."""
+    url, home, camps = locked
+    admin = client(admin=True)
+    tokens = {c: invites(admin, camps[c], "rita")["rita"] for c in ("reveal", "fakes")}
+    rita = client()
+    for cid_key, reveals in (("reveal", True), ("fakes", False)):
+        cid, token = camps[cid_key], tokens[cid_key]
+        prompt, left, right, progress, key = rita.predict(cid, token, "", None, api_name="/rate_next")
+        assert "prompt" not in (left + right + progress) and "rag" not in (left + right + progress)
+        with db(home) as con:  # the task on screen: the one assigned to rita and not yet voted on
+            task = con.execute("SELECT t.* FROM rating_tasks t JOIN rating_assignments a ON a.task_id=t.id "
+                               "JOIN raters r ON r.id=a.rater LEFT JOIN votes v ON v.task_id=t.id AND v.rater=a.rater "
+                               "WHERE t.campaign_id=? AND r.name='rita' AND v.id IS NULL", (cid,)).fetchone()
+        out = rita.predict(cid, token, "", None, "", api_name="/vote_right")
+        saved = out[6]
+        assert "Saved: **B is better**" in saved, out
+        if reveals:
+            assert f"A was **{task['system_left']}**, B was **{task['system_right']}**" in saved, saved
+            with pytest.raises(Exception, match="votes cannot be changed"):
+                rita.predict(cid, token, "", None, api_name="/rate_undo")
+        else:
+            assert "prompt" not in saved and "rag" not in saved and " was " not in saved, saved
+            # nor does anything else the rater is shown after the vote
+            assert "prompt" not in json.dumps(out[:5]).replace('"Prompt', "") and "rag" not in json.dumps(out[:5])

@@ -16,7 +16,8 @@ def cmd_create(args) -> int:
     from evals import rating
     systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
     cid = rating.create_campaign(args.eval, systems, name=args.name, show_reference=not args.hide_reference,
-                                 seed=args.seed, open_rating=args.open, guidelines=_guidelines(args.guidelines))
+                                 seed=args.seed, open_rating=args.open, guidelines=_guidelines(args.guidelines),
+                                 reveal_after_vote=args.reveal_after_vote)
     print(cid)
     return 0
 
@@ -27,7 +28,8 @@ def cmd_list(args) -> int:
     for c in rating.list_campaigns():
         state = "published" if c["published_at"] else "closed" if c["closed_at"] else "rating"
         print(f"{c['id']}  {c['name']}  eval {c['eval_id']}  tasks {c['n_tasks']}  votes {c['n_votes']}  "
-              f"systems {', '.join(loads(c['systems']))}  {'open' if c['open_rating'] else 'invite-only'}  {state}")
+              f"systems {', '.join(loads(c['systems']))}  {'open' if c['open_rating'] else 'invite-only'}  {state}"
+              + ("  reveals systems after each vote" if c["reveal_after_vote"] else ""))
     return 0
 
 
@@ -103,6 +105,9 @@ def register(sub) -> None:
     cc.add_argument("--seed", type=int, default=None, help="fix the left/right draw (default: OS randomness)")
     cc.add_argument("--open", action="store_true",
                     help="anyone may join under a self-chosen name (trusted rooms); default: invites only")
+    cc.add_argument("--reveal-after-vote", action="store_true",
+                    help="show each rater which systems were A and B once they voted on a task (that vote can "
+                         "then not be changed); default: never shown")
     cc.set_defaults(func=cmd_create)
     cs.add_parser("list").set_defaults(func=cmd_list)
     i = s.add_parser("invite", help="secret invite links, one per rater (printed once: NAME<TAB>URL)")
