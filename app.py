@@ -19,7 +19,7 @@ import functools
 import inspect
 import json
 import os
-import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -327,7 +327,6 @@ def _in_ui_words(e: StudioError, file) -> str:
 
 def _name_from_file(path: str) -> str:
     """A dataset name from a file name: support-tickets.csv -> support-tickets."""
-    import re
     stem = re.sub(r"[^A-Za-z0-9._+-]+", "-", Path(path).stem).strip("-._+")
     return stem[:60] or "dataset"
 
@@ -543,7 +542,6 @@ HIGHLIGHT_SKIP = {"the", "and", "for", "with", "that", "this", "from", "what", "
 def _highlight(text: str, query: str | None) -> str:
     """HTML-escaped text with the query's words (3+ letters) marked."""
     import html
-    import re
     words = sorted({w for w in re.findall(r"\w{3,}", query or "") if w.lower() not in HIGHLIGHT_SKIP},
                    key=len, reverse=True)
     out = html.escape(text)
@@ -1010,7 +1008,11 @@ def eval_poll(eval_id, is_admin=False):
     examples = pd.DataFrame([{**e, "system": short[e["system"]]} for e in st.get("examples") or []],
                             columns=no_examples.columns)
     rep = st.get("report_html")
-    return summary, table, examples, (STUDIO.stage_download(rep) if rep and Path(rep).exists() else None), card
+    staged = STUDIO.stage_download(rep) if rep and Path(rep).exists() else None
+    if staged:  # the staged copy's unguessable folder is the link's key (make_app serves it as a page)
+        summary += (f'\n\n<a href="report/{Path(staged).parent.name}" target="_blank" rel="noopener" '
+                    f'id="eval-open-report">Open the decision report ↗</a>')
+    return summary, table, examples, staged, card
 
 
 def eval_tick(eval_id, is_admin, last):
@@ -1922,6 +1924,22 @@ def make_app():
     def healthz():
         return {"status": "ok", "workspace": str(STUDIO.ws.root), "engine": STUDIO.engine_ready(),
                 "tasks": {**{k: t.status for k, t in STUDIO.tasks.items()}, **_job_tasks()}}
+
+    @api.get("/report/{key}")
+    def open_report(key: str):
+        """A staged decision report as a page in its own tab (Gradio serves .html files only as downloads).
+
+        Only copies staged by ``eval_poll`` for an admin are reachable, by their unguessable folder (a keyed
+        hash, as for every staged download); the page is sandboxed and may load nothing: the report is
+        self-contained, and model outputs inside it can run no script and fetch no resource."""
+        from fastapi import HTTPException
+        from fastapi.responses import FileResponse
+        path = STUDIO.downloads_dir / key / "report.html"
+        if not re.fullmatch(r"[0-9a-f]{32}", key) or not path.is_file():
+            raise HTTPException(404, "no such report")
+        return FileResponse(path, media_type="text/html; charset=utf-8", headers={
+            "Content-Security-Policy": "sandbox; default-src 'none'; img-src data:; style-src 'unsafe-inline'",
+            "X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"})
 
     # gr.mount_gradio_app leaves has_launched False, and Gradio then skips its file rules altogether:
     # an API call could name any server path as an "upload" (data_check would read it) and any path

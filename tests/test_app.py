@@ -566,6 +566,16 @@ def test_admin_password_gates_writes_deletes_and_eval_outputs(tiny_model_dir, br
         summary, table, examples, report, _ = admin.predict(seeded["eval"], api_name="/eval_poll")
         assert "ANSWER-prompt-r1" in json.dumps(examples["data"])
         assert "REPORT eval-locked" in Path(report).read_text()
+        # the report opens as a page in its own tab: served by its staged copy's unguessable key only, sandboxed
+        key = re.search(r'href="report/([0-9a-f]{32})" target="_blank"', summary).group(1)
+        with urllib.request.urlopen(f"{url}/report/{key}", timeout=10) as r:
+            assert r.headers["Content-Type"].startswith("text/html") and "REPORT eval-locked" in r.read().decode()
+            assert "sandbox" in r.headers["Content-Security-Policy"] and "default-src 'none'" in r.headers[
+                "Content-Security-Policy"]
+        for bad in ("0" * 32, key[:-1], "..%2F..%2Fstudio.db"):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(f"{url}/report/{bad}", timeout=10)
+            assert e.value.code == 404
         export = admin.predict(seeded["campaign"], "csv", api_name="/results_export")
         assert Path(export).read_text().startswith("task_id,row_id,rater,choice")
         assert "Deleted dataset **api-ds**" in admin.predict("api-ds", api_name="/dataset_delete")[0]
@@ -613,6 +623,17 @@ def test_admin_password_gates_writes_deletes_and_eval_outputs(tiny_model_dir, br
         page.locator("#train-delete-yes").click()
         page.locator("#train-msg").get_by_text("Deleted run").wait_for(timeout=30000)
         assert not (home / "runs" / "ui-old-run").exists()
+        # the logged-in admin's Evaluate tab links the report; clicking it opens the report in a new tab
+        page.get_by_role("tab", name="Evaluate").click()
+        pick(page, "eval-pick", seeded["eval"])
+        link = page.locator("#eval-open-report")
+        link.wait_for(timeout=30000)
+        with page.context.expect_page(timeout=30000) as opened:
+            link.click()
+        tab = opened.value
+        tab.wait_for_load_state()
+        assert "/report/" in tab.url and "REPORT eval-locked" in tab.content()
+        tab.close()
     finally:
         for c in made:
             c.close()
