@@ -108,27 +108,27 @@ class Judge:
         self._client = None
 
     def _endpoint(self):
+        """The endpoint's ``openai`` client, from the project's one client (``sft_core.serving.client``)."""
         if self._client is None:
-            from openai import OpenAI
-            self._client = OpenAI(base_url=self.url, api_key=self.api_key or judge_api_key(), timeout=120,
-                                  max_retries=1)
+            from sft_core.serving.client import Endpoint
+            self._client = Endpoint(self.url, self.api_key or judge_api_key(), timeout=120, max_retries=1)
             if not self.model:
                 try:
-                    ids = [m.id for m in self._client.models.list().data]
+                    ids = self._client.model_ids()
                 except Exception:
                     ids = []
                 self.model = ids[0] if ids else "default"
-        return self._client
+        return self._client.openai
 
     def _ask_url(self, prompt: str) -> str:
-        client = self._endpoint()
+        self._endpoint()
         try:
-            r = client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": prompt}],
-                                               temperature=0, max_tokens=MAX_TOKENS)
+            r = self._client.complete(self.model, [{"role": "user", "content": prompt}],
+                                      DecodingConfig(temperature=0.0, max_new_tokens=MAX_TOKENS))
         except Exception as e:
             raise JudgeError(f"judge endpoint {self.url} (model {self.model}) failed: {type(e).__name__}: {e}",
                              "judge") from None
-        return r.choices[0].message.content or ""
+        return r.text
 
     def ask(self, prompts: list[str]) -> list[str]:
         """One reply per prompt, in order (greedy, a few tokens)."""

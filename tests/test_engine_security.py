@@ -6,7 +6,6 @@ own, seconds) and against a real vLLM CPU server (marked ``vllm``; one start per
 from __future__ import annotations
 
 import asyncio
-import collections
 import importlib.util
 import json
 import os
@@ -54,8 +53,8 @@ APP = textwrap.dedent("""
         close_on_signals(close_all)
         srv, port = eng._server, eng._server.port
     else:
-        from sft_core.serving.vllm_engine import _Server
-        srv = _Server([sys.executable, "-c", arg], dict(os.environ), 0, home / "server.log", grace_s=grace)
+        from sft_core.serving.supervisor import Server
+        srv = Server([sys.executable, "-c", arg], dict(os.environ), 0, home / "server.log", grace_s=grace)
         close_on_signals(srv.stop)
         port = 0
     time.sleep(1)  # the stand-in's "engine core" is started
@@ -132,8 +131,8 @@ def test_stand_in_server_ignoring_sigterm_is_killed_after_the_grace(tmp_path):
 
 def test_supervisor_reports_the_servers_own_exit_and_alive_follows_the_server(tmp_path):
     """vLLM dying on its own: alive() turns false at once, the group goes, the exit status is vLLM's."""
-    from sft_core.serving.vllm_engine import _Server
-    srv = _Server([sys.executable, "-c", FAKE_SERVER], dict(os.environ), 0, tmp_path / "server.log", grace_s=5)
+    from sft_core.serving.supervisor import Server
+    srv = Server([sys.executable, "-c", FAKE_SERVER], dict(os.environ), 0, tmp_path / "server.log", grace_s=5)
     try:
         time.sleep(1)
         assert srv.alive() and srv.pid != srv.pgid and srv.pid in group_members(srv.pgid)
@@ -151,8 +150,8 @@ def test_supervisor_reports_the_servers_own_exit_and_alive_follows_the_server(tm
 def test_server_gets_sigterm_when_its_supervisor_dies_alone(tmp_path):
     """PR_SET_PDEATHSIG: a supervisor killed on its own still takes the API server down; the app's
     stop() (what the watchdog runs before a restart) then clears the rest of the group."""
-    from sft_core.serving.vllm_engine import _Server
-    srv = _Server([sys.executable, "-c", FAKE_SERVER], dict(os.environ), 0, tmp_path / "server.log", grace_s=5)
+    from sft_core.serving.supervisor import Server
+    srv = Server([sys.executable, "-c", FAKE_SERVER], dict(os.environ), 0, tmp_path / "server.log", grace_s=5)
     try:
         time.sleep(1)
         os.kill(srv.pgid, signal.SIGKILL)
@@ -195,9 +194,10 @@ def test_auth_middleware_guards_every_route_but_health(monkeypatch):
 
 
 def test_restart_reloads_only_adapters_the_registry_still_resolves(caplog):
+    from sft_core.serving.adapter_manager import AdapterManager
     from sft_core.serving.adapters import AdapterInfo
     infos = {n: AdapterInfo(name=n, path=Path(f"/ws/runs/{n}/adapter"), lora_id=i, rank=8, base_model="m")
-             for i, n in enumerate(["run-a", "run-gone", "run-big"], 1)}
+             for i, n in enumerate(["run-a", "run-gone", "run-big", "run-broken"], 1)}
 
     class Registry:
         def resolve(self, name):
@@ -207,55 +207,78 @@ def test_restart_reloads_only_adapters_the_registry_still_resolves(caplog):
                 return AdapterInfo(name=name, path=infos[name].path, lora_id=3, rank=64, base_model="m")
             return infos[name]
 
-    from sft_core.config import ServeConfig
-    eng = VLLMEngine.__new__(VLLMEngine)
-    eng.registry, eng.served_name, eng.cfg, eng._server = Registry(), "m", ServeConfig(max_lora_rank=16), None
-    eng._loaded = collections.OrderedDict((n, infos[n]) for n in infos)
-    posted = []
-    eng._post_load = posted.append
-    eng._reload_adapters()
-    assert [i.name for i in posted] == ["run-a"] and list(eng._loaded) == ["run-a"]
+    class Response:
+        def __init__(self, code, text=""):
+            self.status_code, self.text = code, text
+
+    class Client:  # stands in for the server's client: what reload() posts, and vLLM refusing one adapter
+        root = "http://127.0.0.1:1"
+
+        def __init__(self):
+            self.posted = []
+
+        def post(self, route, json=None, timeout=None):
+            self.posted.append((route, json["lora_name"]))
+            return Response(400, "bad adapter") if json["lora_name"] == "run-broken" else Response(200)
+
+    mgr = AdapterManager(Registry(), managed=True, max_rank=16, auto=False, on_error=lambda e: EngineError(str(e)))
+    mgr.served_name = "m"
+    mgr.loaded.update((n, infos[n]) for n in infos)
+    client = Client()
+    mgr.reload(client, server_alive=lambda: True)
+    assert client.posted == [("/v1/load_lora_adapter", "run-a"), ("/v1/load_lora_adapter", "run-broken")]
+    assert list(mgr.loaded) == ["run-a"]
     assert "run-gone not reloaded" in caplog.text and "run-big not reloaded" in caplog.text
+    assert "run-broken not reloaded" in caplog.text
+    # an adapter that fails to load because the server itself died fails the restart instead
+    mgr.loaded.update((n, infos[n]) for n in ("run-a", "run-broken"))
+    with pytest.raises(EngineError, match="could not load adapter 'run-broken'"):
+        mgr.reload(Client(), server_alive=lambda: False)
+
+
+class _NamedEngine:
+    """The least engine the real front needs: a base model, no adapters."""
+    served_name = "base"
+
+    def health(self):
+        return {"ok": True, "state": "ready"}
+
+    def list_adapters(self):
+        return []
 
 
 def test_attach_mode_sends_the_configured_api_key(ws, monkeypatch):
-    """SFT_STUDIO_ENGINE_API_KEY (or api_key=) goes to an attached server as a bearer token."""
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    """SFT_STUDIO_ENGINE_API_KEY (or api_key=) goes to an attached server as a bearer token (the server:
+    the real OpenAI-compatible front, requiring key k1)."""
+    from sft_core.config import ServeConfig
+    from sft_core.serving.front import Front, build_app
     auths = []
+    app = build_app(_NamedEngine(), "base", api_key="k1")
 
-    class H(BaseHTTPRequestHandler):
-        def log_message(self, *a):
-            pass
+    @app.middleware("http")
+    async def record(request, call_next):
+        if request.url.path != "/health":
+            auths.append(request.headers.get("authorization"))
+        return await call_next(request)
 
-        def do_GET(self):
-            auths.append(self.headers.get("Authorization"))
-            ok = self.headers.get("Authorization") == "Bearer k1"
-            body = json.dumps({"data": [{"id": "base"}]} if ok else {"error": "Unauthorized"}).encode()
-            self.send_response(200 if ok else 401)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), H)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    front = Front(app)
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     try:
-        from sft_core.config import ServeConfig
         monkeypatch.delenv("SFT_STUDIO_ENGINE_API_KEY", raising=False)
         with pytest.raises(EngineError, match="401"):
-            VLLMEngine("base", ws=ws, registry=object(), store=object(), cfg=ServeConfig(), url=url)
+            VLLMEngine("base", ws=ws, registry=object(), store=object(), cfg=ServeConfig(), url=front.url)
         monkeypatch.setenv("SFT_STUDIO_ENGINE_API_KEY", "k1")
-        eng = VLLMEngine("base", ws=ws, registry=object(), store=object(), cfg=ServeConfig(), url=url)
-        assert eng.served_name == "base" and eng._client.api_key == "k1"
+        eng = VLLMEngine("base", ws=ws, registry=object(), store=object(), cfg=ServeConfig(), url=front.url)
+        assert eng.served_name == "base" and eng.endpoint.api_key == "k1" and eng.endpoint.openai.api_key == "k1"
+        assert eng.list_adapters() == [] and eng.health()["ok"]
         assert "k1" not in json.dumps(eng.health())
         eng.close()
         monkeypatch.delenv("SFT_STUDIO_ENGINE_API_KEY")
-        eng = VLLMEngine("base", ws=ws, registry=object(), store=object(), cfg=ServeConfig(), url=url, api_key="k1")
+        eng = VLLMEngine("base", ws=ws, registry=object(), store=object(), cfg=ServeConfig(), url=front.url, api_key="k1")
         eng.close()
         assert auths[0] is None and len(auths) >= 3 and set(auths[1:]) == {"Bearer k1"}
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        front.close()
 
 
 @pytest.mark.vllm

@@ -14,7 +14,10 @@ import urllib.request
 import pytest
 
 from sft_core.cli import main
-from sft_core.serving.base import EngineError, GenResult
+from sft_core.config import DecodingConfig
+from sft_core.serving.base import EngineError, EngineUnavailable, GenResult
+from sft_core.serving.client import Endpoint
+from sft_core.serving.front import MAX_BODY_BYTES, start_front
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -100,14 +103,16 @@ class FakeVLLM:
 
     def _check(self, adapter):
         if self.down:
-            raise EngineError("engine restarting (vLLM process died); try again in a few seconds", "vllm")
+            raise EngineUnavailable("engine restarting (vLLM process died); try again in a few seconds", "vllm")
         if adapter is not None:
             self.registry.resolve(adapter)
 
-    def chat(self, messages, adapter=None, decoding=None):
+    def chat(self, messages, adapter=None, decoding=None, info=None):
         self._check(adapter)
         yield "hel"
         yield "lo"
+        if info is not None:
+            info["finish_reason"] = "length"
 
     def generate_batch(self, requests):
         out = []
@@ -116,7 +121,7 @@ class FakeVLLM:
                 self._check(r.adapter)
                 out.append(GenResult("hello", 3, 2, finish_reason="stop"))
             except EngineError as e:
-                out.append(GenResult("", error=str(e)))
+                out.append(GenResult("", error=str(e), retryable=isinstance(e, EngineUnavailable)))
         return out
 
     def health(self):
@@ -157,8 +162,18 @@ def test_serve_vllm_fronts_the_engine_on_port_and_hides_lora_routes(ws, store, m
         assert seen["cfg"].engine == "vllm" and seen["cfg"].port == 0  # vLLM itself: an internal free port
         assert json.loads(_get(f"{url}/v1/models")[1])["data"][0]["id"] == "tiny"
         msgs = [{"role": "user", "content": "hi"}]
-        code, body = _post(f"{url}/v1/chat/completions", {"model": "tiny", "messages": msgs})
-        assert code == 200 and json.loads(body)["choices"][0]["message"]["content"] == "hello"
+        # the project's one OpenAI-compatible client against the front, as evals and the judge use it
+        client = Endpoint(f"{url}/v1")
+        try:
+            assert client.model_ids() == ["tiny"]
+            r = client.complete("tiny", msgs, DecodingConfig(max_new_tokens=4))
+            assert (r.text, r.prompt_tokens, r.completion_tokens, r.finish_reason) == ("hello", 3, 2, "stop")
+            info = {}
+            assert list(client.stream_chat("tiny", msgs, DecodingConfig(), info)) == ["hel", "lo"]
+            assert info["finish_reason"] == "length"  # the engine's own finish reason, not a fixed "stop"
+            assert client.healthy()
+        finally:
+            client.close()
         code, body = _post(f"{url}/v1/chat/completions", {"model": "tiny", "messages": msgs, "stream": True})
         assert code == 200 and '"hel"' in body and body.rstrip().endswith("data: [DONE]")
         for bad, msg in [("../x", "looks like a path"), ("/tmp/x", "looks like a path"), ("ghost", "unknown adapter 'ghost'")]:
@@ -171,8 +186,10 @@ def test_serve_vllm_fronts_the_engine_on_port_and_hides_lora_routes(ws, store, m
             code, body = _post(f"{url}{route}", {"lora_name": "evil", "lora_path": "/tmp/evil"})
             assert code == 404, (route, code, body)
         fake.down = True
-        code, body = _post(f"{url}/v1/chat/completions", {"model": "tiny", "messages": msgs})
-        assert code == 503 and "engine restarting" in body
+        for stream in (False, True):
+            code, body = _post(f"{url}/v1/chat/completions", {"model": "tiny", "messages": msgs, "stream": stream})
+            err = json.loads(body)["error"]
+            assert code == 503 and err["type"] == "ServiceUnavailableError" and "engine restarting" in err["message"]
         fake.down = False
     finally:
         fake.stopped.set()  # the serve loop sees state 'closed' and exits
@@ -199,7 +216,7 @@ class _EchoEngine:
     def health(self):
         return {"ok": True, "state": "ready"}
 
-    def chat(self, messages, adapter=None, decoding=None):
+    def chat(self, messages, adapter=None, decoding=None, info=None):
         self.seen.append((messages, decoding))
         yield "ok"
 
@@ -237,11 +254,9 @@ _MSGS = [{"role": "user", "content": "hi"}]
 ])
 def test_front_refuses_bad_requests_with_400_naming_the_field(body, field):
     """Before the fix (issue 15 item 7) `"content": 5` answered 500 and `temperature: "NaN"` was accepted."""
-    from sft_core.commands.serve import make_http_server
     eng = _EchoEngine()
-    httpd = make_http_server(eng, 0, "tiny")
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/chat/completions"
+    front, base, _ = start_front(eng, "tiny")
+    url = f"{base}/v1/chat/completions"
     try:
         for stream in (False, True):
             b = {**body, "stream": stream} if isinstance(body, dict) and "stream" not in body else body
@@ -251,16 +266,13 @@ def test_front_refuses_bad_requests_with_400_naming_the_field(body, field):
             assert err["message"].startswith(field), (b, err)
         assert eng.seen == []  # nothing reached the engine
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        front.close()
 
 
 def test_front_accepts_openai_requests_and_refuses_bad_json_and_huge_bodies():
-    from sft_core.commands.serve import MAX_BODY_BYTES, make_http_server
     eng = _EchoEngine()
-    httpd = make_http_server(eng, 0, "tiny")
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{httpd.server_address[1]}/v1/chat/completions"
+    front, base, _ = start_front(eng, "tiny")
+    url = f"{base}/v1/chat/completions"
     try:
         full = {"model": "tiny", "messages": [{"role": "system", "content": "s"}, *_MSGS], "temperature": 0.7,
                 "top_p": 0.9, "max_tokens": 7, "n": 1, "stream": False, "stop": ["\n"], "seed": 3,
@@ -278,7 +290,7 @@ def test_front_accepts_openai_requests_and_refuses_bad_json_and_huge_bodies():
                 urllib.request.urlopen(req, timeout=30)
             assert e.value.code == 400 and says in json.loads(e.value.read())["error"]["message"], raw[:40]
         import http.client
-        c = http.client.HTTPConnection("127.0.0.1", httpd.server_address[1], timeout=30)
+        c = http.client.HTTPConnection("127.0.0.1", front.port, timeout=30)
         c.putrequest("POST", "/v1/chat/completions")
         c.putheader("Content-Length", str(MAX_BODY_BYTES + 1))
         c.endheaders()  # the body is never sent: refused on the header alone
@@ -286,5 +298,30 @@ def test_front_accepts_openai_requests_and_refuses_bad_json_and_huge_bodies():
         assert r.status == 413 and "over the limit" in json.loads(r.read())["error"]["message"]
         c.close()
     finally:
-        httpd.shutdown()
-        httpd.server_close()
+        front.close()
+
+
+def test_front_errors_are_openai_shaped_and_the_shared_client_reads_them(monkeypatch):
+    """Unknown routes and methods answer in OpenAI's error shape; the shared client's ``answer`` (what
+    ``openai:*`` systems can use, :func:`external_endpoint`) turns a refusal or a dead endpoint into a
+    per-request error naming who asked, never an exception."""
+    from sft_core.serving.client import external_endpoint
+    eng = _EchoEngine()
+    front, base, _ = start_front(eng, "tiny")
+    try:
+        code, body = _get(f"{base}/v1/chat/completions")
+        assert code == 405 and json.loads(body)["error"]["type"] == "MethodNotAllowedError"
+        code, body = _get(f"{base}/v1/nothing")
+        assert code == 404 and "no route GET /v1/nothing" in json.loads(body)["error"]["message"]
+        monkeypatch.setenv("SFT_STUDIO_OPENAI_BASE_URL", f"{base}/v1")
+        client = external_endpoint()
+        ok = client.answer("tiny", _MSGS, DecodingConfig(max_new_tokens=3), "openai:tiny")
+        assert (ok.text, ok.error, ok.completion_tokens) == ("ok", None, 1)
+        bad = client.answer("tiny", [{"role": "tool", "content": "x"}], DecodingConfig(), "openai:tiny")
+        assert bad.text == "" and bad.error.startswith(f"openai:tiny: endpoint {base}/v1 failed: refused the request (400)")
+        assert "messages[0].role" in bad.error
+    finally:
+        front.close()
+    dead = client.answer("tiny", _MSGS, DecodingConfig(), "openai:tiny")
+    assert dead.error.startswith("openai:tiny: endpoint") and "Connection" in dead.error
+    client.close()

@@ -159,11 +159,11 @@ def test_serve_front_over_vllm_serves_registered_adapters_only(vllm, serving_ws,
     ws, st = serving_ws
     base = str(tiny_model_dir)
     eng = get_engine(base, ws, st, engine="vllm", url=vllm.url)  # attach: no second vLLM
-    httpd = via_front = None
+    front = via_front = None
     try:
         loaded, _ = load_all_adapters(eng, base, st)
         assert loaded == ["run-banana", "run-kiwi"]
-        httpd, url, model = start_front(eng, base)
+        front, url, model = start_front(eng, base)
         assert model == vllm.served_name and url != vllm.url
         text = banner(url, model, loaded)
         assert f"curl {url}/v1/chat/completions" in text and f'base_url="{url}/v1"' in text and vllm.url not in text
@@ -205,30 +205,25 @@ def test_serve_front_over_vllm_serves_registered_adapters_only(vllm, serving_ws,
     finally:
         if via_front is not None:
             via_front.close()
-        if httpd is not None:
-            httpd.shutdown()
-            httpd.server_close()
+        if front is not None:
+            front.close()
         eng.close()
     assert vllm.health()["ok"]
 
 
 def test_restart_port_falls_back_only_when_the_configured_port_is_taken(caplog, monkeypatch):
-    eng = VLLMEngine.__new__(VLLMEngine)  # only the port choice; no server
+    from sft_core.serving.supervisor import pick_port
     monkeypatch.setattr(time, "sleep", lambda s: None)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         taken = s.getsockname()[1]
-        eng.cfg, eng.restarts = ServeConfig(port=taken), 1
-        with caplog.at_level(logging.WARNING, logger="sft_core.serving.vllm_engine"):
-            other = eng._pick_port()
+        with caplog.at_level(logging.WARNING, logger="sft_core.serving.supervisor"):
+            other = pick_port(taken, restarts=1)
         assert other != taken and f"port {taken} is still taken" in caplog.text
-        eng.restarts = 0
-        assert eng._pick_port() == taken  # at start-up the user's choice stands
-    eng.restarts = 2
-    assert eng._pick_port() == taken  # free again: reused after a restart
-    eng.cfg = ServeConfig(port=0)
-    assert eng._pick_port() != 0
+        assert pick_port(taken, restarts=0) == taken  # at start-up the user's choice stands
+    assert pick_port(taken, restarts=2) == taken  # free again: reused after a restart
+    assert pick_port(0, restarts=0) != 0
 
 
 def parity(vllm_out, reference) -> list[str]:
@@ -313,28 +308,41 @@ def test_auto_lora_rank_restarts_for_a_larger_adapter(monkeypatch):
     """Auto max_lora_rank: an adapter above the running rank restarts the server with the smallest rank
     vLLM accepts that fits it; a fixed rank refuses with a clear error. (Engine internals only: the
     server start is replaced, the real restart path is tested above with a killed server.)"""
+    from sft_core.serving.adapter_manager import AdapterManager
     from sft_core.serving.adapters import AdapterInfo
     from sft_core.serving.vllm_engine import fit_rank, server_env
     assert [fit_rank(r) for r in (1, 8, 16, 17, 64, 65)] == [16, 16, 16, 32, 64, 128]
-    eng = VLLMEngine.__new__(VLLMEngine)
-    big = AdapterInfo(name="run-big", path=None, lora_id=3, rank=32, base_model="m")
+    big = AdapterInfo(name="run-big", path=Path("/ws/runs/run-big/adapter"), lora_id=3, rank=32, base_model="m")
 
     class Registry:
         def resolve(self, name):
             return big
+
+    class Client:  # the server's client: every load succeeds
+        root = "http://127.0.0.1:1"
+
+        def post(self, route, json=None, timeout=None):
+            return type("R", (), {"status_code": 200, "text": ""})()
+
+    def engine(auto: bool) -> VLLMEngine:
+        eng = VLLMEngine.__new__(VLLMEngine)
+        eng.cfg = ServeConfig(max_lora_rank=16)
+        eng.adapters = AdapterManager(Registry(), managed=True, max_rank=16, auto=auto, on_error=EngineError)
+        eng.adapters.served_name = "m"
+        monkeypatch.setattr(eng, "_restart", lambda reason: restarts.append((reason, eng.cfg.max_lora_rank)),
+                            raising=False)
+        monkeypatch.setattr(eng, "_ready", Client, raising=False)
+        return eng
+
     restarts = []
-    eng.registry, eng.managed, eng.served_name, eng._loaded = Registry(), True, "m", {}
-    eng._adapter_lock = __import__("threading").Lock()
-    monkeypatch.setattr(eng, "_restart", lambda reason: restarts.append((reason, eng.cfg.max_lora_rank)), raising=False)
-    monkeypatch.setattr(eng, "_ready", lambda: None, raising=False)
-    monkeypatch.setattr(eng, "_post_load", lambda info: None, raising=False)
-    eng.cfg, eng.auto_rank = ServeConfig(max_lora_rank=16), True
+    eng = engine(auto=True)
     eng.load_adapter("run-big")
-    assert restarts == [("adapter 'run-big' has rank 32: --max-lora-rank 32", 32)] and "run-big" in eng._loaded
-    eng.cfg, eng.auto_rank, eng._loaded = ServeConfig(max_lora_rank=16), False, {}
+    assert restarts == [("adapter 'run-big' has rank 32: --max-lora-rank 32", 32)] and "run-big" in eng.adapters.loaded
+    assert eng.adapters.max_rank == 32  # the reload after that restart checks against the new rank
+    eng = engine(auto=False)
     with pytest.raises(EngineError, match="rank 32 > max_lora_rank 16"):
         eng.load_adapter("run-big")
-    assert len(restarts) == 1
+    assert len(restarts) == 1 and not eng.adapters.loaded
     # small CPU machines compute on every core (vLLM would reserve one for its scheduler)
     monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})

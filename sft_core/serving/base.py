@@ -22,6 +22,11 @@ class EngineError(StudioError):
     """The engine cannot serve a request (down, restarting, unknown adapter, ...)."""
 
 
+class EngineUnavailable(EngineError):
+    """The engine cannot serve anything now (starting, restarting, failed, closed, unreachable, or its
+    GPU lent to training): a request may succeed later, unlike a bad one (a front answers 503, not 400)."""
+
+
 @dataclass
 class GenRequest:
     messages: list[dict]                 # OpenAI-style chat messages
@@ -38,6 +43,7 @@ class GenResult:
     latency_s: float = 0.0
     finish_reason: str | None = None
     error: str | None = None             # set instead of raising, per request, in batched calls
+    retryable: bool = False              # the error was EngineUnavailable: the engine was down, not the request bad
     extra: dict = field(default_factory=dict)  # with logprobs: {"token_ids": [...], "logprobs": [...]}
 
 
@@ -112,7 +118,8 @@ def run_window(fn, items: Iterable, window: int, stop_on_error: bool = True,
         try:
             return fn(item)
         except Exception as e:  # noqa: BLE001 - per request, like generate_batch
-            return GenResult(text="", error=str(e) if isinstance(e, StudioError) else f"{type(e).__name__}: {e}")
+            return GenResult(text="", error=str(e) if isinstance(e, StudioError) else f"{type(e).__name__}: {e}",
+                             retryable=isinstance(e, EngineUnavailable))
 
     source = iter(items)
     pool = ThreadPoolExecutor(max_workers=window, thread_name_prefix=name)
