@@ -1,6 +1,7 @@
 """The LLM judge (evals/judge.py) against a scripted OpenAI-compatible server.
 
-``ScriptedOpenAI`` is a small HTTP server on 127.0.0.1, written here, that stands in for a remote
+``ScriptedOpenAI`` is the project's own serve front (sft_core/serving/front.py) on 127.0.0.1 over a scripted
+engine written here; it stands in for a remote
 judge model (and for remote ``openai:*`` systems and an attached engine): a real remote model is a
 boundary that cannot exist in this sandbox (no network). It speaks the parts of the OpenAI API the
 code uses (``GET /v1/models``, ``POST /v1/chat/completions``) and answers deterministically from the
@@ -19,7 +20,6 @@ import re
 import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
@@ -27,83 +27,69 @@ from evals import judge as J
 from evals import runner
 from sft_core import StudioError, data
 from sft_core.records import make_record
+from sft_core.serving.base import GenResult
 from sft_core.workspace import read_jsonl
 
 ZORBIA = "The capital of Zorbia is Quuxville."
 MODELS = ("scripted-judge", "zorbia", "echo")
 
 
+class _ScriptedEngine:
+    """The engine behind the real front: the first model is the "base", the others are addressed like
+    adapters (the front hands any other model name to the engine); each answer comes from ``reply``."""
+
+    def __init__(self, owner: "ScriptedOpenAI"):
+        self.owner = owner
+        self.served_name = owner.models[0]
+
+    def health(self):
+        return {"ok": True, "state": "ready"}
+
+    def list_adapters(self):
+        return self.owner.models[1:]
+
+    def _answer(self, model, messages) -> GenResult:
+        o = self.owner
+        with o.lock:
+            o.requests.append({"model": model, "messages": messages})
+        time.sleep(o.delay_s)
+        text = o.reply(model, messages)
+        prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+        return GenResult(text, prompt_tokens, len(text.split()), finish_reason="stop")
+
+    def generate_batch(self, requests):
+        return [self._answer(r.adapter or self.served_name, r.messages) for r in requests]
+
+    def chat(self, messages, adapter=None, decoding=None, info=None):
+        r = self._answer(adapter or self.served_name, messages)
+        if info is not None:
+            info.update(finish_reason="stop", prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens)
+        yield r.text
+
+
 class ScriptedOpenAI:
-    """A deterministic OpenAI-compatible endpoint on 127.0.0.1 (see the module docstring)."""
+    """A deterministic OpenAI-compatible endpoint on 127.0.0.1 (see the module docstring): the project's
+    own serve front over a scripted engine."""
 
     def __init__(self, models=MODELS, api_key: str | None = None):
+        from sft_core.serving.front import Front, build_app
         self.models, self.api_key = list(models), api_key
         self.delay_s = 0.0  # per chat answer: lets a test catch a job mid-generation
         self.requests: list[dict] = []  # every chat request: {"model", "messages"}
         self.lock = threading.Lock()
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def _send(self, code: int, obj: dict) -> None:
-                body = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def _authorised(self) -> bool:
-                if owner.api_key and self.headers.get("Authorization") != f"Bearer {owner.api_key}":
-                    self._send(401, {"error": {"message": "invalid api key", "type": "invalid_request_error"}})
-                    return False
-                return True
-
-            def do_GET(self):
-                if self.path == "/health":
-                    return self._send(200, {})
-                if not self._authorised():
-                    return
-                if self.path.rstrip("/") == "/v1/models":
-                    return self._send(200, {"object": "list", "data": [
-                        {"id": m, "object": "model", "created": 0, "owned_by": "test"} for m in owner.models]})
-                self._send(404, {"error": {"message": "not found"}})
-
-            def do_POST(self):
-                if not self._authorised():
-                    return
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                if self.path.rstrip("/") != "/v1/chat/completions":
-                    return self._send(404, {"error": {"message": "not found"}})
-                with owner.lock:
-                    owner.requests.append({"model": body.get("model"), "messages": body.get("messages")})
-                time.sleep(owner.delay_s)
-                text = owner.reply(body.get("model"), body.get("messages") or [])
-                prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in body.get("messages") or [])
-                self._send(200, {
-                    "id": "chatcmpl-scripted", "object": "chat.completion", "created": 0, "model": body.get("model"),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": len(text.split()),
-                              "total_tokens": prompt_tokens + len(text.split())}})
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
+        # the key is read per request: a test may set .api_key on a running server
+        self.front = Front(build_app(_ScriptedEngine(self), self.models[0], api_key=lambda: self.api_key))
 
     @property
     def base(self) -> str:  # what an attached engine takes (it adds /v1 itself)
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        return self.front.url
 
     @property
     def url(self) -> str:  # an OpenAI client's base_url
         return self.base + "/v1"
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.front.close()
 
     # -- the script ------------------------------------------------------------------------------
     @staticmethod

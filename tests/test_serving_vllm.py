@@ -81,6 +81,21 @@ def test_base_and_adapter_answers_differ_and_adapters_are_listed(vllm):
     assert cut["finish_reason"] == "length" and cut["completion_tokens"] == 2 and cut["latency_s"] > 0
 
 
+def test_sampled_requests_split_over_prefill_steps_do_not_kill_the_cpu_engine(vllm):
+    """vLLM's CPU build dies ("CPU Generator does not use offset") when a request with its own seed is
+    sampled while its prefill is split over steps. Six ~400-token prompts at once (over 2,048 tokens together) overflow the
+    CPU server's 2,048-token step budget, so some prefills are split; at temperature > 0 every request would
+    carry the decoding seed. The engine leaves the seed out of sampled requests on a CPU build
+    (serving/client.decoding_params); with it in, this test fails (checked by hand: every request errors)."""
+    assert not vllm.cuda and vllm.endpoint.seeded is False
+    long_q = "Tell me about " + " ".join(["apple"] * 380)
+    sampled = DecodingConfig(temperature=0.8, max_new_tokens=4, seed=7)
+    out = vllm.generate_batch([GenRequest(user(f"{k} {long_q}"), None, sampled) for k in range(6)])
+    assert [r.error for r in out] == [None] * 6 and sum(r.prompt_tokens for r in out) > 2048, \
+        [(r.error, r.prompt_tokens) for r in out]
+    assert vllm.health()["ok"]
+
+
 def test_unload_removes_adapter(vllm):
     vllm.load_adapter("run-kiwi")
     vllm.unload_adapter("run-kiwi")

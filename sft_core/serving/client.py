@@ -24,9 +24,17 @@ API_KEY_ENV = "SFT_STUDIO_ENGINE_API_KEY"  # attach mode: the external engine se
 OPENAI_BASE_ENV = "SFT_STUDIO_OPENAI_BASE_URL"  # the endpoint of the `openai:*` eval systems
 
 
-def decoding_params(cfg: DecodingConfig) -> dict:
-    """A chat request's sampling options from a :class:`DecodingConfig` (OpenAI names)."""
-    kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens, seed=cfg.seed)
+def decoding_params(cfg: DecodingConfig, seeded: bool = True) -> dict:
+    """A chat request's sampling options from a :class:`DecodingConfig` (OpenAI names).
+
+    ``seeded=False`` leaves the per-request ``seed`` out of sampled requests (temperature > 0): vLLM's CPU
+    build dies on them. When a seeded request's prefill is split over steps (chunked prefill: prompts
+    longer than the step's token budget, or many at once), vLLM rewinds that request's generator with
+    ``get_offset``, which a CPU ``torch.Generator`` does not have ("CPU Generator does not use offset"): the
+    engine core exits and every request in flight fails. Greedy requests have no generator and keep it."""
+    kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens)
+    if seeded or cfg.temperature == 0:
+        kw["seed"] = cfg.seed
     if cfg.stop:
         kw["stop"] = list(cfg.stop)
     return kw
@@ -45,9 +53,11 @@ class Endpoint:
     client then takes ``$OPENAI_API_KEY``). ``timeout``: per request; connecting gets ``connect_timeout_s``."""
 
     def __init__(self, base_url: str, api_key: str | None = None, timeout: float = 120.0, max_retries: int = 0,
-                 connect_timeout_s: float = 5.0):
+                 connect_timeout_s: float = 5.0, seeded: bool = True):
         import httpx
         import openai
+
+        self.seeded = seeded  # per-request seeds on sampled requests (not on vLLM's CPU build: decoding_params)
 
         self.base_url = base_url.rstrip("/")
         self.root = server_root(self.base_url)
@@ -81,7 +91,7 @@ class Endpoint:
         # include_usage: the server sends one last chunk with the token counts (and no choices)
         stream = self.openai.chat.completions.create(model=model, messages=messages, stream=True,
                                                      stream_options={"include_usage": True},
-                                                     **decoding_params(decoding))
+                                                     **decoding_params(decoding, self.seeded))
         for chunk in stream:
             if chunk.choices:
                 choice = chunk.choices[0]
@@ -102,7 +112,7 @@ class Endpoint:
         t0 = time.perf_counter()
         extra_body = {"return_tokens_as_token_ids": True} if logprobs else None
         resp = self.openai.chat.completions.create(model=model, messages=messages, logprobs=logprobs or None,
-                                                   extra_body=extra_body, **decoding_params(decoding))
+                                                   extra_body=extra_body, **decoding_params(decoding, self.seeded))
         choice = resp.choices[0]
         extra = {}
         if logprobs and choice.logprobs and choice.logprobs.content:

@@ -162,7 +162,10 @@ class VLLMEngine:
 
     def _attach(self) -> None:
         """Attach mode: check the endpoint and learn the base model's name from /v1/models."""
-        self.endpoint = Endpoint(f"{self.url}/v1", self._api_key, timeout=self.cfg.request_timeout_s)
+        # seeds on sampled requests only where this machine's vLLM build is CUDA: an attached server is most
+        # often the app's own engine (client.decoding_params says why a CPU build must not get them)
+        self.endpoint = Endpoint(f"{self.url}/v1", self._api_key, timeout=self.cfg.request_timeout_s,
+                                 seeded=is_cuda_build())
         try:
             models = self.endpoint.models()
         except Exception as e:
@@ -186,7 +189,7 @@ class VLLMEngine:
         server = self._server = Server(cmd, env, port, self.log_path)  # close() can stop it from now on
         wait_healthy(server, self.cfg.startup_timeout_s, self._stop)
         old, self.endpoint = self.endpoint, Endpoint(f"http://127.0.0.1:{port}/v1", key,
-                                                     timeout=self.cfg.request_timeout_s)
+                                                     timeout=self.cfg.request_timeout_s, seeded=self.cuda)
         if old is not None:
             old.close()
         self.url = self.endpoint.root
