@@ -70,6 +70,10 @@ def create_eval(dataset: str, systems: list[str], split: str = "test", kb: str |
     if bad:
         raise EvalError(f"unknown metric(s) {', '.join(bad)}; choose from {', '.join(M.METRICS)}", "metrics")
     dv = data.get_version(dataset, None, ws, store)
+    from sft_core.preference import KIND as PREFERENCE, dataset_kind
+    if dataset_kind(dv) == PREFERENCE:  # pairs have no reference answer to score against
+        raise EvalError(f"{dv.name}@{dv.version} is a preference dataset (prompt/chosen/rejected pairs), not rows with "
+                        "a reference answer: evaluate on the instruction dataset the pairs came from", "dataset")
     rows = data.load_split(dataset, split, dv.version, ws, store)  # raises if the split is missing
     if not rows:
         raise EvalError(f"split {split!r} of {dataset} is empty", "split")
@@ -94,6 +98,8 @@ def create_eval(dataset: str, systems: list[str], split: str = "test", kb: str |
            "kb": kb, "limit": limit, "metrics": list(metrics or M.DEFAULT_METRICS), "judge": judge_to,
            "judge_model": judge_model, "judge_limit": int(judge_limit) if judge_limit else None,
            "few_shot": few_shot, "base_model": base, "general": general,
+           # each raft:RUN system's passages and budget, as its run was trained (reproducible from the manifest)
+           "raft": {s.run: S.raft_settings(s.run, store).to_dict() for s in checked if s.kind == "raft"},
            "decoding": asdict(DecodingConfig(temperature=0.0, max_new_tokens=max_new_tokens)), "seed": 0}
     manifest = {"eval_id": eval_id, "created_at": time.time(), "config": cfg, "packages": _versions()}
     atomic_write_json(path / "manifest.json", manifest)
@@ -284,6 +290,10 @@ def eval_context(cfg: dict, ws: Workspace, store: Store, systems: list[S.System]
     if any(s.uses_kb for s in systems):
         ctx.kb = open_kb(cfg["kb"], ws) if cfg.get("kb") else None
         ctx.tokenizer = models.load_tokenizer(models.resolve_model(cfg["base_model"], ws))
+    from sft_core.raft import RaftSettings
+    stored = cfg.get("raft") or {}
+    ctx.raft = {s.run: RaftSettings(**stored[s.run]) if s.run in stored else S.raft_settings(s.run, store)
+                for s in systems if s.kind == "raft"}
     if cfg.get("few_shot"):
         ctx.few_shot = data.load_split(cfg["dataset"], "train", cfg["dataset_version"], ws, store)[: int(cfg["few_shot"])]
     return ctx

@@ -338,6 +338,8 @@ class ServeConfig:
 # Training (sft_core/train.py, sft_core/jobs.py, `sft-studio train`)
 # ---------------------------------------------------------------------------------------------
 MAX_SERVABLE_RANK = 64  # the engines start vLLM with --max-lora-rank 64
+TRAIN_MODES = ("sft", "raft")  # TrainConfig.mode; preference runs have their own config (PreferenceConfig)
+MAX_RAFT_DISTRACTORS = 20
 
 
 def _validate_lora_and_schedule(cfg) -> None:
@@ -390,12 +392,29 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(True, "CUDA only: recompute activations to save memory.")
     num_gpus: int = opt(0, "GPUs for one run: 0 = all that training may use (with several GPUs, all but the inference engine's); more than one launches with `accelerate launch`.")
     report_to: str = opt("none", "Extra loggers: none or tensorboard (event files in runs/<id>/tensorboard).", choices=["none", "tensorboard"])
+    # Retrieval-aware fine-tuning (sft_core/raft.py). The run's config keeps ``mode`` as the one marker of how
+    # a run was trained ("preference" runs write it too: jobs._train_build and the systems read it).
+    mode: str = opt("sft", "Training prompts: sft = each row as it is; raft = retrieval-aware (RAFT): each question "
+                           "with passages from the knowledge base kb (the row's own chunk, the oracle, plus "
+                           "raft_distractors others), built exactly as the raft:RUN system prompts at inference.",
+                    choices=list(TRAIN_MODES))
+    kb: str = opt("", "Knowledge base the RAFT passages come from (mode raft only; `sft-studio kb build`).")
+    raft_distractors: int = opt(3, "RAFT: retrieved passages besides the oracle in each prompt (never the oracle "
+                                   "itself); raft:RUN retrieves this many + 1 at inference.")
+    raft_oracle_drop: float = opt(0.2, "RAFT: share of rows whose prompt leaves the oracle out (distractors only), "
+                                       "drawn per row from the seed: the adapter learns to answer when retrieval misses.")
+    raft_cite: bool = opt(False, "RAFT: the trained answer ends by citing the oracle passage's label, e.g. \" [2]\" "
+                                 "(rows without the oracle cite nothing).")
+    raft_context_tokens: int = opt(1024, "RAFT: token budget (base model tokens) of instruction, passages and question "
+                                         "in each prompt, the rag systems' budget by default; raft:RUN uses the run's "
+                                         "value; max_length must exceed it.")
 
     def validate(self) -> None:
         """Checks that need no model or data; train.validate_train_config adds those."""
         if not self.dataset:
             raise ConfigError("choose a dataset", "dataset")
         _validate_lora_and_schedule(self)
+        self._validate_mode()
         for name in ("eval_steps", "early_stopping_patience", "num_gpus"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"must be >= 0, got {getattr(self, name)}", name)
@@ -405,6 +424,28 @@ class TrainConfig:
             raise ConfigError(f"must be none or tensorboard, got {self.report_to!r}", "report_to")
         if not self.target_modules.strip():
             raise ConfigError("must be all-linear or module names", "target_modules")
+
+    def _validate_mode(self) -> None:
+        if self.mode not in TRAIN_MODES:
+            raise ConfigError(f"must be {' or '.join(TRAIN_MODES)}, got {self.mode!r}", "mode")
+        if self.mode != "raft":
+            if self.kb:
+                raise ConfigError("a knowledge base is used only by RAFT training: set mode raft, or leave kb empty",
+                                  "kb")
+            return
+        if not self.kb:
+            raise ConfigError("RAFT builds its prompts from a knowledge base: choose one (--kb NAME)", "kb")
+        if not 0 <= self.raft_distractors <= MAX_RAFT_DISTRACTORS:
+            raise ConfigError(f"must be between 0 and {MAX_RAFT_DISTRACTORS}, got {self.raft_distractors}",
+                              "raft_distractors")
+        if not 0 <= self.raft_oracle_drop < 1:
+            raise ConfigError(f"must be in [0, 1), got {self.raft_oracle_drop}", "raft_oracle_drop")
+        if self.raft_context_tokens <= 0:
+            raise ConfigError(f"must be positive, got {self.raft_context_tokens}", "raft_context_tokens")
+        if self.max_length <= self.raft_context_tokens:
+            raise ConfigError(f"{self.max_length} tokens leave no room for the answer after RAFT prompts of up to "
+                              f"{self.raft_context_tokens} (raft_context_tokens): raise max_length above it "
+                              f"(e.g. {self.raft_context_tokens + 256}) or lower raft_context_tokens", "max_length")
 
 
 # Pairwise losses of TRL 1.16's DPOConfig.loss_type (trl/trainer/dpo_config.py), without "sft" (plain NLL on

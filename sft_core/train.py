@@ -7,8 +7,9 @@ The worker writes ``manifest.json``, ``events.jsonl`` (live), ``checkpoints/``, 
 servable by vLLM) and ``metrics.json``. Exit codes: 0 finished, 3 cancelled (checkpoint kept),
 other = failed (``error.txt`` says why).
 
-Story: load config -> validate -> data (prompt/completion chat format, so the prompt is masked)
--> model (+ LoRA) -> SFTTrainer with an events/cancel callback -> train (or resume) -> save.
+Story: load config -> validate -> data (prompt/completion chat format, so the prompt is masked;
+in raft mode each prompt carries passages from the knowledge base, sft_core/raft.py) -> model (+ LoRA)
+-> SFTTrainer with an events/cancel callback -> train (or resume) -> save.
 """
 from __future__ import annotations
 
@@ -78,6 +79,9 @@ def validate_train_config(cfg: TrainConfig, ws: Workspace | None = None, store=N
         if unknown:
             raise ConfigError(f"unknown module(s) {', '.join(unknown)}; this model's linear layers are "
                               f"{', '.join(sorted(names))}", "target_modules")
+    facts = {"model_dir": str(model_dir), "dataset_version": dv.version, "dataset_path": str(dv.path)}
+    if cfg.mode == "raft":
+        facts["kb_sha256"] = _validate_raft_kb(cfg, ws)
     tok = models.load_tokenizer(model_dir)
     train = data.load_split(dv.name, "train", dv.version, ws, store)
     shortest = min(len(tok.apply_chat_template(prompt_messages(r), tokenize=True, add_generation_prompt=True,
@@ -85,7 +89,24 @@ def validate_train_config(cfg: TrainConfig, ws: Workspace | None = None, store=N
     if cfg.max_length <= shortest:
         raise ConfigError(f"{cfg.max_length} tokens is not more than the shortest prompt ({shortest} tokens): "
                           "no answer token would be trained", "max_length")
-    return {"model_dir": str(model_dir), "dataset_version": dv.version, "dataset_path": str(dv.path)}
+    return facts
+
+
+def _validate_raft_kb(cfg: TrainConfig, ws: Workspace) -> str:
+    """The knowledge base of a RAFT run exists and has the oracle plus ``raft_distractors`` chunks; returns
+    the hash of its chunks (the run's manifest records the one it trained on)."""
+    from sft_core.retrieval import open_kb
+    from sft_core.workspace import sha256_file
+    try:
+        kb = open_kb(cfg.kb, ws)
+    except StudioError as e:
+        raise ConfigError(e.message, "kb") from None
+    need = cfg.raft_distractors + 1
+    if len(kb.chunks) < need:
+        raise ConfigError(f"knowledge base {cfg.kb} has {len(kb.chunks)} chunk(s); RAFT prompts take the oracle and "
+                          f"{cfg.raft_distractors} distractor(s): at least {need} (lower raft_distractors, or add "
+                          "documents)", "kb")
+    return sha256_file(kb.path / "chunks.jsonl")
 
 
 def _target_modules(cfg: TrainConfig):
@@ -104,6 +125,16 @@ def to_prompt_completion(records: list[dict]):
         msgs = to_messages(r)
         rows.append({"prompt": msgs[:-1], "completion": msgs[-1:]})
     return Dataset.from_list(rows)
+
+
+def raft_prompt_completion(records: list[dict], kb, tokenizer, settings) -> tuple[object, list[dict], dict]:
+    """RAFT rows (sft_core/raft.py: the oracle chunk + distractors, the oracle dropped for a share of rows,
+    shuffled; the prompt built by ``raft.prompt_messages``, as the raft:RUN system builds it) as a
+    conversational prompt/completion Dataset; returns (dataset, per-row plans, counts)."""
+    from datasets import Dataset
+    from sft_core import raft
+    rows, plans, stats = raft.build_rows(records, kb, tokenizer, settings)
+    return Dataset.from_list(rows), plans, stats
 
 
 # ------------------------------------------------------------------------------------------------
@@ -398,12 +429,17 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
         eval_rows = data.load_split(cfg.dataset, "eval", spec["dataset_version"], ws, store)
     except StudioError:
         eval_rows = []
-    train_ds = to_prompt_completion(train_rows)
-    eval_ds = to_prompt_completion(eval_rows) if eval_rows else None
-
     model_dir = spec["model_dir"]
-    _phase(run_dir, "loading model")
     tok = models.load_tokenizer(model_dir)
+    raft_info = None
+    if cfg.mode == "raft":  # the passages come from the KB now (its embedder runs on the CPU), before tokenising
+        _phase(run_dir, "building RAFT prompts")
+        train_ds, eval_ds, raft_info = _raft_datasets(cfg, ws, tok, train_rows, eval_rows, run_dir)
+    else:
+        train_ds = to_prompt_completion(train_rows)
+        eval_ds = to_prompt_completion(eval_rows) if eval_rows else None
+
+    _phase(run_dir, "loading model")
     model = load_base_model(model_dir, cfg, cuda, prec)
     started = time.time()
     manifest = {
@@ -413,6 +449,8 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
         "device": device_info(prec), "started_at": started, "ended_at": None, "resumed": resume,
         "train_rows": len(train_rows), "eval_rows": len(eval_rows), "command": sys.argv,
     }
+    if raft_info is not None:
+        manifest["raft"] = raft_info
     if resume and (run_dir / "manifest.json").exists():
         before = json.loads((run_dir / "manifest.json").read_text())
         manifest["first_started_at"] = before.get("first_started_at") or before.get("started_at")
@@ -469,6 +507,26 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
         with store.tx() as con:
             con.execute("UPDATE runs SET metrics=? WHERE id=?", (dumps(metrics), run_dir.name))
     return 0
+
+
+def _raft_datasets(cfg: TrainConfig, ws: Workspace, tok, train_rows: list[dict], eval_rows: list[dict],
+                   run_dir: Path):
+    """(train dataset, eval dataset or None, manifest entry) of a RAFT run; each row's draw goes to
+    ``raft_plan.jsonl`` (split, row id, oracle chunk, passages in prompt order, dropped)."""
+    from sft_core import raft
+    from sft_core.retrieval import open_kb
+    from sft_core.workspace import sha256_file, write_jsonl
+    settings = raft.RaftSettings.from_config(cfg)
+    kb = open_kb(cfg.kb, ws)
+    train_ds, plans, stats = raft_prompt_completion(train_rows, kb, tok, settings)
+    eval_ds, eval_plans, eval_stats = (raft_prompt_completion(eval_rows, kb, tok, settings) if eval_rows
+                                       else (None, [], None))
+    if _is_main_process():
+        write_jsonl(run_dir / raft.PLAN_FILE, [{"split": "train", **p} for p in plans] +
+                    [{"split": "eval", **p} for p in eval_plans])
+    info = {"settings": settings.to_dict(), "kb_sha256": sha256_file(kb.path / "chunks.jsonl"),
+            "kb_chunks": len(kb.chunks), "train": stats, "eval": eval_stats}
+    return train_ds, eval_ds, info
 
 
 def _phase(run_dir: Path, phase: str) -> None:

@@ -67,8 +67,8 @@ def test_unknown_system_exits_1_and_stores_nothing(ws, store, capsys):
     import_tiny(ws, store)
     assert main(["eval", "--dataset", "tiny", "--systems", "prompt,magic", "--limit", "3"]) == 1
     cap = capsys.readouterr()
-    assert cap.err.strip() == ("error: systems: unknown system 'magic'; use prompt, rag, sft:RUN, sft+rag:RUN "
-                               "or openai:MODEL")
+    assert cap.err.strip() == ("error: systems: unknown system 'magic'; use prompt, rag, sft:RUN, sft+rag:RUN, "
+                               "raft:RUN or openai:MODEL")
     assert "Traceback" not in cap.err + cap.out and cap.out == ""
     assert nothing_stored(ws, store)
 

@@ -126,6 +126,9 @@ def cmd_train(args) -> int:
         return 1
     m = json.loads((ws.runs_dir(run_id) / "metrics.json").read_text())
     print(json.dumps(m, indent=2))
+    raft = json.loads((ws.runs_dir(run_id) / "manifest.json").read_text()).get("raft")
+    if raft:
+        print(raft_summary(run_id, raft))
     if args.push_to_hub:
         import tempfile
         with tempfile.TemporaryDirectory() as tmp:  # the adapter (loadable with PeftModel) + its manifest
@@ -138,6 +141,16 @@ def cmd_train(args) -> int:
                                   f"`sft-studio export {run_id} --out DIR --push-to-hub {args.push_to_hub}`",
                                   "push_to_hub") from None
     return 0
+
+
+def raft_summary(run_id: str, raft: dict) -> str:
+    """One line on a RAFT run's prompts (the manifest's "raft" entry)."""
+    t = raft["train"]
+    return (f"RAFT prompts from knowledge base {raft['settings']['kb']}: {t['rows']} training rows, oracle from the "
+            f"row's chunk {t['oracle_from_meta']} / from its answer {t['oracle_from_answer']}, oracle dropped "
+            f"{t['oracle_dropped']}, cut by the token budget {t['oracle_cut_by_budget']}, "
+            f"{t['mean_passages']:.1f} passages per prompt (each row: raft_plan.jsonl in the run directory); "
+            f"evaluate it as raft:{run_id}")
 
 
 def _stage_for_hub(run_dir: Path, out: Path) -> None:
@@ -217,7 +230,8 @@ def cmd_export(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a LoRA adapter (queued; one training job at a time)")
+    p = sub.add_parser("train", help="train a LoRA adapter (queued; one training job at a time); --mode raft --kb "
+                                     "NAME trains with retrieved passages in the prompts (RAFT)")
     p.add_argument("--config", help="YAML file with training options (flags override it)")
     add_arguments(p, TrainConfig)
     p.add_argument("--push-to-hub", default=None, metavar="REPO",
