@@ -178,7 +178,8 @@ def train_on_votes(campaign_id: str, from_run: str | None = None, name: str | No
     store = store or open_store(ws.db_url)
     camp = rating.get_campaign(campaign_id, ws=ws, store=store)
     if not from_run:
-        runs = [s.split(":", 1)[1] for s in loads(camp["systems"], []) if s.startswith(("sft:", "sft+rag:"))]
+        from evals.systems import parse_system
+        runs = [parse_system(s).adapter for s in loads(camp["systems"], []) if parse_system(s).adapter]
         if len(set(runs)) != 1:
             raise ConfigError(f"campaign {campaign_id} compares {len(set(runs))} adapters; choose the run to start "
                               "from", "from_run")

@@ -74,7 +74,7 @@ def cmd_report(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("eval", help="compare systems (prompt, rag, sft:RUN, sft+rag:RUN, openai:MODEL) on a test split")
+    p = sub.add_parser("eval", help="compare systems (prompt, rag, sft:RUN, sft+rag:RUN, raft:RUN, openai:MODEL) on a test split")
     p.add_argument("--dataset", required=False)
     p.add_argument("--systems", default="prompt,rag")
     p.add_argument("--split", default="test")
