@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from sft_core import StudioError
 from sft_core.records import prompt_messages
+from sft_core.store import finished_run
 
 DEFAULT_SYSTEM_PROMPT = "You are a concise, accurate assistant. Answer in one or two sentences."
 KINDS = ("prompt", "rag", "sft", "sft+rag", "raft", "openai")
@@ -128,11 +129,7 @@ def check_systems(names: list[str], store, kb: str | None, check_endpoints: bool
         raise SystemError_("a system is listed twice", "systems")
     for s in systems:
         if s.adapter:
-            run = store.query_one("SELECT status FROM runs WHERE id=?", (s.adapter,))
-            if run is None:
-                raise SystemError_(f"unknown run {s.adapter!r} in {s.name}", "systems")
-            if run["status"] != "succeeded":
-                raise SystemError_(f"run {s.adapter} is {run['status']}, not finished: its adapter is not ready", "systems")
+            finished_run(store, s.adapter, SystemError_, "systems", label=s.name)
         if s.kind == "raft":
             raft_settings(s.run, store)  # refuses a run not trained in raft mode
         if s.uses_kb and not kb:

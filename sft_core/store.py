@@ -288,3 +288,14 @@ def open_store(url: str) -> Store:
         if st is None:
             st = _STORES[url] = Store(url)
         return st
+
+
+def finished_run(store: Store, run_id: str, error: type[StudioError], where: str, label: str | None = None) -> dict:
+    """The row (status, base_model) of a run whose adapter is ready, else ``error(where)`` saying why not:
+    an unknown run, or one not (yet) succeeded. ``label``: how the run was named (e.g. ``sft:RUN``)."""
+    run = store.query_one("SELECT status, base_model FROM runs WHERE id=?", (run_id,))
+    if run is None:
+        raise error(f"unknown run {run_id!r}" + (f" in {label}" if label else ""), where)
+    if run["status"] != "succeeded":
+        raise error(f"run {run_id} is {run['status']}, not finished: its adapter is not ready", where)
+    return run

@@ -43,7 +43,7 @@ from typing import Callable
 
 from sft_core import StudioError
 from sft_core.config import ConfigError, DecodingConfig, opt
-from sft_core.store import Store, loads, open_store
+from sft_core.store import Store, finished_run, loads, open_store
 from sft_core.workspace import Workspace, read_jsonl, safe_name, sha256_json
 
 STYLES = ("factual", "how-to", "paraphrase")
@@ -496,11 +496,7 @@ def resolve_local_model(cfg: SynthConfig, store: Store) -> str:
     mismatched base_model), else base_model, else the studio's default."""
     from sft_core.config import StudioSettings
     if cfg.adapter:
-        run = store.query_one("SELECT status, base_model FROM runs WHERE id=?", (cfg.adapter,))
-        if run is None:
-            raise SynthError(f"unknown run {cfg.adapter!r}", "adapter")
-        if run["status"] != "succeeded":
-            raise SynthError(f"run {cfg.adapter} is {run['status']}, not finished: its adapter is not ready", "adapter")
+        run = finished_run(store, cfg.adapter, SynthError, "adapter")
         if cfg.base_model and cfg.base_model != run["base_model"]:
             raise SynthError(f"run {cfg.adapter} was trained on {run['base_model']}, not {cfg.base_model}", "adapter")
         return run["base_model"]

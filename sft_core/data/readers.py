@@ -180,14 +180,20 @@ def _too_deep_line(raw: bytes, limit: int) -> int | None:
     return None
 
 
+def _utf8(raw: bytes, f: str, issues: list[Issue], encoding: str) -> str | None:
+    """The file's text, or None with an issue naming the line of the first byte that is not UTF-8."""
+    try:
+        return raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        issues.append(Issue(f, raw[:e.start].count(b"\n") + 1, None, f"not valid UTF-8 (byte {e.start})"))
+        return None
+
+
 def _read_json(path: Path, raw: bytes, issues: list[Issue], cfg: DataConfig | None = None) -> Iterator[tuple[int, Any]]:
     f = str(path)
     cfg = cfg or DataConfig()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        issues.append(Issue(f, line, None, f"not valid UTF-8 (byte {e.start})"))
+    text = _utf8(raw, f, issues, "utf-8")
+    if text is None:
         return
     try:
         obj = json.loads(text)
@@ -218,11 +224,8 @@ def _read_csv(path: Path, raw: bytes, issues: list[Issue], delimiter: str,
               cfg: DataConfig | None = None) -> Iterator[tuple[int, Any]]:
     f = str(path)
     cfg = cfg or DataConfig()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        issues.append(Issue(f, line, None, f"not valid UTF-8 (byte {e.start})"))
+    text = _utf8(raw, f, issues, "utf-8-sig")
+    if text is None:
         return
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
