@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 
-from evals.rating import PRIOR_SD, RATING_SCALE
+from evals.rating.statistics import PRIOR_SD, RATING_SCALE
 from evals.report import short_names
 
 METHOD_HELP = f"""**How the ratings are computed.** Each vote is a comparison of two answers; a tie counts as half a
