@@ -177,10 +177,26 @@ def finished_runs() -> list[str]:
     return [r["id"] for r in rows]
 
 
+def run_config(run_id: str | None) -> dict:
+    """A run's stored config (runs.config: TrainConfig, whose ``mode`` says how it was trained); {} if none."""
+    from sft_core.store import loads
+    row = STUDIO.store.query_one("SELECT config FROM runs WHERE id=?", (run_id,)) if run_id else None
+    return (loads(row["config"], {}) or {}) if row else {}
+
+
+def run_systems(run_id: str, config: dict, with_kb: bool = True) -> list[str]:
+    """The systems a finished run is compared as (evals.systems.adapter_systems: sft, sft+rag, and raft for a
+    run trained in raft mode); ``with_kb`` False leaves out those that retrieve."""
+    from evals import systems as evsys
+    names = evsys.adapter_systems(run_id, config)
+    return names if with_kb else [n for n in names if not evsys.parse_system(n).uses_kb]
+
+
 def system_choices() -> list[str]:
+    from sft_core.store import loads
     out = list(SYSTEM_CHOICES_BASE)
-    for run in finished_runs():
-        out += [f"sft:{run}", f"sft+rag:{run}"]
+    for r in STUDIO.store.query("SELECT id, config FROM runs WHERE status='succeeded' ORDER BY created_at DESC"):
+        out += run_systems(r["id"], loads(r["config"], {}) or {})
     return out
 
 
@@ -230,7 +246,7 @@ def guide_go(dataset, base_model, limit, metrics, is_admin, *train_values):
         msg += " Follow it on the Train tab; the guide above moves on when it has finished."
     elif a.kind == "evaluate":
         row = STUDIO.store.query_one("SELECT dataset FROM runs WHERE id=?", (f["run"],))
-        systems = ["prompt", *(["rag"] if f["kb"] else []), f"sft:{f['run']}", *([f"sft+rag:{f['run']}"] if f["kb"] else [])]
+        systems = ["prompt", *(["rag"] if f["kb"] else []), *run_systems(f["run"], run_config(f["run"]), bool(f["kb"]))]
         msg, ev = eval_start(row["dataset"], "test", systems, f["kb"], limit, metrics, False, is_admin)
         ev_ds, ev_kb = gr.update(value=row["dataset"]), gr.update(value=f["kb"])
         ev_sys = gr.update(choices=system_choices(), value=systems)
@@ -264,9 +280,11 @@ def restore_selection(dataset, kb, run, eval_id, campaign, invite, request: gr.R
     ds = guide.choose(dataset, ds_c, d["dataset"])
     k = guide.choose(kb, kb_c, d["kb"])
     r = d["succeeded_run"]
-    eval_systems_ = ["prompt", *(["rag"] if k else []), *([f"sft:{r}"] if r else []),
-                     *([f"sft+rag:{r}"] if r and k else [])]
-    panes = ["prompt", "rag" if k else None, f"sft:{r}" if r else None, f"sft+rag:{r}" if r and k else None]
+    r_systems = run_systems(r, run_config(r), bool(k)) if r else []
+    eval_systems_ = ["prompt", *(["rag"] if k else []), *r_systems]
+    # the fourth pane: the run with retrieval, as it was trained to use it (raft:RUN for a RAFT run)
+    with_kb = ([s for s in r_systems if s.startswith("raft:")] + [s for s in r_systems if s.startswith("sft+rag:")])
+    panes = ["prompt", "rag" if k else None, f"sft:{r}" if r else None, with_kb[0] if with_kb else None]
     ev = guide.choose(eval_id, ev_c, d["eval"])
     linked = bool(_query_invite(request))
     camp = guide.choose(campaign, camp_c, d["campaign"])
@@ -286,7 +304,8 @@ def _remember(value):
 
 
 CHAT_KINDS = {"prompt": "base model, prompted", "rag": "base model + retrieved passages", "sft": "fine-tuned",
-              "sft+rag": "fine-tuned + retrieved passages", "openai": "remote model"}
+              "sft+rag": "fine-tuned + retrieved passages",
+              "raft": "fine-tuned with retrieved passages (RAFT) + retrieved passages", "openai": "remote model"}
 
 
 def chat_heads(s1, s2, s3, s4):
@@ -513,6 +532,148 @@ def kb_table():
     return pd.DataFrame(rows, columns=["name", "documents", "chunks", "embedder", "built at"])
 
 
+# ------------------------------------------------------------------------------------------------
+# Knowledge → a training set generated from the knowledge base (sft_core/synth.py)
+# ------------------------------------------------------------------------------------------------
+def _synth_config_cls():
+    from sft_core.synth import SynthConfig
+    return SynthConfig
+
+
+SYNTH_FORM_SKIP = ("kb",)  # the Knowledge tab's own picker says which knowledge base
+SYNTH_MAIN = ("name", "n_chunks", "generator", "model")  # shown; the rest is folded under the options
+SYNTH_LABELS = {
+    "name": "Dataset name", "n_chunks": "Chunks to use (0 = all)", "questions_per_chunk": "Questions per chunk",
+    "styles": "Question styles", "answer_length": "Answer length", "generator": "Generator",
+    "model": "Endpoint model (empty: its first)", "base_model": "Local base model (empty: the studio's)",
+    "adapter": "Local adapter (a finished run; empty: none)", "temperature": "Temperature",
+    "max_new_tokens": "Max new tokens per chunk", "prompt_template": "Prompt template (Jinja2)",
+    "min_groundedness": "Min groundedness (0-1)", "dedup_threshold": "Near-duplicate cosine (0-1]",
+    "filter_closed_book": "Drop questions the model answers without the passage",
+    "closed_book_threshold": "Closed-book F1 threshold", "test_docs": "Held-out documents (test)",
+    "test_seen": "Seen-documents test share", "eval_fraction": "Eval share", "seed": "Seed",
+}
+# sft_core/synth.py FILTERS, in words, in the order they run
+SYNTH_FILTER_WORDS = {
+    "unparsable": "unparsable generation (no JSON question/answer pairs)",
+    "ungrounded": "answer not supported by its passage (groundedness below the minimum)",
+    "leaked": "question already in another dataset's eval or test split",
+    "near_duplicate": "near-duplicate of a question kept before it",
+    "answerable_closed_book": "answerable without the passage",
+}
+SYNTH_PAIR_COLUMNS = ["question", "answer", "source document"]
+SYNTH_COUNT_COLUMNS = ["filter", "dropped"]
+
+
+def synth_form_fields() -> list[dict]:
+    return [f for f in fields_for_form(_synth_config_cls()) if f["name"] not in SYNTH_FORM_SKIP]
+
+
+def _synth_cfg(kb, values):
+    """A checked SynthConfig from the Knowledge tab's picker and the form (empty boxes: the defaults)."""
+    overrides = {f["name"]: (v if v not in ("", None) else None) for f, v in zip(synth_form_fields(), values)}
+    return load_config(_synth_config_cls(), overrides={**overrides, "kb": kb or None})
+
+
+def synth_name(kb, name):
+    """The dataset name follows the chosen knowledge base (KB-synth) until someone types another."""
+    if kb and (not name or name.endswith("-synth")):
+        return f"{kb}-synth"
+    return gr.skip()
+
+
+def _source_words(meta: dict) -> str:
+    """The generated pair's source for people: the file, the document's id where it says more (a JSONL file
+    holds many documents), the chunk's heading."""
+    file, doc = str(meta.get("file") or ""), str(meta.get("source") or "")
+    title = str(meta.get("title") or "").strip().lstrip("#").strip()
+    parts = [file] if file else []
+    if doc and doc not in (file, Path(file).stem):
+        parts.append(doc)
+    if title and title not in parts:
+        parts.append(title)
+    return " · ".join(parts)
+
+
+def synth_counts_table(counts: dict, closed_book: bool) -> pd.DataFrame:
+    """One row per filter with the pairs it dropped ("off" for the optional closed-book check when off)."""
+    from sft_core.synth import FILTERS
+    rows = [{"filter": SYNTH_FILTER_WORDS.get(k, k),
+             "dropped": "off" if k == "answerable_closed_book" and not closed_book else str(counts.get(k, 0))}
+            for k in FILTERS]
+    return pd.DataFrame(rows, columns=SYNTH_COUNT_COLUMNS)
+
+
+@ui_errors
+def synth_preview(kb, is_admin, *values):
+    """About ten pairs from the first chunks, through every filter, stored nowhere: the pairs, the filter
+    counts and a line. Admin only: it runs the engine, or calls the endpoint URL given with the studio's
+    judge key. Outputs: message, pairs, counts."""
+    from sft_core import synth
+    admin_required(is_admin)
+    cfg = _synth_cfg(kb, values)
+    engine = None  # an endpoint needs no local model; a local one on another base model is started by preview
+    if cfg.generator == "local" and synth.resolve_local_model(cfg, STUDIO.store) == STUDIO.settings.base_model:
+        engine = STUDIO.engine()
+    out = synth.preview(cfg, engine=engine, ws=STUDIO.ws, store=STUDIO.store)
+    pairs = pd.DataFrame([{"question": r["instruction"], "answer": r["response"],
+                           "source document": _source_words(r.get("meta") or {})} for r in out["pairs"]],
+                         columns=SYNTH_PAIR_COLUMNS)
+    c = out["counts"]
+    msg = (f"**Preview**, nothing stored: {c['chunks']} chunk(s) → {c['pairs']} pair(s) generated → "
+           f"**{c['kept']} kept**; the first {len(out['pairs'])} are below. The filters dropped what the table "
+           "counts. **Generate dataset** runs the same over every chunk of the sample and stores a dataset "
+           "whose test split holds out whole documents.")
+    if not out["pairs"]:
+        msg += "\n\n⚠️ No pair survived: try another generator, a longer answer budget or looser filters."
+    return msg, pairs, synth_counts_table(c, cfg.filter_closed_book)
+
+
+@ui_errors
+def synth_start(kb, is_admin, *values):
+    """Queue the ``synth`` job (a worker process generates, filters, splits and stores) and start following
+    it. Outputs: message, the job (session state), the job line, its timer."""
+    from sft_core import jobs, synth
+    admin_required(is_admin)
+    cfg = _synth_cfg(kb, values)
+    job_id = synth.submit_synth(cfg, STUDIO.ws, STUDIO.store)
+    return (f"Queued: dataset **{cfg.name}** from **{cfg.kb}** (job {job_id}).", job_id,
+            jobs.describe(jobs.job_row(job_id, STUDIO.store), STUDIO.store), gr.update(active=True))
+
+
+def synth_poll(job_id):
+    """The synth job's line: where it waits, then a progress bar over the chunks, then the dataset it stored
+    (or why not). Outputs: the line, the Data tab's versions table (once stored), the timer (stops at the end)."""
+    from sft_core import jobs
+    if not job_id:
+        return "", gr.skip(), gr.update(active=False)
+    job = jobs.job_row(job_id, STUDIO.store)
+    p = jobs.progress_of(job)
+    if job["status"] not in jobs.FINAL:
+        line = jobs.describe(job, STUDIO.store)
+        if job["status"] == "running":
+            step = p.get("step")
+            frac = max(0.0, min(1.0, p.get("done", 0) / p["total"])) if p.get("total") else None
+            line = guide.progress_bar_html(frac, f"{step} · {line}" if step else line)
+        return line, gr.skip(), gr.skip()
+    took = ""
+    if job.get("ended_at") and job.get("started_at"):
+        took = f" · took {guide._fmt_s(job['ended_at'] - job['started_at'])}"
+    if job["status"] == "succeeded":
+        return (f"✅ Stored **{safe_markdown(str(p.get('result') or job['ref']))}**{took}. Train on it from the "
+                "**Train** tab (the rows carry their source passage: RAFT mode can use them).",
+                datasets_table(), gr.update(active=False))
+    why = f": {job['error']}" if job.get("error") else ""
+    return f"❌ synth {job['ref']} {job['status']}{why}{took}. Nothing was stored.", gr.skip(), gr.update(active=False)
+
+
+def synth_tick(job_id, last):
+    """The synth job's timer: synth_poll's outputs, each only when it changed (plus the fingerprints)."""
+    values = synth_poll(job_id)
+    shown, digests = skip_unchanged(values[:2], last)
+    return (*shown, values[2], digests)
+
+
 # What a passage's score is, per retriever (sft_core/retrieval.py KnowledgeBase.search): (short name, what it means).
 SCORE_WORDS = {
     "hybrid": ("fused rank score", "hybrid score: reciprocal-rank fusion, 1/(k + rank) summed over the keyword (BM25) "
@@ -595,6 +756,15 @@ def _train_config_cls():
 
 
 TRAIN_FORM_SKIP = ("dataset", "dataset_version", "base_model")
+# TrainConfig fields shown only in raft mode (the Train tab's RAFT box); in sft mode they are not sent
+RAFT_FIELDS = ("kb", "raft_distractors", "raft_oracle_drop", "raft_cite", "raft_context_tokens")
+# what a preset leaves alone: the run's name, how it is trained and the RAFT choices (raft_context_tokens, paired
+# with max_length, follows the preset)
+PRESET_KEEPS = ("run_name", "mode", "kb", "raft_distractors", "raft_oracle_drop", "raft_cite")
+
+
+def train_form_fields() -> list[dict]:
+    return [f for f in fields_for_form(_train_config_cls()) if f["name"] not in TRAIN_FORM_SKIP]
 
 
 @ui_errors
@@ -603,8 +773,9 @@ def train_start(dataset, base_model, is_admin, *values):
     admin_required(is_admin)
     if not dataset:
         raise StudioError("choose a dataset", "dataset")
-    fields = [f for f in fields_for_form(_train_config_cls()) if f["name"] not in TRAIN_FORM_SKIP]
-    overrides = {f["name"]: (v if v not in ("", None) else None) for f, v in zip(fields, values)}
+    overrides = {f["name"]: (v if v not in ("", None) else None) for f, v in zip(train_form_fields(), values)}
+    if overrides.get("mode") != "raft":  # the RAFT box is hidden: what it still holds is not this run's
+        overrides.update(dict.fromkeys(RAFT_FIELDS))
     overrides.update(dataset=dataset, base_model=base_model or STUDIO.settings.base_model)
     cfg = load_config(_train_config_cls(), overrides=overrides)
     run_id = jobs.submit_train(cfg, ws=STUDIO.ws, store=STUDIO.store)
@@ -767,14 +938,27 @@ def train_tick(run_id, last):
     return (*values, digests)
 
 
-def train_preset(name):
-    """The Advanced fields' values under a preset (the run name is kept), and what the preset does."""
-    values = guide.preset_values(name)
-    fields = [f for f in fields_for_form(_train_config_cls()) if f["name"] not in TRAIN_FORM_SKIP]
-    ups = [gr.skip() if f["name"] == "run_name" else
+def train_preset(name, mode="sft"):
+    """The form's values under a preset in the chosen mode (the run name, the mode and the RAFT choices are
+    kept; sft_core/guide.preset_values), and what the preset does."""
+    values = guide.preset_values(name, mode or "sft")
+    ups = [gr.skip() if f["name"] in PRESET_KEEPS else
            gr.update(value=",".join(map(str, values[f["name"]] or [])) if f["type"] == "list"
-                     and not isinstance(values[f["name"]], str) else values[f["name"]]) for f in fields]
+                     and not isinstance(values[f["name"]], str) else values[f["name"]]) for f in train_form_fields()]
     return (guide.PRESET_HELP.get(name, ""), *ups)
+
+
+def train_raft_mode(mode, preset, kb):
+    """TrainConfig.mode chosen: the RAFT box shows in raft mode only (with a knowledge base picked: the one the
+    page works with, unless one is chosen), and max length and the RAFT prompt budget take the preset's values
+    for that mode (a RAFT prompt needs room for its passages). Outputs: RAFT box, kb, max_length,
+    raft_context_tokens."""
+    raft = mode == "raft"
+    values = guide.preset_values(preset if preset in guide.TRAIN_PRESETS else guide.DEFAULT_PRESET, mode or "sft")
+    kbs = kb_choices()
+    pick_kb = guide.choose(kb, kbs, guide.default_selection(STUDIO.ws, STUDIO.store)["kb"]) if raft else kb
+    return (gr.update(visible=raft), gr.update(choices=kbs, value=pick_kb), gr.update(value=values["max_length"]),
+            gr.update(value=values["raft_context_tokens"]))
 
 
 def train_poll(run_id):
@@ -925,9 +1109,11 @@ def eval_start(dataset, split, systems, kb, limit, metrics, judge, is_admin):
         raise StudioError("choose a dataset", "dataset")
     if not systems:
         raise StudioError("choose at least one system", "systems")
-    needs_kb = any(s == "rag" or s.startswith("sft+rag:") for s in systems)
+    from evals import systems as evsys
+    needs_kb = [s for s in systems if evsys.parse_system(s).uses_kb]
     if needs_kb and not kb:
-        raise StudioError("RAG systems need a knowledge base", "knowledge base")
+        raise StudioError(f"choose a knowledge base: {', '.join(needs_kb)} answer with passages retrieved from it",
+                          "knowledge base")
     eval_id = runner.create_eval(dataset, list(systems), split=split or "test", kb=kb or None,
                                  limit=int(limit) if limit else None, metrics=list(metrics or []) or None,
                                  judge=bool(judge), base_model=STUDIO.settings.base_model, ws=STUDIO.ws,
@@ -1369,10 +1555,19 @@ TRAIN_LABELS = {
     "early_stopping_patience": "Early-stopping patience", "logging_steps": "Log every N steps",
     "load_in_4bit": "4-bit base model (QLoRA)", "gradient_checkpointing": "Gradient checkpointing",
     "num_gpus": "GPUs", "report_to": "Extra logger",
+    # retrieval-aware fine-tuning (RAFT), shown in raft mode
+    "mode": "Training prompts", "kb": "Knowledge base (the passages)", "raft_distractors": "Distractor passages",
+    "raft_oracle_drop": "Share without the right passage", "raft_cite": "Answers cite their passage",
+    "raft_context_tokens": "Passage budget (tokens)",
     # preference tuning (PreferenceConfig)
     "loss_type": "Preference loss", "beta": "Beta (distance from the reference)", "label_smoothing": "Label smoothing",
 }
 SFT_MODE, PREF_MODE = "SFT (instruction data)", "Preference (from votes)"
+TRAIN_MODE_WORDS = {"sft": "Plain: each question as it is", "raft": "RAFT: each question with retrieved passages"}
+RAFT_NOTE = ("**RAFT** (retrieval-aware fine-tuning): each training question comes with passages from the knowledge "
+             "base — the one its answer is in plus distractors, and for a share of rows only distractors — built "
+             "exactly as the `raft:RUN` system prompts at inference, so the adapter learns to use retrieved passages "
+             "and to ignore the wrong ones. Best on a dataset generated from the same knowledge base (Knowledge tab).")
 TRAIN_GROUPS = [
     ("Run", ["run_name", "seed"]),
     ("Length of training", ["epochs", "max_steps", "early_stopping_patience", "eval_steps"]),
@@ -1432,14 +1627,18 @@ APP_CSS = """
 """
 
 
-def _form_component(f: dict, value=None, disabled: str | None = None, prefix: str = "train-opt"):
+def _form_component(f: dict, value=None, disabled: str | None = None, prefix: str = "train-opt",
+                    labels: dict | None = None):
     """One config field as a form widget (value: the preset's, else the dataclass default); a field this
-    machine cannot use is shown disabled, its reason in place of the help."""
-    label = TRAIN_LABELS.get(f["name"], f["name"].replace("_", " "))
+    machine cannot use is shown disabled, its reason in place of the help. A list with choices is a group
+    of checkboxes; a text whose default has several lines (a template) a multi-line box."""
+    label = (labels or TRAIN_LABELS).get(f["name"], f["name"].replace("_", " "))
     info = f"⛔ {disabled}" if disabled else f["help"]
     default = f["default"] if value is None else value
     kw = {"label": label, "info": info, "interactive": False if disabled else None,
           "elem_id": f"{prefix}-{f['name'].replace('_', '-')}"}
+    if f.get("choices") and f["type"] == "list":
+        return gr.CheckboxGroup(choices=f["choices"], value=list(default or []), **kw)
     if f.get("choices"):
         return gr.Dropdown(choices=f["choices"], value=default, **kw)
     if f["type"] == "bool":
@@ -1448,7 +1647,9 @@ def _form_component(f: dict, value=None, disabled: str | None = None, prefix: st
         return gr.Number(value=default, precision=0 if f["type"] == "int" else None, **kw)
     if f["type"] == "list":
         return gr.Textbox(value=",".join(map(str, default or [])), **kw)
-    return gr.Textbox(value="" if default is None else str(default), **kw)
+    text = "" if default is None else str(default)
+    lines = min(14, text.count("\n") + 1)
+    return gr.Textbox(value=text, lines=lines, max_lines=40 if lines > 1 else None, **kw)
 
 
 def build_demo() -> gr.Blocks:
@@ -1544,6 +1745,43 @@ def build_demo() -> gr.Blocks:
                     k_search = gr.Button("Search", variant="primary", scale=0, min_width=110, elem_id="kb-search")
                 k_hits = gr.Markdown(elem_id="kb-hits")
                 k_table = gr.Dataframe(kb_table, label="Knowledge bases", interactive=False, elem_id="kb-list")
+                with gr.Accordion("Generate a training set from this knowledge base", open=False,
+                                  elem_id="synth"):
+                    gr.Markdown("No question/answer pairs of your own? A generator model writes questions a user "
+                                "would ask about each passage of the knowledge base chosen above, with answers from "
+                                "the passage; filters drop the bad ones. **Preview** shows ten pairs and what each "
+                                "filter dropped, storing nothing; **Generate dataset** runs it as a background job "
+                                "and stores a dataset (Data tab) whose test split holds out whole documents.",
+                                elem_id="synth-intro")
+                    synth_fields = synth_form_fields()
+                    s_by_name = {f["name"]: f for f in synth_fields}
+                    s_fields = {}
+                    with gr.Row():
+                        for n in SYNTH_MAIN:
+                            s_fields[n] = _form_component(s_by_name[n], prefix="synth-opt", labels=SYNTH_LABELS)
+                    with gr.Accordion("Generation and filter options", open=False, elem_id="synth-advanced"):
+                        rest = [f["name"] for f in synth_fields if f["name"] not in SYNTH_MAIN]
+                        wide = [n for n in rest if s_by_name[n]["type"] == "str" and "\n" in str(s_by_name[n]["default"])]
+                        narrow = [n for n in rest if n not in wide]
+                        for i in range(0, len(narrow), 3):
+                            with gr.Row():
+                                for n in narrow[i:i + 3]:
+                                    s_fields[n] = _form_component(s_by_name[n], prefix="synth-opt", labels=SYNTH_LABELS)
+                        for n in wide:
+                            s_fields[n] = _form_component(s_by_name[n], prefix="synth-opt", labels=SYNTH_LABELS)
+                    s_inputs = [s_fields[f["name"]] for f in synth_fields]  # synth_* take them in field order
+                    with gr.Row():
+                        s_preview_btn = gr.Button("Preview", elem_id="synth-preview")
+                        s_start = gr.Button("Generate dataset", variant="primary", elem_id="synth-start")
+                    s_msg = gr.Markdown(elem_id="synth-msg")
+                    s_job_line = gr.Markdown(elem_id="synth-job")
+                    s_pairs = gr.Dataframe(pd.DataFrame(columns=SYNTH_PAIR_COLUMNS), label="Generated pairs (preview)",
+                                           interactive=False, wrap=True, elem_id="synth-pairs")
+                    s_counts = gr.Dataframe(pd.DataFrame(columns=SYNTH_COUNT_COLUMNS), label="Dropped by each filter",
+                                            interactive=False, elem_id="synth-counts")
+                    s_job = gr.State(None)  # the synth job this page follows
+                    s_last = gr.State(None)  # fingerprints of what its timer last sent (synth_tick)
+                    s_timer = gr.Timer(2.0, active=False)
 
             # -- Train -----------------------------------------------------------------------
             with gr.Tab("Train", id="train"):
@@ -1555,19 +1793,36 @@ def build_demo() -> gr.Blocks:
                         t_dataset = gr.Dropdown(dataset_choices(), allow_custom_value=True, label="Dataset", elem_id="train-dataset")
                         t_base = gr.Textbox(value=STUDIO.settings.base_model, label="Base model",
                                             info="embedded name, local model directory or hub id")
-                    train_fields = [f for f in fields_for_form(_train_config_cls()) if f["name"] not in TRAIN_FORM_SKIP]
+                    train_fields = train_form_fields()
+                    by_name = {f["name"]: f for f in train_fields}
                     hw = guide.hardware_limits()
+                    preset = guide.preset_values(guide.DEFAULT_PRESET)
+                    t_fields = {}
+                    mode_f = by_name["mode"]  # TrainConfig.mode: its choices, in people's words
+                    t_fields["mode"] = gr.Radio([(TRAIN_MODE_WORDS.get(c, c), c) for c in mode_f["choices"]],
+                                                value=mode_f["default"], label=TRAIN_LABELS["mode"],
+                                                info=mode_f["help"], elem_id="train-opt-mode")
+                    with gr.Column(visible=mode_f["default"] == "raft", elem_id="train-raft") as t_raft_box:
+                        gr.Markdown(RAFT_NOTE, elem_id="train-raft-note")
+                        with gr.Row():
+                            kb_f = by_name["kb"]
+                            t_fields["kb"] = gr.Dropdown(kb_choices(), value=None, allow_custom_value=True,
+                                                         label=TRAIN_LABELS["kb"], info=kb_f["help"],
+                                                         elem_id="train-opt-kb")
+                            for n in ("raft_distractors", "raft_oracle_drop"):
+                                t_fields[n] = _form_component(by_name[n], preset.get(n))
+                        with gr.Row():
+                            for n in ("raft_cite", "raft_context_tokens"):
+                                t_fields[n] = _form_component(by_name[n], preset.get(n))
                     with gr.Row():
                         t_preset = gr.Radio(list(guide.TRAIN_PRESETS), value=guide.DEFAULT_PRESET, label="Preset",
                                             elem_id="train-preset", scale=2)
                         t_preset_help = gr.Markdown(guide.PRESET_HELP[guide.DEFAULT_PRESET], elem_id="train-preset-help")
                     gr.Markdown(hw["summary"], elem_id="train-hardware")
-                    preset = guide.preset_values(guide.DEFAULT_PRESET)
-                    t_fields = {}
                     with gr.Accordion("Advanced: LoRA and training options", open=False, elem_id="train-advanced"):
-                        by_name = {f["name"]: f for f in train_fields}
                         groups = [names for _, names in TRAIN_GROUPS]
-                        rest = [f["name"] for f in train_fields if not any(f["name"] in g for g in groups)]
+                        rest = [f["name"] for f in train_fields if f["name"] not in t_fields
+                                and not any(f["name"] in g for g in groups)]
                         for title, names in [*TRAIN_GROUPS, ("Other", rest)]:
                             names = [n for n in names if n in by_name]
                             if not names:
@@ -1780,12 +2035,22 @@ def build_demo() -> gr.Blocks:
         k_build.click(kb_build, [k_files, k_name, is_admin], [k_msg, k_pick]).then(
             kb_table, None, k_table, api_visibility="private")
         k_query.submit(kb_search, [k_pick, k_query, k_k, k_mode], k_hits)
+        # the page may start on the only knowledge base already (no change event then): opening the tab fills it too
+        for ev in (k_pick.change, kb_tab.select):
+            ev(synth_name, [k_pick, s_fields["name"]], s_fields["name"], api_visibility="private", show_progress="hidden")
+        s_preview_btn.click(synth_preview, [k_pick, is_admin, *s_inputs], [s_msg, s_pairs, s_counts])
+        s_start.click(synth_start, [k_pick, is_admin, *s_inputs], [s_msg, s_job, s_job_line, s_timer])
+        s_timer.tick(synth_tick, [s_job, s_last], [s_job_line, d_table, s_timer, s_last], show_progress="hidden",
+                     api_visibility="private")
         k_search.click(kb_search, [k_pick, k_query, k_k, k_mode], k_hits, api_visibility="private")
         t_start.click(train_start, [t_dataset, t_base, is_admin, *t_inputs], [t_msg, t_run])
         t_mode.input(train_mode, t_mode, [t_sft_box, t_pref_box, t_start], api_visibility="private",
                      show_progress="hidden")
         tp_start.click(pref_start, [tp_dataset, tp_from, is_admin, *tp_inputs], [t_msg, t_run])
-        t_preset.input(train_preset, t_preset, [t_preset_help, *t_inputs], api_visibility="private")
+        t_preset.input(train_preset, [t_preset, t_fields["mode"]], [t_preset_help, *t_inputs], api_visibility="private")
+        t_fields["mode"].input(train_raft_mode, [t_fields["mode"], t_preset, t_fields["kb"]],
+                               [t_raft_box, t_fields["kb"], t_fields["max_length"], t_fields["raft_context_tokens"]],
+                               api_visibility="private", show_progress="hidden")
         t_cancel.click(train_cancel, [t_run, is_admin], t_msg)
         t_resume.click(train_resume, [t_run, is_admin], t_msg)
         t_delete.click(run_delete_ask, [t_run, is_admin], [t_del_row, t_del_q])
@@ -1838,7 +2103,7 @@ def build_demo() -> gr.Blocks:
             results_show, [res_campaign, is_admin], res_outs, api_visibility="private")
         demo.load(rate_link, None, [r_invite, r_campaign, r_progress, tabs], api_visibility="private")
         # keep every dropdown fresh when the page loads (a second browser sees the same state)
-        fresh = {"datasets": [t_dataset, e_dataset, d_del_pick], "kbs": [k_pick, c_kb, e_kb],
+        fresh = {"datasets": [t_dataset, e_dataset, d_del_pick], "kbs": [k_pick, c_kb, e_kb, t_fields["kb"]],
                  "systems": [e_systems, *c_sys],
                  "evals": [e_pick, rc_eval], "campaigns": [r_campaign, res_campaign], "runs": [t_run],
                  "finished": [tp_from, res_pref_from], "pref_datasets": [tp_dataset]}
@@ -1887,8 +2152,12 @@ def _voter(choice: str):
 # exporting) share one small group so they cannot starve the rest; everything else is a quick read or
 # write of the store. Events not named here get the light limit.
 HEAVY_EVENTS = {"data_check", "data_import", "kb_build", "results_export", "create_campaign", "eval_start",
-                "results_train_on_votes", "pref_start"}
+                "results_train_on_votes", "pref_start", "synth_start"}
 ENGINE_EVENTS = {"chat_send"}
+# A synth preview generates for several chunks (the engine, or an external endpoint) and filters them with the
+# embedder: seconds to minutes. Its own small queue: a second preview waits, chat and the heavy group do not.
+PREVIEW_EVENTS = {"synth_preview"}
+PREVIEW_CONCURRENCY = 1
 
 
 def configure_concurrency(blocks: gr.Blocks) -> gr.Blocks:
@@ -1899,6 +2168,8 @@ def configure_concurrency(blocks: gr.Blocks) -> gr.Blocks:
             fn.concurrency_id, fn.concurrency_limit = "engine", max(1, st.chat_concurrency)
         elif name in HEAVY_EVENTS:
             fn.concurrency_id, fn.concurrency_limit = "heavy", max(1, st.heavy_concurrency)
+        elif name in PREVIEW_EVENTS:
+            fn.concurrency_id, fn.concurrency_limit = "synth_preview", PREVIEW_CONCURRENCY
         else:  # each light event keeps its own queue (a slow poll never delays a vote)
             fn.concurrency_limit = max(1, st.light_concurrency)
     blocks.queue(max_size=max(1, st.queue_size), default_concurrency_limit=max(1, st.light_concurrency))

@@ -21,7 +21,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sft_core.store import Store
+from sft_core.store import Store, loads
 from sft_core.workspace import Workspace, read_jsonl
 
 EXAMPLE = "pydocs"
@@ -79,15 +79,30 @@ CUDA_ONLY = {"load_in_4bit": "4-bit loading (QLoRA) needs a CUDA GPU",
              "gradient_checkpointing": "only saves GPU memory (CUDA)"}
 
 
-def preset_values(name: str) -> dict:
-    """Every TrainConfig field's value under a preset (defaults for the fields it does not name)."""
+# RAFT prompts carry passages (TrainConfig.raft_context_tokens of them at most), and max_length must leave
+# the answer room after them: a preset in raft mode raises max_length to the budget + RAFT_ANSWER_TOKENS.
+RAFT_ANSWER_TOKENS = 256
+RAFT_PRESETS: dict[str, dict] = {
+    "quick test": {"raft_context_tokens": 384},  # a few short passages: the quick check stays quick
+}
+
+
+def preset_values(name: str, mode: str = "sft") -> dict:
+    """Every TrainConfig field's value under a preset (defaults for the fields it does not name).
+
+    ``mode`` "raft": the preset's RAFT prompt budget, and a max_length that leaves the answer
+    ``RAFT_ANSWER_TOKENS`` after it (TrainConfig refuses a max_length at or below the budget)."""
     from dataclasses import fields
 
     from sft_core.config import TrainConfig
     if name not in TRAIN_PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose {', '.join(TRAIN_PRESETS)}")
     base = {f.name: getattr(TrainConfig(), f.name) for f in fields(TrainConfig)}
-    return {**base, **TRAIN_PRESETS[name]}
+    values = {**base, **TRAIN_PRESETS[name]}
+    if mode == "raft":
+        values.update(RAFT_PRESETS.get(name, {}), mode="raft")
+        values["max_length"] = max(values["max_length"], values["raft_context_tokens"] + RAFT_ANSWER_TOKENS)
+    return values
 
 
 def hardware_limits(cuda_devices: int | None = None) -> dict:
@@ -260,10 +275,12 @@ def guide_state(ws: Workspace, store: Store, selected_dataset: str | None = None
     else:
         steps["knowledge"] = Step("knowledge", "Knowledge", "todo", "add documents for retrieval (RAG)")
 
-    runs = store.query("SELECT id, status, path, metrics FROM runs ORDER BY created_at DESC")
+    runs = store.query("SELECT id, status, path, metrics, config FROM runs ORDER BY created_at DESC")
     active_run = next((r for r in runs if r["status"] in ACTIVE), None)
     done_run = next((r for r in runs if r["status"] == "succeeded"), None)
     facts["run"] = done_run["id"] if done_run else None
+    # how it was trained (TrainConfig.mode): a raft run is compared with retrieval as raft:RUN as well
+    facts["run_mode"] = ((loads(done_run["config"], {}) or {}).get("mode") or "sft") if done_run else None
     facts["active_run"] = active_run["id"] if active_run else None
     if active_run:
         job = _latest_job(store, active_run["id"])
@@ -362,8 +379,9 @@ def _next_action(steps: dict[str, Step], facts: dict, camp: dict | None) -> Acti
         return Action("open", "Watch the evaluation", "evaluate", steps["evaluate"].detail)
     if not facts.get("eval"):
         rag = " and with retrieval" if facts.get("kb") else ""
+        how = " (trained with retrieved passages, RAFT)" if facts.get("run_mode") == "raft" else ""
         return Action("evaluate", "Compare the systems", "evaluate",
-                      f"Scores the base model (prompted{rag}) against your fine-tuned {facts['run']} on held-out "
+                      f"Scores the base model (prompted{rag}) against your fine-tuned {facts['run']}{how} on held-out "
                       "questions, with the Evaluate tab's row limit and metrics; the recommendation card shows "
                       "the answer.")
     if camp is None or camp.get("eval_id") != facts["eval"]:
