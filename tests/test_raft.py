@@ -409,3 +409,24 @@ def test_eval_refuses_a_preference_dataset_before_storing(facts, tmp_path):
             runner.create_eval("prefs", ["prompt"], split=split, ws=ws, store=store)
         assert e.value.where == "dataset" and f"prefs@{dv.version} is a preference dataset" in str(e.value)
     assert store.query("SELECT id FROM evals") == before
+
+
+def test_cli_raft_mode_leaves_room_for_the_passages_unless_told():
+    """`train --mode raft --kb K` alone: max_length grows to the passage budget + an answer's room (the
+    default 512 is below the default budget, which TrainConfig refuses); an explicit --max-length or a
+    config file is left to TrainConfig's check."""
+    from sft_core.commands.train import raft_length
+    from sft_core.config import ConfigError, TrainConfig
+    from sft_core.guide import RAFT_ANSWER_TOKENS
+    given = {f: None for f in ("max_length", "raft_context_tokens")}
+    over, note = raft_length({**given, "mode": "raft", "kb": "k", "dataset": "d"}, from_file=False)
+    budget = TrainConfig().raft_context_tokens
+    assert over["max_length"] == budget + RAFT_ANSWER_TOKENS and str(budget + RAFT_ANSWER_TOKENS) in note
+    TrainConfig(**{k: v for k, v in over.items() if v is not None}).validate()  # accepted as it stands
+    over, note = raft_length({**given, "mode": "raft", "raft_context_tokens": 200}, from_file=False)
+    assert over["max_length"] == 200 + RAFT_ANSWER_TOKENS
+    for kept in ({**given, "mode": "raft", "max_length": 300}, {**given, "mode": "sft"}):
+        assert raft_length(kept, from_file=False) == (kept, "")
+    assert raft_length({**given, "mode": "raft"}, from_file=True)[1] == ""
+    with pytest.raises(ConfigError, match="max_length"):
+        TrainConfig(dataset="d", mode="raft", kb="k", max_length=300).validate()

@@ -84,12 +84,28 @@ def push_folder(folder: Path, repo_id: str) -> None:
     print(f"pushed to https://huggingface.co/{repo_id}")
 
 
+def raft_length(over: dict, from_file: bool) -> tuple[dict, str]:
+    """``--mode raft`` without ``--max-length`` (and no config file): room for the passages plus an answer
+    (the UI's presets do the same, sft_core/guide.py), instead of refusing the default 512. Returns the
+    overrides and a line saying what was chosen (empty when nothing was)."""
+    if over.get("mode") != "raft" or over.get("max_length") is not None or from_file:
+        return over, ""
+    from sft_core.guide import RAFT_ANSWER_TOKENS
+    budget = over.get("raft_context_tokens") or TrainConfig().raft_context_tokens
+    return ({**over, "max_length": budget + RAFT_ANSWER_TOKENS},
+            f"raft mode: max_length {budget + RAFT_ANSWER_TOKENS} (passage budget {budget} + {RAFT_ANSWER_TOKENS} "
+            "for the answer)")
+
+
 def cmd_train(args) -> int:
     ws, store = _ctx()
-    cfg = load_config(TrainConfig, args.config, overrides_from_args(args, TrainConfig))
+    over, note = raft_length(overrides_from_args(args, TrainConfig), bool(args.config))
+    cfg = load_config(TrainConfig, args.config, over)
     if args.push_to_hub:
         check_push(args.push_to_hub)  # refused before the run is queued, not after an hour of training
     run_id = jobs.submit_train(cfg, ws, store)
+    if note:
+        print(note)
     print(f"run {run_id} queued ({ws.runs_dir(run_id)})")
     job = jobs.latest_job(run_id, store, kind="train")
     progress = Progress(ws.runs_dir(run_id))
