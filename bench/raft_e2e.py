@@ -1,7 +1,8 @@
 """End to end on the embedded model, from documents alone: synthetic Q&A from the example knowledge base ->
 an SFT run and a RAFT run on it -> the five-system eval on the split held out by document.
 
-    python bench/raft_e2e.py [--home ./workspace-raft-e2e] [--n-chunks 60] [--epochs 3] [--out bench/raft_e2e.json]
+    python bench/raft_e2e.py [--home ./workspace-raft-e2e] [--n-chunks 60] [--max-steps 40] [--limit 40]
+                             [--min-rows 40] [--out bench/raft_e2e.json]
 
 Slow on a 2-core CPU (generation by the 135M model, two training runs, five systems through the engine):
 a bench, not part of `make test`. Every step runs as the product runs it, as queued jobs run by their worker
@@ -12,7 +13,13 @@ What it answers: on the ``test`` split (questions about documents no training ro
 ``test_seen`` (new questions about training documents), does RAFT beat SFT+RAG? The JSON gives the synth
 filter counts, both runs' wall times, and every system's main metrics with their 95% CIs; the eval's own
 report gives the paired, Holm-corrected tests. With a 135M generator many generations are unparsable or
-ungrounded: the counts say how many, and the sizes of the splits say how much the comparison can tell.
+ungrounded: the counts say how many. When fewer than ``--min-rows`` training rows survive, the runs train on
+the example dataset instead (its Q&A rows are drawn from the same documents by a rule, each row carrying its
+source document; its ``test`` split is held out by document too) and the JSON says so: the synth counts are
+then the answer to "can this generator write training data", the runs to "does RAFT beat SFT+RAG".
+
+Both runs get the same budget (``--max-steps`` optimizer steps of the same batch size), so RAFT's longer
+prompts cost time, not data.
 """
 from __future__ import annotations
 
@@ -30,7 +37,7 @@ if (REPO / ".cache" / "models").is_dir():  # the machine's converted embedded mo
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from evals import runner  # noqa: E402
-from sft_core import jobs, synth  # noqa: E402
+from sft_core import jobs, retrieval, synth  # noqa: E402
 from sft_core.config import TrainConfig, load_config  # noqa: E402
 from sft_core.example import build_example  # noqa: E402
 from sft_core.store import Store  # noqa: E402
@@ -54,27 +61,33 @@ def run_job(job_id: str, ws: Workspace, store: Store) -> float:
 
 
 def make_dataset(ws: Workspace, store: Store, name: str, n_chunks: int) -> dict:
-    """The synth job on the example knowledge base, the base model as the generator; its counts."""
+    """The synth job on the example knowledge base, the base model as the generator; its counts (or the
+    reason nothing was stored: the job's error names the counts)."""
     done = store.query_one("SELECT version FROM datasets WHERE name=? ORDER BY created_at DESC", (name,))
     if done:
-        rep = json.loads((ws.datasets_dir(name) / done["version"] / "report.json").read_text())
-        return {"version": done["version"], "reused": True, **rep.get("synth", {})}
+        rep = json.loads((ws.datasets_dir(name, done["version"]) / "report.json").read_text())
+        return {"version": done["version"], "reused": True, **rep.get("synth", {}), "splits": rep.get("splits")}
     cfg = load_config(synth.SynthConfig, overrides={"kb": KB, "name": name, "n_chunks": n_chunks,
                                                     "questions_per_chunk": 2, "answer_length": "short"})
-    wall = run_job(synth.submit_synth(cfg, ws, store), ws, store)
+    t = time.time()
+    job = synth.submit_synth(cfg, ws, store)
+    status = jobs.run_in_foreground(job, ws, store)
+    wall = round(time.time() - t, 1)
+    if status != "succeeded":
+        row = store.query_one("SELECT error FROM jobs WHERE id=?", (job,))
+        return {"stored": False, "wall_s": wall, "error": row["error"] if row else status}
     version = store.query_one("SELECT version FROM datasets WHERE name=? ORDER BY created_at DESC", (name,))["version"]
-    rep = json.loads((ws.datasets_dir(name) / version / "report.json").read_text())
-    return {"version": version, "wall_s": wall, **rep.get("synth", {})}
+    rep = json.loads((ws.datasets_dir(name, version) / "report.json").read_text())
+    return {"stored": True, "version": version, "wall_s": wall, **rep.get("synth", {}), "splits": rep.get("splits")}
 
 
-def train(ws: Workspace, store: Store, run_id: str, dataset: str, epochs: float, raft: bool) -> dict:
+def train(ws: Workspace, store: Store, run_id: str, dataset: str, max_steps: int, raft: bool) -> dict:
     row = store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))
     if row and row["status"] == "succeeded":
         return {"run": run_id, "reused": True}
-    over = {"dataset": dataset, "epochs": epochs, "run_name": run_id}
-    if raft:
-        # the RAFT prompt holds the passages: the rag systems' 1,024-token budget plus room for the answer
-        over.update(mode="raft", kb=KB, max_length=1280)
+    over = {"dataset": dataset, "max_steps": max_steps, "batch_size": 8, "run_name": run_id}
+    if raft:  # the oracle + 2 distractors within 384 tokens, and room for the answer after them
+        over.update(mode="raft", kb=KB, raft_distractors=2, raft_context_tokens=384, max_length=640)
     cfg = load_config(TrainConfig, overrides=over)
     jobs.submit_train(cfg, ws, store)
     wall = run_job(jobs.latest_job(run_id, store, kind="train")["id"], ws, store)
@@ -83,15 +96,16 @@ def train(ws: Workspace, store: Store, run_id: str, dataset: str, epochs: float,
             "eval_loss": metrics.get("eval_loss")}
 
 
-def evaluate(ws: Workspace, store: Store, dataset: str, split: str, systems: list[str]) -> dict:
-    eval_id = runner.create_eval(dataset, systems, split=split, kb=KB, max_new_tokens=96, general=False,
-                                 ws=ws, store=store)
+def evaluate(ws: Workspace, store: Store, dataset: str, split: str, systems: list[str], limit: int) -> dict:
+    eval_id = runner.create_eval(dataset, systems, split=split, kb=KB, limit=limit, max_new_tokens=96,
+                                 general=False, ws=ws, store=store)
     wall = run_job(runner.submit_eval(eval_id, ws, store), ws, store)
     scores = json.loads((ws.evals_dir(eval_id) / "scores.json").read_text())
     dom = scores["sets"]["domain"]["summary"]
     table = {s: {m: {k: round(v[k], 4) for k in ("mean", "low", "high")} for m, v in ms.items() if m in METRICS}
              for s, ms in dom["systems"].items()}
-    return {"eval": eval_id, "split": split, "rows": dom.get("n"), "wall_s": wall, "systems": table,
+    return {"eval": eval_id, "split": split, "rows": len(scores["sets"]["domain"].get("row_ids") or []),
+            "wall_s": wall, "systems": table,
             "report": str(ws.evals_dir(eval_id) / "report.md")}
 
 
@@ -109,36 +123,47 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--home", default=str(REPO / "workspace-raft-e2e"))
     ap.add_argument("--n-chunks", type=int, default=60, help="knowledge-base chunks the generator writes from")
-    ap.add_argument("--epochs", type=float, default=3.0)
+    ap.add_argument("--min-rows", type=int, default=40, help="synth training rows needed to train on them")
+    ap.add_argument("--max-steps", type=int, default=40, help="optimizer steps of each run (batch 8)")
+    ap.add_argument("--limit", type=int, default=40, help="rows of each test split evaluated")
     ap.add_argument("--out", default=str(REPO / "bench" / "raft_e2e.json"))
     args = ap.parse_args(argv)
     os.environ["SFT_STUDIO_HOME"] = args.home
     ws = Workspace.at(args.home)
     store = Store(ws.db_url)
     t0 = time.time()
-    result: dict = {"n_chunks": args.n_chunks, "epochs": args.epochs, "cpus": os.cpu_count()}
+    result: dict = {"n_chunks": args.n_chunks, "max_steps": args.max_steps, "cpus": os.cpu_count()}
 
     stamp(f"example domain (knowledge base {KB}) -> {ws.root}")
-    build_example(ws, store)
+    ex = build_example(ws, store)
+    if not (ws.root / "kbs" / KB).exists() and not any(k["name"] == KB for k in retrieval.list_kbs(ws, store)):
+        retrieval.build_kb([ex["corpus"]], KB, ws=ws, store=store)
     name = f"{KB}-synth"
     stamp(f"synthetic Q&A from {args.n_chunks} chunks -> dataset {name}")
     result["synth"] = make_dataset(ws, store, name, args.n_chunks)
-    stamp(f"synth: {json.dumps(result['synth'].get('counts', {}))}")
+    stamp(f"synth: {json.dumps({k: v for k, v in result['synth'].items() if k != 'dropped'})[:600]}")
+    train_rows = (result["synth"].get("splits") or {}).get("train", 0)
+    dataset = name if result["synth"].get("stored", True) and train_rows >= args.min_rows else KB
+    result["dataset"] = dataset
+    if dataset != name:
+        stamp(f"only {train_rows} synthetic training rows (< {args.min_rows}): the runs train on the example "
+              f"dataset {KB} (rule-made Q&A from the same documents, test split held out by document)")
 
     stamp("SFT run")
-    result["sft"] = train(ws, store, "synth-sft", name, args.epochs, raft=False)
+    result["sft"] = train(ws, store, "e2e-sft", dataset, args.max_steps, raft=False)
     stamp(f"SFT: {result['sft']}")
     stamp("RAFT run")
-    result["raft"] = train(ws, store, "synth-raft", name, args.epochs, raft=True)
+    result["raft"] = train(ws, store, "e2e-raft", dataset, args.max_steps, raft=True)
     stamp(f"RAFT: {result['raft']}")
 
-    systems = ["prompt", "rag", "sft:synth-sft", "sft+rag:synth-sft", "raft:synth-raft"]
+    systems = ["prompt", "rag", "sft:e2e-sft", "sft+rag:e2e-sft", "raft:e2e-raft"]
     result["evals"] = {}
     for split in ("test", "test_seen"):
         stamp(f"five-system eval on {split}")
-        ev = result["evals"][split] = evaluate(ws, store, name, split, systems)
-        ev["verdict"] = verdict(ev, "sft+rag:synth-sft", "raft:synth-raft")
+        ev = result["evals"][split] = evaluate(ws, store, dataset, split, systems, args.limit)
+        ev["verdict"] = verdict(ev, "sft+rag:e2e-sft", "raft:e2e-raft")
         stamp(f"{split}: {ev['verdict']}")
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     result["wall_s"] = round(time.time() - t0, 1)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     stamp(f"done in {result['wall_s']} s; written {args.out}")
