@@ -404,7 +404,8 @@ def data_check(file, fmt, mapping):
     except StudioError as e:  # a bad mapping or format choice, an unreadable file: in words, with its name
         return "❌ " + _in_ui_words(e, file), pd.DataFrame(columns=ERROR_COLUMNS), gr.update(interactive=False)
     errors = pd.DataFrame([_issue_row(i) for i in report.errors], columns=ERROR_COLUMNS)
-    text = data.format_report(report)
+    from sft_core.render import format_report
+    text = format_report(report)
     if report.ok:
         text += "\n\n✅ Ready: name the dataset and press **Save as dataset version**."
     return text, errors, gr.update(interactive=report.ok)
@@ -2222,8 +2223,8 @@ def make_app():
     STUDIO.clear_downloads()
     STUDIO.downloads_dir.mkdir(parents=True, exist_ok=True)
     # Uploads over the data limit are refused by Gradio while they stream in (413), before they reach
-    # disk; /config shows the limit to the browser, which refuses them before sending. data.py checks
-    # the same limit again for files given any other way.
+    # disk; /config shows the limit to the browser, which refuses them before sending. sft_core/data/readers.py
+    # checks the same limit again for files given any other way.
     max_file_size = DataConfig().max_upload_bytes
     return gr.mount_gradio_app(api, demo, path="/", js=RATE_JS, css=APP_CSS, allowed_paths=[str(STUDIO.downloads_dir)],
                                max_file_size=max_file_size)

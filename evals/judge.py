@@ -120,6 +120,12 @@ class Judge:
                 self.model = ids[0] if ids else "default"
         return self._client.openai
 
+    def client(self):
+        """The endpoint itself (``sft_core.serving.client.Endpoint``), for callers that ask it other things
+        than a verdict (the synth job's generator); its model resolved as the judge's."""
+        self._endpoint()
+        return self._client
+
     def _ask_url(self, prompt: str) -> str:
         self._endpoint()
         try:

@@ -121,24 +121,15 @@ def set_status(store: Store, eval_id: str, status: str) -> None:
 
 
 def _openai_client():
-    from openai import OpenAI
-    base, key = S.openai_endpoint()
-    return OpenAI(base_url=base, api_key=key, timeout=120), base
+    """The ``openai:*`` systems' endpoint (the project's one client, sft_core/serving/client.py) and its URL."""
+    from sft_core.serving.client import external_endpoint
+    endpoint = external_endpoint(timeout=120)
+    return endpoint, endpoint.base_url
 
 
-def _openai_one(client, base: str, model: str, msgs: list[dict], decoding: DecodingConfig):
+def _openai_one(endpoint, base: str, model: str, msgs: list[dict], decoding: DecodingConfig):
     """One answer from an external ``openai:`` system as a GenResult (``error`` set on failure)."""
-    from sft_core.serving.base import GenResult
-    t = time.time()
-    try:
-        r = client.chat.completions.create(model=model, messages=msgs, temperature=decoding.temperature,
-                                           max_tokens=decoding.max_new_tokens)
-    except Exception as e:
-        return GenResult(text="", latency_s=time.time() - t,
-                         error=f"openai:{model}: endpoint {base} failed: {type(e).__name__}: {e}")
-    return GenResult(text=r.choices[0].message.content or "", latency_s=time.time() - t,
-                     prompt_tokens=r.usage.prompt_tokens if r.usage else 0,
-                     completion_tokens=r.usage.completion_tokens if r.usage else 0)
+    return endpoint.answer(model, msgs, decoding, f"openai:{model}")
 
 
 def _openai_batch(model: str, reqs: list[list[dict]], decoding: DecodingConfig) -> list[dict]:
@@ -326,7 +317,7 @@ def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = No
         sets = eval_sets(cfg, ws, store)
         systems = [S.parse_system(n) for n in cfg["systems"]]
         judge_to = J.judge_target(cfg.get("judge"))
-    except Exception as e:  # e.g. the dataset was deleted since: failed, with the reason, not stuck 'queued'
+    except Exception:  # e.g. the dataset was deleted since: failed, with the reason, not stuck 'queued'
         set_status(store, eval_id, "failed")
         raise
     set_status(store, eval_id, "running")

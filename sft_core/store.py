@@ -93,7 +93,7 @@ CREATE TABLE IF NOT EXISTS kbs (
 );
 """
 
-# Blind human rating (evals/rating.py): one vote per rater per task; history of changed votes.
+# Blind human rating (evals/rating/): one vote per rater per task; history of changed votes.
 SCHEMAS["ratings"] = """
 CREATE TABLE IF NOT EXISTS campaigns (
     id          TEXT PRIMARY KEY,
@@ -178,7 +178,7 @@ class StoreError(StudioError):
 # Columns added to existing tables after their first release: {table: {column: declaration}}.
 LATER_COLUMNS: dict[str, dict[str, str]] = {
     "jobs": {"pid_start": "TEXT"},  # the worker's start time (/proc), so a reused pid is never signalled
-    "campaigns": {"name": "TEXT NOT NULL DEFAULT ''",  # evals/rating.py; in the order they were added
+    "campaigns": {"name": "TEXT NOT NULL DEFAULT ''",  # evals/rating/; in the order they were added
                   "open_rating": "INTEGER NOT NULL DEFAULT 0 CHECK (open_rating IN (0, 1))",
                   "published_at": "REAL", "closed_at": "REAL", "guidelines": "TEXT NOT NULL DEFAULT ''",
                   "reveal_after_vote": "INTEGER NOT NULL DEFAULT 0 CHECK (reveal_after_vote IN (0, 1))"},

@@ -262,7 +262,7 @@ class Generator:
         if self._client is None:
             from evals.judge import Judge
             judge = Judge(url=self.cfg.generator, model=self.model)
-            self._client = judge._endpoint()  # the judge's OpenAI client (key from the environment)
+            self._client = judge.client()  # the judge's endpoint: the project's one client, key from the environment
             self.model = judge.model
         return self._client
 
@@ -276,11 +276,10 @@ class Generator:
             stream = generate_stream(self.engine, (GenRequest(m, adapter, decoding) for m in messages))
             where = "engine"
         else:
-            from evals.runner import _openai_one
             from sft_core.serving.base import run_window
             client = self._url_client()
-            stream = run_window(lambda m: _openai_one(client, self.cfg.generator, self.model, m, decoding), messages,
-                                URL_WORKERS, name="synth")
+            stream = run_window(lambda m: client.answer(self.model, m, decoding, f"generator {self.cfg.generator}"),
+                                messages, URL_WORKERS, name="synth")
             where = "generator"
         error, n = None, 0
         with contextlib.closing(stream):

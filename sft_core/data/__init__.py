@@ -39,12 +39,3 @@ __all__ = ["CARD", "EMAIL", "FORMATS", "MAX_REPORTED", "PARQUET_BATCH_ROWS", "PH
            "get_version", "import_checked", "import_dataset", "import_records", "list_datasets", "load_records",
            "load_split", "make_record", "normalise", "normalised_key", "quality", "read_rows", "split_records",
            "to_messages"]
-
-
-def __getattr__(name: str):
-    # format_report moved to sft_core.render (presentation). Forwarded lazily, so the data layer never
-    # imports the presentation layer; remove once app.py and sft_core/commands/data.py import render.
-    if name == "format_report":
-        from sft_core.render import format_report
-        return format_report
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
