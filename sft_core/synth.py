@@ -180,11 +180,51 @@ def _loads_somewhere(text: str):
     return None
 
 
+_LINE_LABEL = re.compile(r"(?i)(q|question|a|answer)\s*\d{0,3}\s*[:.)]\s*")
+
+
+def _line_pairs(text: str) -> list[dict]:
+    """Pairs written as labelled lines, for models that do not write JSON (small ones rarely do):
+    ``Question: …`` / ``Q1: …`` then ``Answer: …`` / ``A1: …``; an unlabelled line continues the field
+    before it. Line by line, so the work stays linear in the reply's length."""
+    pairs, field, cur = [], None, {"question": [], "answer": []}
+
+    def flush():
+        q, a = " ".join(cur["question"]).strip(), " ".join(cur["answer"]).strip()
+        if q and a:
+            pairs.append({"question": q, "answer": a})
+        cur["question"], cur["answer"] = [], []
+
+    for raw in text.splitlines():
+        line = raw.strip().lstrip("-*#> ").strip()
+        m = _LINE_LABEL.match(line)
+        label = m.group(1).lower()[0] if m else None
+        if label == "q":
+            flush()
+            field = "question"
+        elif label == "a" and field is not None:
+            field = "answer"
+        elif field is not None and line:
+            cur[field].append(line)
+            continue
+        else:
+            continue
+        rest = line[m.end():].strip()
+        if rest:
+            cur[field].append(rest)
+    flush()
+    return pairs
+
+
 def parse_pairs(text: str) -> tuple[list[dict], int]:
     """(pairs, malformed items) from one generation. A JSON list of {"question", "answer"} objects, or an
-    object holding such a list (any key) or being one pair; question/answer are non-empty strings.
-    ([], 1) when the reply holds no such JSON at all."""
+    object holding such a list (any key) or being one pair; question/answer are non-empty strings. Without
+    JSON, labelled lines (``Question: … Answer: …``, see ``_line_pairs``). ([], 1) when the reply holds
+    neither."""
     obj = _loads_somewhere(text or "")
+    if obj is None:
+        lines = _line_pairs(text or "")
+        return (lines, 0) if lines else ([], 1)
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
         obj = lists[0] if lists else [obj]

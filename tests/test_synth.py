@@ -245,3 +245,27 @@ def test_split_needs_two_documents_and_sampling_spreads_over_them():
     assert len({c["doc_id"] for c in picked}) == 4 and picked == synth.sample_chunks(chunks, 4, seed=1)
     assert synth.parse_pairs("no json here") == ([], 1)
     assert synth.parse_pairs('[{"Question": "Q?", "Answer": "A."}, 3]') == ([{"question": "Q?", "answer": "A."}], 1)
+
+
+def test_labelled_lines_parse_when_there_is_no_json():
+    """Small models rarely write JSON: ``Question:``/``Answer:`` lines (numbered or not, continued on
+    unlabelled lines) parse too; a label with nothing after it is no pair; JSON still wins when present."""
+    text = "Here you go.\nQuestion 1: What does json.dumps do?\nAnswer 1: It serialises an object\nto a JSON string.\n" \
+           "- Q2) How are keys sorted?\n- A2) With sort_keys=True.\nQ3: Unanswered?\n"
+    assert synth.parse_pairs(text) == ([
+        {"question": "What does json.dumps do?", "answer": "It serialises an object to a JSON string."},
+        {"question": "How are keys sorted?", "answer": "With sort_keys=True."}], 0)
+    assert synth.parse_pairs('Question:\n"""\nQuestion:\n') == ([], 1)  # what the 135M model wrote
+    assert synth.parse_pairs('Q: x\nA: y\n[{"question": "J?", "answer": "K."}]')[0] == [{"question": "J?", "answer": "K."}]
+    # linear in the reply's length: 1 MB of one letter, or one endless label, parses in time proportional to
+    # a plain scan of it. A Python loop per line costs ~1-2 us against ~0.05 us per line for splitlines (x40),
+    # so 200x + 0.5 s of fixed cost is a safe ceiling; a backtracking or quadratic parse of 1 MB takes minutes
+    import time
+    for big in ("Q" * 1_000_000, "Question: " + "a" * 1_000_000, "Q1:\n" * 200_000):
+        t = time.perf_counter()
+        synth.parse_pairs(big)
+        took = time.perf_counter() - t
+        t = time.perf_counter()
+        big.splitlines(), big.count("Q")
+        scan = time.perf_counter() - t
+        assert took < 200 * scan + 0.5, (len(big), took, scan)
