@@ -556,7 +556,8 @@ SYNTH_LABELS = {
 }
 # sft_core/synth.py FILTERS, in words, in the order they run
 SYNTH_FILTER_WORDS = {
-    "unparsable": "unparsable generation (no JSON question/answer pairs)",
+    "unparsable": "unparsable generation (no question/answer pairs, as JSON or as Question:/Answer: lines)",
+    "restates_question": "answer restates its question",
     "ungrounded": "answer not supported by its passage (groundedness below the minimum)",
     "leaked": "question already in another dataset's eval or test split",
     "near_duplicate": "near-duplicate of a question kept before it",

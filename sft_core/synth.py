@@ -48,7 +48,7 @@ from sft_core.workspace import Workspace, read_jsonl, safe_name, sha256_json
 
 STYLES = ("factual", "how-to", "paraphrase")
 ANSWER_LENGTHS = {"short": "one sentence", "medium": "two or three sentences", "long": "one short paragraph"}
-FILTERS = ("unparsable", "ungrounded", "leaked", "near_duplicate", "answerable_closed_book")
+FILTERS = ("unparsable", "restates_question", "ungrounded", "leaked", "near_duplicate", "answerable_closed_book")
 URL_WORKERS = 4  # concurrent requests to an external generator (as the judge)
 PREVIEW_PAIRS = 10
 
@@ -59,8 +59,10 @@ Question styles, in turn: {{ styles | join(", ") }}.
 - factual: asks for a fact the passage states;
 - how-to: asks how to do something the passage explains;
 - paraphrase: asks about the passage in other words than it uses.
-Each answer must be supported by the passage alone, in {{ answer_length }}.
-Reply with JSON only: a list of objects like {"question": "...", "answer": "..."}.
+Each answer must be supported by the passage alone, in {{ answer_length }}, and must not repeat the question.
+Write each pair as two lines:
+Question: ...
+Answer: ...
 
 Source: {{ title }}
 Passage:
@@ -431,7 +433,11 @@ def synthesize(cfg: SynthConfig, engine=None, ws: Workspace | None = None, store
             g = groundedness(p["answer"], c["text"])
             row = {**p, "source": c["doc_id"], "chunk": c["chunk_id"], "chunk_text": c["text"], "title": c["title"],
                    "file": Path(c["source"]).name, "groundedness": round(g, 4)}
-            if g < cfg.min_groundedness:
+            # an answer with no content word beyond its question's only restates it (small generators often
+            # write the question again): "The capital of Zorbia is Quuxville." adds one and stays
+            if groundedness(p["answer"], p["question"]) == 1.0:
+                _drop(row, "restates_question", counts, dropped)
+            elif g < cfg.min_groundedness:
                 _drop(row, "ungrounded", counts, dropped)
             else:
                 candidates.append(row)

@@ -30,6 +30,7 @@ DOCS = {  # doc id -> text; one chunk each (far below chunk_tokens)
 LEAK_Q = "When is the Lantern festival held in Quuxville?"     # in another dataset's test split: dropped
 TRAIN_Q = "What lights the streets of Quuxville during the festival?"  # only in its train split: kept
 CLOSED_Q = "What is the capital of France?"                      # the model knows it without the chunk
+ECHO_Q = "When does Quuxville host the Lantern festival?"        # answered by restating it
 REPLIES = {  # marker in the passage -> the generator's reply
     "Zorbian flag": json.dumps([
         {"question": "What is the capital of Zorbia?", "answer": "The capital of Zorbia is Quuxville."},
@@ -50,11 +51,15 @@ REPLIES = {  # marker in the passage -> the generator's reply
         {"question": "When do Zorbian travellers visit Paris?", "answer": "Zorbian travellers often visit Paris in spring."}]}),
     "Lantern festival": json.dumps([
         {"question": LEAK_Q, "answer": "Quuxville hosts the Lantern festival every October."},
-        {"question": TRAIN_Q, "answer": "The streets are lit with blue lanterns."}]),
+        {"question": TRAIN_Q, "answer": "The streets are lit with blue lanterns."},
+        # the question again as its answer (no content word beyond the question's), what the 135M model often
+        # writes: dropped, although every word of it is in the passage. Kept: answers that repeat the question's
+        # frame and add the fact ("The capital of Zorbia is Quuxville."), as every kept pair above does
+        {"question": ECHO_Q, "answer": ECHO_Q.rstrip("?") + "."}]),
 }
 # every pair above, by what must happen to it
-EXPECTED = {"chunks": 6, "pairs": 10, "unparsable": 2, "ungrounded": 1, "leaked": 1, "near_duplicate": 1,
-            "answerable_closed_book": 1, "kept": 6}
+EXPECTED = {"chunks": 6, "pairs": 11, "unparsable": 2, "restates_question": 1, "ungrounded": 1, "leaked": 1,
+            "near_duplicate": 1, "answerable_closed_book": 1, "kept": 6}
 
 
 class ScriptedGenerator(ScriptedOpenAI):
@@ -104,7 +109,8 @@ def test_every_filter_drops_and_keeps_and_the_split_holds_out_documents(ws, stor
     by_reason = {}
     for d in res.dropped:
         by_reason.setdefault(d["reason"], []).append(d.get("question"))
-    assert by_reason == {"unparsable": [None], "ungrounded": ["Who invented Quux tea?"], "leaked": [LEAK_Q],
+    assert by_reason == {"unparsable": [None], "restates_question": [ECHO_Q],
+                         "ungrounded": ["Who invented Quux tea?"], "leaked": [LEAK_Q],
                          "near_duplicate": ["what colour is the zorbian flag ?"],
                          "answerable_closed_book": [CLOSED_Q]}
     kept = {r["instruction"] for r in res.kept}

@@ -29,7 +29,8 @@ KB = "zkb"
 #   doc-a 3 pairs, one a near-duplicate of the flag question; doc-b 2 pairs, "Who invented Quux tea?" ungrounded;
 #   doc-c no JSON (unparsable); doc-d 1 pair + 1 item without an answer (unparsable); doc-e 2 pairs (the
 #   closed-book filter is off by default, and no other dataset has a test split to leak into).
-PREVIEW_COUNTS = {"chunks": 5, "pairs": 8, "kept": 6, "unparsable": "2", "ungrounded": "1", "leaked": "0",
+PREVIEW_COUNTS = {"chunks": 5, "pairs": 8, "kept": 6, "unparsable": "2", "restates_question": "0", "ungrounded": "1",
+                  "leaked": "0",
                   "near_duplicate": "1", "answerable_closed_book": "off"}
 PREVIEW_KEPT = ["What is the capital of Zorbia?", "What colour is the Zorbian flag?", "How do I brew Quux tea?",
                 "Where does the Quux river flow?", "What is the capital of France?",
@@ -140,6 +141,7 @@ def test_synth_preview_shows_pairs_and_filter_counts_then_generate_stores_a_data
     assert not set(PREVIEW_DROPPED) & set(by_q)
     counts = {r[0].split(" (")[0]: r[1] for r in table_rows(page, "synth-counts")}
     assert counts == {"unparsable generation": c["unparsable"],
+                      "answer restates its question": c["restates_question"],
                       "answer not supported by its passage": c["ungrounded"],
                       "question already in another dataset's eval or test split": c["leaked"],
                       "near-duplicate of a question kept before it": c["near_duplicate"],
