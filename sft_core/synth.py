@@ -521,7 +521,10 @@ def run_synth(cfg: SynthConfig, engine=None, ws: Workspace | None = None, store:
     res = synthesize(cfg, engine, ws, store, progress=progress)
     if not res.kept:
         raise SynthError(f"no pair survived the filters ({res.summary()}); nothing stored", "generator")
-    splits = split_by_document(res.kept, cfg)
+    try:
+        splits = split_by_document(res.kept, cfg)
+    except SynthError as e:  # too few documents left: say what the filters took
+        raise SynthError(f"{e}; {res.summary()}; nothing stored", e.where) from None
     dcfg = DataConfig(eval_fraction=0.0, test_fraction=0.0, seed=cfg.seed)
     stats, warns = data.quality(splits, dcfg, cfg.name)
     report = {"ok": True, "stats": stats, "warnings": [asdict(w) for w in warns[:data.MAX_REPORTED]],

@@ -232,6 +232,7 @@ def test_bad_inputs_are_one_line_errors_and_store_nothing(ws, store, tmp_path, g
              (["--kb", "zkb", "--name", "x", "--adapter", "no-such-run"], "unknown run 'no-such-run'"),
              (["--kb", "zkb", "--name", "../x"], "path separators"),
              (["--kb", "zkb", "--name", "x", "--styles", "poetry"], "styles")]
+    capsys.readouterr()  # building the knowledge bases may print model-loading bars: not the CLI's output
     for argv, msg in cases:
         assert cli.main(["data", "synth", *argv]) == 1, argv
         err = capsys.readouterr().err.strip()
