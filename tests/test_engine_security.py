@@ -23,6 +23,7 @@ import pytest
 from sft_core.serving.base import EngineError
 from sft_core.serving.supervise import POLL_S, group_members
 from sft_core.serving.vllm_engine import STOP_GRACE_S, VLLMEngine
+from tests.signals import default_sigint
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
@@ -73,7 +74,8 @@ def _port_open(port: int) -> bool:
 def _run_app(tmp_path, kind: str, arg: str, grace: float, start_timeout: float):
     env = dict(os.environ, PYTHONPATH=str(REPO))
     app = subprocess.Popen([sys.executable, "-c", APP, kind, str(tmp_path / "home"), arg, str(grace)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+                           preexec_fn=default_sigint)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(app.stdout), daemon=True)
     reader.start()

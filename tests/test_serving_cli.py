@@ -18,6 +18,7 @@ from sft_core.config import DecodingConfig
 from sft_core.serving.base import EngineError, EngineUnavailable, GenResult
 from sft_core.serving.client import Endpoint
 from sft_core.serving.front import MAX_BODY_BYTES, start_front
+from tests.signals import default_sigint
 
 
 @pytest.mark.parametrize("argv, msg", [
@@ -45,7 +46,8 @@ def test_serve_hf_engine_answers_with_every_adapter(serving_ws, tiny_model_dir):
     ws, _ = serving_ws
     env = {**os.environ, "SFT_STUDIO_HOME": str(ws.root)}
     proc = subprocess.Popen([sys.executable, "-m", "sft_core.cli", "serve", "--engine", "hf", "--base", str(tiny_model_dir)],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=default_sigint)  # SIGINT below: not ignored even under a backgrounded pytest
     try:
         lines, url = [], None
         deadline = time.time() + 120
