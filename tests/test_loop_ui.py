@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import sqlite3
 import time
 import types
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_app import ARTIFACTS, browser, pick, start_app, stop_app  # noqa: F401 (browser: fixture)
+from tests.test_results_ui import _db as db
 
 SYS = ["sft:good", "prompt"]
 
@@ -182,12 +182,6 @@ def loop_app(tmp_path_factory, tiny_model_dir):
 def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-
-
-def db(home: Path):
-    con = sqlite3.connect(home / "studio.db")
-    con.row_factory = sqlite3.Row
-    return con
 
 
 @pytest.mark.browser
