@@ -27,7 +27,8 @@ from pathlib import Path
 
 from sft_core import StudioError
 from sft_core.config import DecodingConfig
-from sft_core.store import Store, dumps, loads, open_store
+from sft_core.db import evals as eval_rows, jobs as job_rows, runs as run_rows
+from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, append_jsonl, atomic_write_json, read_jsonl
 
 from evals import metrics as M
@@ -83,7 +84,7 @@ def create_eval(dataset: str, systems: list[str], split: str = "test", kb: str |
     base = base_model or StudioSettings.from_env().base_model
     for s in checked:
         if s.adapter:
-            run = store.query_one("SELECT base_model FROM runs WHERE id=?", (s.adapter,))
+            run = run_rows.get(store, s.adapter)
             if run["base_model"] != base:
                 raise EvalError(f"run {s.adapter} was trained on {run['base_model']}, not on {base}", "systems")
     if few_shot:
@@ -103,10 +104,7 @@ def create_eval(dataset: str, systems: list[str], split: str = "test", kb: str |
            "decoding": asdict(DecodingConfig(temperature=0.0, max_new_tokens=max_new_tokens)), "seed": 0}
     manifest = {"eval_id": eval_id, "created_at": time.time(), "config": cfg, "packages": _versions()}
     atomic_write_json(path / "manifest.json", manifest)
-    with store.tx() as con:
-        con.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path, config)"
-                    " VALUES (?,?,?,?,?,?,?,?,?)", (eval_id, dataset, dv.version, split, dumps(cfg["systems"]),
-                                                    "queued", time.time(), str(path), dumps(cfg)))
+    eval_rows.insert_eval(store, eval_id, dataset, dv.version, split, cfg["systems"], str(path), cfg)
     return eval_id
 
 
@@ -116,8 +114,7 @@ def _versions() -> dict:
 
 
 def set_status(store: Store, eval_id: str, status: str) -> None:
-    with store.tx() as con:
-        con.execute("UPDATE evals SET status=? WHERE id=?", (status, eval_id))
+    eval_rows.set_status(store, eval_id, status)
 
 
 def _openai_client():
@@ -307,7 +304,7 @@ def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = No
     from evals import judge as J
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
-    row = store.query_one("SELECT * FROM evals WHERE id=?", (eval_id,))
+    row = eval_rows.get(store, eval_id)
     if row is None:
         raise EvalError(f"unknown eval {eval_id!r}", "eval")
     cfg = loads(row["config"])
@@ -369,7 +366,7 @@ def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = No
 
 def score_eval(eval_id: str, ws: Workspace, store: Store) -> dict:
     from evals import stats
-    row = store.query_one("SELECT * FROM evals WHERE id=?", (eval_id,))
+    row = eval_rows.get(store, eval_id)
     cfg, path = loads(row["config"]), Path(row["path"])
     outputs = read_jsonl(path / "outputs.jsonl")
     result = {"sets": {}}
@@ -405,7 +402,7 @@ def eval_status(eval_id: str, ws: Workspace | None = None, store: Store | None =
     """For the UI: progress, the results table and examples (read from disk: survives reloads)."""
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
-    row = store.query_one("SELECT * FROM evals WHERE id=?", (eval_id,))
+    row = eval_rows.get(store, eval_id)
     if row is None:
         raise EvalError(f"unknown eval {eval_id!r}", "eval")
     path = Path(row["path"])
@@ -454,16 +451,15 @@ def submit_eval(eval_id: str, ws: Workspace | None = None, store: Store | None =
     store = store or open_store(ws.db_url)
     jobs.reconcile(store, ws=ws)
     with store.tx() as con:
-        row = con.execute("SELECT status, config FROM evals WHERE id=?", (eval_id,)).fetchone()
+        row = eval_rows.get(con, eval_id)
         if row is None:
             raise EvalError(f"unknown eval {eval_id!r}", "eval")
-        live = con.execute("SELECT id FROM jobs WHERE ref=? AND kind='eval' AND status IN ('queued','running')",
-                           (eval_id,)).fetchone()
+        live = job_rows.live(con, ref=eval_id, kind="eval")
         if live:
             raise EvalError(f"eval {eval_id} already has a {('queued or running')} job", "eval")
         if row["status"] == "succeeded":
             raise EvalError(f"eval {eval_id} has finished; nothing to resume", "eval")
-        con.execute("UPDATE evals SET status='queued' WHERE id=?", (eval_id,))
+        eval_rows.set_status(con, eval_id, "queued")
         return jobs._insert_job(con, "eval", eval_id, {"accelerator": needs_local_engine(loads(row["config"]))})
 
 
@@ -509,7 +505,7 @@ def job_entry(ctx, payload: dict) -> None:
     from sft_core.serving.base import EngineError
     from sft_core.studio import read_engine_link
     eval_id = ctx.job["ref"]
-    row = ctx.store.query_one("SELECT config FROM evals WHERE id=?", (eval_id,))
+    row = eval_rows.get(ctx.store, eval_id)
     if row is None:
         raise EvalError(f"unknown eval {eval_id!r} (deleted?)", "eval")
     cfg = loads(row["config"])

@@ -20,7 +20,8 @@ EXPORT_FILES = ("manifest.json", "metrics.json", "events.jsonl", "config.json")
 
 
 def finished_run(store: Store, run_id: str) -> dict:
-    run = store.query_one("SELECT * FROM runs WHERE id=?", (run_id,))
+    from sft_core.db import runs as run_rows
+    run = run_rows.get(store, run_id)
     if run is None:
         raise StudioError(f"unknown run {run_id!r} (see `sft-studio runs list`)", "run")
     if run["status"] != "succeeded" or not (Path(run["path"]) / "adapter").exists():

@@ -20,6 +20,7 @@ from pathlib import Path
 from sft_core.config import DataConfig
 from sft_core.data import DatasetVersion, import_records
 from sft_core.records import make_record
+from sft_core.db import jobs as job_rows
 from sft_core.store import Store
 from sft_core.workspace import Workspace, atomic_write_text, sha256_json
 
@@ -132,8 +133,7 @@ def submit_bootstrap(ws: Workspace, store: Store, base_model: str, name: str = "
     from sft_core import jobs
     jobs.reconcile(store, ws=ws)
     with store.tx() as con:
-        last = con.execute("SELECT status FROM jobs WHERE kind='example' AND ref=? ORDER BY created_at DESC, rowid DESC",
-                           (BOOTSTRAP_REF,)).fetchone()
+        last = job_rows.latest(con, BOOTSTRAP_REF, kind="example")
         if last is not None and last["status"] in ("queued", "running", "succeeded"):
             return None
         return jobs._insert_job(con, "example", BOOTSTRAP_REF, {"base_model": base_model, "name": name})
@@ -141,8 +141,7 @@ def submit_bootstrap(ws: Workspace, store: Store, base_model: str, name: str = "
 
 def bootstrap_state(ws: Workspace, store: Store) -> str | None:
     """running | done | failed for the latest bootstrap job, None if there is none."""
-    row = store.query_one("SELECT status FROM jobs WHERE kind='example' AND ref=? ORDER BY created_at DESC, rowid DESC",
-                          (BOOTSTRAP_REF,))
+    row = job_rows.latest(store, BOOTSTRAP_REF, kind="example")
     if row is None:
         return None
     return {"queued": "running", "running": "running", "succeeded": "done"}.get(row["status"], "failed")

@@ -412,8 +412,9 @@ def engines_in_the_way(states: list[dict], devices) -> list[dict]:
 def gpu_holders(store) -> list[dict]:
     """Running jobs that need the GPU to themselves (training), oldest first."""
     from sft_core.jobs import needs_gpu_alone
-    return [j for j in store.query("SELECT id, kind, ref, payload, started_at FROM jobs WHERE status='running' "
-                                   "ORDER BY started_at") if needs_gpu_alone(j)]
+    from sft_core.db import jobs as job_rows
+    running = sorted(job_rows.with_status(store, "running"), key=lambda j: j["started_at"] or 0)
+    return [j for j in running if needs_gpu_alone(j)]
 
 
 def engine_should_yield(plan: DevicePlan, holders: list[dict]) -> bool:

@@ -30,7 +30,8 @@ from typing import Callable
 
 from sft_core import StudioError, gpu
 from sft_core.config import TrainConfig, load_config, to_dict
-from sft_core.store import Store, dumps, loads, open_store
+from sft_core.db import jobs as job_rows, runs as run_rows, evals as eval_rows
+from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, atomic_write_json, safe_name
 
 log = logging.getLogger(__name__)
@@ -114,14 +115,14 @@ def train_command(run_dir: Path, job_id: str, db_url: str, resume: bool, num_gpu
 
 
 def _train_gpus(job: dict, store: Store, inv: gpu.Inventory) -> list[int]:
-    run = store.query_one("SELECT config FROM runs WHERE id=?", (job["ref"],))
+    run = run_rows.get(store, job["ref"])
     num = int(loads(run["config"], {}).get("num_gpus", 0)) if run else 0
     return [d.index for d in train_devices(num, inv)]
 
 
 def _train_build(job: dict, ws: Workspace, store: Store) -> list[str]:
     payload = loads(job["payload"], {})
-    run = store.query_one("SELECT path, config FROM runs WHERE id=?", (job["ref"],))
+    run = run_rows.get(store, job["ref"])
     cfg = loads(run["config"], {})
     argv = train_command(Path(run["path"]), job["id"], store.url, bool(payload.get("resume")),
                          int(cfg.get("num_gpus", 0)))
@@ -131,8 +132,7 @@ def _train_build(job: dict, ws: Workspace, store: Store) -> list[str]:
 
 
 def _train_finish(job: dict, status: str, ws: Workspace, store: Store) -> None:
-    with store.tx() as con:
-        con.execute("UPDATE runs SET status=? WHERE id=?", (status, job["ref"]))
+    run_rows.set_status(store, job["ref"], status)
 
 
 def _exit_record(path: Path, job: dict) -> tuple[str, str | None] | None:
@@ -156,7 +156,7 @@ def _exit_record(path: Path, job: dict) -> tuple[str, str | None] | None:
 def _train_outcome(job: dict, ws: Workspace, store: Store) -> tuple[str, str | None] | None:
     """The worker's own exit record (``runs/<id>/exit.json``), if this job's worker wrote one."""
     from sft_core.train import EXIT_FILE
-    run = store.query_one("SELECT path FROM runs WHERE id=?", (job["ref"],))
+    run = run_rows.get(store, job["ref"])
     return _exit_record(Path(run["path"]) / EXIT_FILE, job) if run else None
 
 
@@ -181,8 +181,7 @@ def _eval_finish(job: dict, status: str, ws: Workspace, store: Store) -> None:
     queued): failed, or interrupted (resumable) when cancelled; a worker that finished set it already."""
     new = {"failed": "failed", "cancelled": "interrupted"}.get(status)
     if new:
-        with store.tx() as con:
-            con.execute("UPDATE evals SET status=? WHERE id=? AND status IN ('queued','running')", (new, job["ref"]))
+        eval_rows.set_status(store, job["ref"], new, only_from=("queued", "running"))
 
 
 register_job_kind("eval", _worker_build, _eval_finish, _worker_outcome,
@@ -212,7 +211,7 @@ def submit_train(cfg: TrainConfig, ws: Workspace | None = None, store: Store | N
     facts = validate_train_config(cfg, ws, store)
     run_id = new_run_id(cfg)
     run_dir = ws.runs_dir(run_id)
-    if run_dir.exists() or store.query_one("SELECT 1 FROM runs WHERE id=?", (run_id,)):
+    if run_dir.exists() or run_rows.exists(store, run_id):
         raise JobError(f"run {run_id!r} exists already; pick another run_name", "run_name")
     run_dir.mkdir(parents=True)
     resolved = to_dict(cfg) | {"dataset_version": facts["dataset_version"]}
@@ -220,9 +219,8 @@ def submit_train(cfg: TrainConfig, ws: Workspace | None = None, store: Store | N
     now = time.time()
     try:
         with store.tx() as con:
-            con.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path, config)"
-                        " VALUES (?,?,?,?,?,?,?,?)", (run_id, cfg.dataset, facts["dataset_version"], cfg.base_model,
-                                                      "queued", now, str(run_dir), dumps(resolved)))
+            run_rows.insert_run(con, run_id, cfg.dataset, facts["dataset_version"], cfg.base_model, str(run_dir),
+                                resolved, created_at=now)
             _insert_job(con, "train", run_id, {})
     except BaseException:
         import shutil
@@ -232,10 +230,7 @@ def submit_train(cfg: TrainConfig, ws: Workspace | None = None, store: Store | N
 
 
 def _insert_job(con, kind: str, ref: str, payload: dict) -> str:
-    job_id = uuid.uuid4().hex[:12]
-    con.execute("INSERT INTO jobs (id, kind, status, ref, payload, created_at) VALUES (?,?,?,?,?,?)",
-                (job_id, kind, "queued", ref, dumps(payload), time.time()))
-    return job_id
+    return job_rows.insert_job(con, kind, ref, payload)
 
 
 def submit(kind: str, ref: str, payload: dict | None = None, ws: Workspace | None = None,
@@ -254,10 +249,7 @@ def submit(kind: str, ref: str, payload: dict | None = None, ws: Workspace | Non
 # ------------------------------------------------------------------------------------------------
 def latest_job(ref: str, store: Store, kind: str | None = None) -> dict | None:
     """The newest job of a ref (a run's id is the ref of its train jobs and of its merge/export jobs)."""
-    if kind:
-        return store.query_one("SELECT * FROM jobs WHERE ref=? AND kind=? ORDER BY created_at DESC, rowid DESC",
-                               (ref, kind))
-    return store.query_one("SELECT * FROM jobs WHERE ref=? ORDER BY created_at DESC, rowid DESC", (ref,))
+    return job_rows.latest(store, ref, kind)
 
 
 def cancel(run_id: str, ws: Workspace | None = None, store: Store | None = None, kind: str | None = None) -> str:
@@ -265,22 +257,19 @@ def cancel(run_id: str, ws: Workspace | None = None, store: Store | None = None,
     job of the ref, else its newest job. Returns the job's new state."""
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
-    where, args = ("ref=? AND kind=?", (run_id, kind)) if kind else ("ref=?", (run_id,))
     with store.tx() as con:
-        job = con.execute(f"SELECT * FROM jobs WHERE {where} ORDER BY status IN ('queued','running') DESC, "
-                          "created_at DESC, rowid DESC", args).fetchone()
+        job = job_rows.latest(con, run_id, kind, live_first=True)
         if job is None:
             raise JobError(f"no job for {run_id!r}", "run")
-        job = dict(job)
         if job["status"] == "queued":
-            con.execute("UPDATE jobs SET status='cancelled', ended_at=? WHERE id=?", (time.time(), job["id"]))
+            job_rows.cancel_queued(con, job["id"])
             kind = JOB_KINDS.get(job["kind"])
             if kind and kind.on_finish:
                 kind.on_finish(job, "cancelled", ws, store)  # joins this transaction
             return "cancelled"
         if job["status"] != "running":
             raise JobError(f"{run_id} is {job['status']}, nothing to cancel", "run")
-        con.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (job["id"],))
+        job_rows.request_cancel(con, job["id"])
     # only the job's own worker is signalled: a pid whose start time differs was reused by another process.
     # A multi-GPU launcher is not signalled: every rank reads the flag itself (its heartbeat thread) and
     # they stop together after a checkpoint; a signalled launcher would report the run as failed.
@@ -307,20 +296,20 @@ def resume(run_id: str, ws: Workspace | None = None, store: Store | None = None)
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     reconcile(store, ws=ws)
-    run = store.query_one("SELECT * FROM runs WHERE id=?", (run_id,))
+    run = run_rows.get(store, run_id)
     if run is None:
         raise JobError(f"unknown run {run_id!r}", "run")
     if last_checkpoint(Path(run["path"])) is None:
         raise JobError(f"run {run_id} has no checkpoint yet; start it again instead", "run")
     with store.tx() as con:  # the state is checked in the transaction that re-queues: two resumes queue one job
-        run = con.execute("SELECT status FROM runs WHERE id=?", (run_id,)).fetchone()
+        run = run_rows.get(con, run_id)
         if run is None:
             raise JobError(f"unknown run {run_id!r} (deleted meanwhile)", "run")
         if run["status"] not in ("failed", "cancelled"):
             raise JobError(f"run {run_id} is {run['status']}; only failed or cancelled runs resume", "run")
-        if con.execute("SELECT 1 FROM jobs WHERE ref=? AND status IN ('queued','running')", (run_id,)).fetchone():
+        if job_rows.live(con, ref=run_id):
             raise JobError(f"run {run_id} already has a queued or running job", "run")
-        con.execute("UPDATE runs SET status='queued' WHERE id=?", (run_id,))
+        run_rows.set_status(con, run_id, "queued")
         return _insert_job(con, "train", run_id, {"resume": True})
 
 
@@ -367,7 +356,7 @@ def reconcile(store: Store, watched: set[str] | None = None, ws: Workspace | Non
     restart) or stopped heartbeating (hung, or its pid now belongs to another process) is failed."""
     ws = ws or Workspace.from_env()
     settled = []
-    for job in store.query("SELECT * FROM jobs WHERE status='running'"):
+    for job in job_rows.with_status(store, "running"):
         if watched and job["id"] in watched:
             continue
         beat = job["heartbeat_at"] or job["started_at"] or 0
@@ -392,11 +381,8 @@ def reconcile(store: Store, watched: set[str] | None = None, ws: Workspace | Non
 
 
 def _finish(store: Store, job: dict, status: str, error: str | None = None, ws: Workspace | None = None) -> bool:
-    with store.tx() as con:
-        cur = con.execute("UPDATE jobs SET status=?, ended_at=?, error=? WHERE id=? AND status='running'",
-                          (status, time.time(), error, job["id"]))
-        if cur.rowcount == 0:
-            return False  # someone else settled it first
+    if not job_rows.finish(store, job["id"], status, error):
+        return False  # someone else settled it first
     kind = JOB_KINDS.get(job["kind"])
     if kind and kind.on_finish:
         kind.on_finish(job, status, ws or Workspace.from_env(), store)
@@ -408,14 +394,16 @@ def claim(store: Store, job_id: str | None = None) -> dict | None:
 
     Resources: one accelerator slot (jobs of kinds that declare it run one at a time, in queue order)
     and ``LIGHT_SLOTS`` for the rest. The check and the claim are one write transaction (BEGIN
-    IMMEDIATE), so any number of processes sharing the database never run two accelerator jobs at once."""
+    IMMEDIATE on SQLite, an advisory lock on PostgreSQL), so any number of processes sharing the database
+    never run two accelerator jobs at once."""
     with store.tx() as con:
-        running = [dict(r) for r in con.execute("SELECT * FROM jobs WHERE status='running'")]
+        job_rows.lock_queue(con)
+        running = job_rows.with_status(con, "running")
         heavy_busy = any(needs_accelerator(r) for r in running)
         light_free = LIGHT_SLOTS - sum(not needs_accelerator(r) for r in running)
         row, heads = None, {}
-        for q in con.execute("SELECT * FROM jobs WHERE status='queued' ORDER BY created_at, rowid"):
-            heavy = needs_accelerator(dict(q))
+        for q in job_rows.with_status(con, "queued"):
+            heavy = needs_accelerator(q)
             heads.setdefault(heavy, q)  # first in line for each resource (FIFO within it)
             if len(heads) == 2:
                 break
@@ -429,10 +417,10 @@ def claim(store: Store, job_id: str | None = None) -> dict | None:
         if row is None:
             return None
         now = time.time()
-        con.execute("UPDATE jobs SET status='running', started_at=?, heartbeat_at=? WHERE id=?", (now, now, row["id"]))
-        job = dict(row) | {"status": "running", "started_at": now}
+        job_rows.mark_running(con, row["id"], now)
+        job = row | {"status": "running", "started_at": now}
         if job["kind"] == "train":
-            con.execute("UPDATE runs SET status='running' WHERE id=?", (job["ref"],))
+            run_rows.set_status(con, job["ref"], "running")
         return job
 
 
@@ -461,31 +449,29 @@ def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], N
     launcher = gpu.LAUNCHER_MODULE in argv  # its ranks stop on the cancel flag; its exit code says little
     with open(log_path, "ab") as logf:
         proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    with store.tx() as con:
-        con.execute("UPDATE jobs SET pid=?, pid_start=?, heartbeat_at=? WHERE id=?",
-                    (proc.pid, _proc_start(proc.pid), time.time(), job["id"]))
+    start = _proc_start(proc.pid)
+    job_rows.set_worker(store, job["id"], proc.pid, start, f"local:{proc.pid}:{start}")
     sent_term, last_beat = False, time.time()
     while proc.poll() is None:
         time.sleep(0.5)
         if time.time() - last_beat > 5 and _alive(proc.pid):  # kinds whose worker does not beat itself
             last_beat = time.time()
-            store.execute("UPDATE jobs SET heartbeat_at=? WHERE id=?", (last_beat, job["id"]))
-        row = store.query_one("SELECT cancel_requested FROM jobs WHERE id=?", (job["id"],))
-        if row and row["cancel_requested"] and not sent_term and not launcher:
+            job_rows.beat(store, job["id"])
+        if job_rows.cancel_requested(store, job["id"]) and not sent_term and not launcher:
             sent_term = True
             try:
                 os.killpg(proc.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
     code = proc.returncode
-    row = store.query_one("SELECT cancel_requested FROM jobs WHERE id=?", (job["id"],))
+    cancel_asked = job_rows.cancel_requested(store, job["id"])
     from sft_core.train import EXIT_CANCELLED
     recorded = kind.outcome(job, ws, store) if launcher and kind.outcome else None  # rank 0's exit record
     if recorded:
         status, err = recorded
     elif code == 0:
         status, err = "succeeded", None
-    elif code == EXIT_CANCELLED or (row and row["cancel_requested"] and code in (EXIT_CANCELLED, -signal.SIGTERM)):
+    elif code == EXIT_CANCELLED or (cancel_asked and code in (EXIT_CANCELLED, -signal.SIGTERM)):
         status, err = "cancelled", None
     else:
         status, err = "failed", _error_reason(job, ws, store) or _describe_exit(code)
@@ -503,11 +489,10 @@ def _prepare_gpus(job: dict, kind: JobKind, ws: Workspace, store: Store, log_pat
         return {}, None
 
     def beat():  # no worker pid yet: the runner keeps the job from looking vanished
-        store.execute("UPDATE jobs SET heartbeat_at=? WHERE id=?", (time.time(), job["id"]))
+        job_rows.beat(store, job["id"])
 
     def cancelled() -> bool:
-        row = store.query_one("SELECT cancel_requested FROM jobs WHERE id=?", (job["id"],))
-        return bool(row and row["cancel_requested"])
+        return job_rows.cancel_requested(store, job["id"])
 
     try:
         inv = gpu.require_usable_gpu("gpu")
@@ -528,7 +513,7 @@ def _prepare_gpus(job: dict, kind: JobKind, ws: Workspace, store: Store, log_pat
 
 def _log_path(job: dict, ws: Workspace, store: Store) -> Path:
     if job["kind"] == "train":
-        run = store.query_one("SELECT path FROM runs WHERE id=?", (job["ref"],))
+        run = run_rows.get(store, job["ref"])
         if run:
             return Path(run["path"]) / "worker.log"
     return ws.root / "logs" / f"{job['id']}.log"
@@ -594,7 +579,7 @@ def run_in_foreground(job_id: str, ws: Workspace, store: Store, on_wait: Callabl
     """Wait for our turn in the queue, then run the job here (CLI)."""
     while True:
         reconcile(store, ws=ws)
-        job = store.query_one("SELECT * FROM jobs WHERE id=?", (job_id,))
+        job = job_rows.get(store, job_id)
         if job["status"] in FINAL:
             return job["status"]
         if job["status"] == "queued":
@@ -610,7 +595,7 @@ def run_in_foreground(job_id: str, ws: Workspace, store: Store, on_wait: Callabl
 # Reading a job's state (app, CLI), and running one detached from the CLI
 # ------------------------------------------------------------------------------------------------
 def job_row(job_id: str, store: Store) -> dict:
-    job = store.query_one("SELECT * FROM jobs WHERE id=?", (job_id,))
+    job = job_rows.get(store, job_id)
     if job is None:
         raise JobError(f"unknown job {job_id!r}", "job")
     return job
@@ -619,9 +604,7 @@ def job_row(job_id: str, store: Store) -> dict:
 def queue_position(job: dict, store: Store) -> int:
     """1 + the number of queued jobs ahead of this queued one that compete for the same resource."""
     heavy = needs_accelerator(job)
-    ahead = [q for q in store.query("SELECT * FROM jobs WHERE status='queued' AND (created_at < ? OR "
-                                     "(created_at = ? AND id < ?))", (job["created_at"], job["created_at"], job["id"]))
-             if needs_accelerator(q) == heavy]
+    ahead = [q for q in job_rows.queued_ahead(store, job) if needs_accelerator(q) == heavy]
     return len(ahead) + 1
 
 
@@ -639,7 +622,7 @@ def describe(job: dict | None, store: Store) -> str:
     st = job["status"]
     if st == "queued":
         heavy = needs_accelerator(job)
-        busy = [r for r in store.query("SELECT kind, ref, payload FROM jobs WHERE status='running'")
+        busy = [r for r in job_rows.with_status(store, "running")
                 if needs_accelerator(r) == heavy]
         wait = f", waiting for {busy[0]['kind']} {busy[0]['ref']}" if busy else ""
         return f"{job['kind']} {job['ref']}: queued (position {queue_position(job, store)}{wait})"

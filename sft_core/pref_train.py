@@ -32,7 +32,8 @@ from pathlib import Path
 
 from sft_core import StudioError, preference, train
 from sft_core.config import ConfigError, PreferenceConfig, load_config, to_dict
-from sft_core.store import Store, dumps, loads, open_store
+from sft_core.db import runs as run_rows
+from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, append_jsonl, atomic_dir, atomic_write_json, safe_name
 
 MODE = "preference"
@@ -57,7 +58,7 @@ def _from_run(cfg: PreferenceConfig, ws: Workspace, store: Store) -> dict:
         safe_name(cfg.from_run, "from_run")
     except StudioError as e:
         raise ConfigError(e.message, "from_run") from None
-    run = store.query_one("SELECT * FROM runs WHERE id=?", (cfg.from_run,))
+    run = run_rows.get(store, cfg.from_run)
     if run is None:
         raise ConfigError(f"unknown run {cfg.from_run!r} (see `sft-studio runs list`)", "from_run")
     adapter = Path(run["path"]) / "adapter"
@@ -146,7 +147,7 @@ def submit_pref_run(cfg: PreferenceConfig, ws: Workspace | None = None, store: S
     facts = validate_pref_config(cfg, ws, store)
     run_id = new_run_id(cfg)
     run_dir = ws.runs_dir(run_id)
-    if run_dir.exists() or store.query_one("SELECT 1 FROM runs WHERE id=?", (run_id,)):
+    if run_dir.exists() or run_rows.exists(store, run_id):
         raise jobs.JobError(f"run {run_id!r} exists already; pick another run_name", "run_name")
     resolved = to_dict(cfg) | {"dataset_version": facts["dataset_version"]}
     run_dir.mkdir(parents=True)
@@ -154,10 +155,8 @@ def submit_pref_run(cfg: PreferenceConfig, ws: Workspace | None = None, store: S
         atomic_write_json(run_dir / "config.json",
                           {"mode": MODE, "config": resolved, "workspace": str(ws.root), **facts})
         with store.tx() as con:  # the run and its job, together ("mode" picks this worker in jobs._train_build)
-            con.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path, config)"
-                        " VALUES (?,?,?,?,?,?,?,?)", (run_id, cfg.dataset, facts["dataset_version"],
-                                                      facts["base_model"], "queued", time.time(), str(run_dir),
-                                                      dumps(resolved | {"mode": MODE})))
+            run_rows.insert_run(con, run_id, cfg.dataset, facts["dataset_version"], facts["base_model"],
+                                str(run_dir), resolved | {"mode": MODE})
             jobs._insert_job(con, "train", run_id, {})
     except BaseException:
         import shutil
@@ -196,7 +195,7 @@ def train_on_votes(campaign_id: str, from_run: str | None = None, name: str | No
 # Lineage (run manifests; config.json while a run has not started)
 # ------------------------------------------------------------------------------------------------
 def _run_record(run_id: str, ws: Workspace, store: Store) -> tuple[dict | None, dict]:
-    run = store.query_one("SELECT * FROM runs WHERE id=?", (run_id,))
+    run = run_rows.get(store, run_id)
     if run is None:
         return None, {}
     for name in ("manifest.json", "config.json"):
@@ -436,8 +435,7 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
     manifest["ended_at"] = time.time()
     atomic_write_json(run_dir / "manifest.json", manifest)
     if store is not None:
-        with store.tx() as con:
-            con.execute("UPDATE runs SET metrics=? WHERE id=?", (dumps(metrics), run_dir.name))
+        run_rows.set_metrics(store, run_dir.name, metrics)
     return 0
 
 

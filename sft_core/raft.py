@@ -174,7 +174,8 @@ def run_settings(run_id: str, store) -> RaftSettings:
     """The RAFT settings a run was trained with; refused for a run that was not trained in raft mode
     (an adapter trained without passages is compared with retrieval as ``sft+rag:RUN``)."""
     from sft_core.store import loads
-    run = store.query_one("SELECT config FROM runs WHERE id=?", (run_id,))
+    from sft_core.db import runs as run_rows
+    run = run_rows.get(store, run_id)
     if run is None:
         raise RaftError(f"unknown run {run_id!r}", "systems")
     cfg = loads(run["config"], {}) or {}

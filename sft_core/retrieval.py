@@ -402,18 +402,15 @@ def build_kb(paths: list[str | Path], name: str, cfg: RetrievalConfig | None = N
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     n_docs = len({c["doc_id"] for c in new_chunks})
-    now = time.time()
-    with store.tx() as con:
-        con.execute("INSERT INTO kbs (name, path, created_at, updated_at, n_docs, n_chunks, embedder) VALUES (?,?,?,?,?,?,?)"
-                    " ON CONFLICT(name) DO UPDATE SET updated_at=excluded.updated_at, n_docs=excluded.n_docs,"
-                    " n_chunks=excluded.n_chunks, embedder=excluded.embedder",
-                    (name, str(final), manifest["created_at"], now, n_docs, len(new_chunks), cfg.embedder))
+    from sft_core.db import kbs as kb_rows
+    kb_rows.upsert(store, name, str(final), n_docs, len(new_chunks), cfg.embedder, created_at=manifest["created_at"])
     return BuildResult(name, n_docs, len(new_chunks), len(to_embed), reused, indexed, removed, problems)
 
 
 def list_kbs(ws: Workspace | None = None, store: Store | None = None) -> list[dict]:
     ws = ws or Workspace.from_env()
-    return (store or open_store(ws.db_url)).query("SELECT * FROM kbs ORDER BY name")
+    from sft_core.db import kbs as kb_rows
+    return kb_rows.list_kbs(store or open_store(ws.db_url))
 
 
 # ------------------------------------------------------------------------------------------------

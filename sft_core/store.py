@@ -1,272 +1,149 @@
-"""SQLite store: datasets, jobs, runs, evals, knowledge bases, ratings.
+"""The store's connection: one SQLAlchemy engine per database URL, SQLite or PostgreSQL.
 
-* WAL mode, a busy timeout, and every write inside a transaction (``BEGIN IMMEDIATE``), so several
-  processes (the app, job workers, CLI calls) can share one database safely.
-* The URL is configurable (``SFT_STUDIO_DB_URL``); only ``sqlite:///PATH`` is implemented, and all
-  SQL here is plain enough to port to a server database.
-* Each domain registers its tables in ``SCHEMAS`` (created with IF NOT EXISTS on open).
+* ``sqlite:///PATH`` (the default): WAL mode, a busy timeout, and every write transaction taken with
+  ``BEGIN IMMEDIATE``, so several processes (the app, job workers, CLI calls) share one file safely;
+  reads run in a deferred transaction (one consistent snapshot).
+* ``postgresql://USER@HOST:PORT/DB`` (psycopg 3, the ``cluster`` extra): the same tables and
+  migrations; the password comes only from the environment (``PGPASSWORD`` or a ``~/.pgpass``), never
+  from a file of the studio's.
+* The tables are declared in ``sft_core/db/schema.py`` and brought up to date on open
+  (``sft_core/db/migrations.py``). SQL lives only in the repositories under ``sft_core/db/``; the rest
+  of the code calls them with a ``Store`` (or the connection of a ``store.tx()`` it is inside).
 """
 from __future__ import annotations
 
 import contextlib
 import json
-import sqlite3
 import threading
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
+from sqlalchemy import Connection, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
 from sft_core import StudioError
-
-SCHEMAS: dict[str, str] = {}
-
-SCHEMAS["datasets"] = """
-CREATE TABLE IF NOT EXISTS datasets (
-    name        TEXT NOT NULL,
-    version     TEXT NOT NULL,          -- content hash (short)
-    created_at  REAL NOT NULL,
-    path        TEXT NOT NULL,
-    source      TEXT,                   -- original file name
-    n_rows      INTEGER NOT NULL,
-    splits      TEXT NOT NULL,          -- JSON {split: n_rows}
-    PRIMARY KEY (name, version)
-);
-"""
-
-SCHEMAS["jobs"] = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id            TEXT PRIMARY KEY,
-    kind          TEXT NOT NULL,        -- train | eval | ...
-    status        TEXT NOT NULL CHECK (status IN ('queued','running','succeeded','failed','cancelled')),
-    ref           TEXT,                 -- run id / eval id the job works on
-    payload       TEXT NOT NULL DEFAULT '{}',
-    created_at    REAL NOT NULL,
-    started_at    REAL,
-    ended_at      REAL,
-    pid           INTEGER,
-    pid_start     TEXT,                 -- the pid's process start time, checked before any signal
-    heartbeat_at  REAL,
-    cancel_requested INTEGER NOT NULL DEFAULT 0,
-    error         TEXT,
-    progress      TEXT NOT NULL DEFAULT '{}'
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs(status, created_at);
-"""
-
-SCHEMAS["runs"] = """
-CREATE TABLE IF NOT EXISTS runs (
-    id            TEXT PRIMARY KEY,     -- also the adapter's name in the engine
-    dataset       TEXT NOT NULL,
-    dataset_version TEXT NOT NULL,
-    base_model    TEXT NOT NULL,
-    status        TEXT NOT NULL,
-    created_at    REAL NOT NULL,
-    path          TEXT NOT NULL,
-    config        TEXT NOT NULL DEFAULT '{}',
-    metrics       TEXT NOT NULL DEFAULT '{}'
-);
-"""
-
-SCHEMAS["evals"] = """
-CREATE TABLE IF NOT EXISTS evals (
-    id          TEXT PRIMARY KEY,
-    dataset     TEXT NOT NULL,
-    dataset_version TEXT NOT NULL,
-    split       TEXT NOT NULL,
-    systems     TEXT NOT NULL,          -- JSON list
-    status      TEXT NOT NULL,
-    created_at  REAL NOT NULL,
-    path        TEXT NOT NULL,
-    config      TEXT NOT NULL DEFAULT '{}'
-);
-"""
-
-SCHEMAS["kbs"] = """
-CREATE TABLE IF NOT EXISTS kbs (
-    name        TEXT PRIMARY KEY,
-    path        TEXT NOT NULL,
-    created_at  REAL NOT NULL,
-    updated_at  REAL NOT NULL,
-    n_docs      INTEGER NOT NULL,
-    n_chunks    INTEGER NOT NULL,
-    embedder    TEXT NOT NULL
-);
-"""
-
-# Blind human rating (evals/rating/): one vote per rater per task; history of changed votes.
-SCHEMAS["ratings"] = """
-CREATE TABLE IF NOT EXISTS campaigns (
-    id          TEXT PRIMARY KEY,
-    eval_id     TEXT NOT NULL,
-    systems     TEXT NOT NULL,          -- JSON list
-    show_reference INTEGER NOT NULL DEFAULT 1 CHECK (show_reference IN (0, 1)),
-    created_at  REAL NOT NULL,
-    -- the columns below were added later (LATER_COLUMNS adds them to older databases): open_rating =
-    -- anyone may join under a self-chosen name (bound to a signed key); published_at / closed_at end
-    -- the rating and show results to raters; guidelines = what raters read before they vote;
-    -- reveal_after_vote = a rater learns which systems were A and B, only on tasks they have voted on
-    name        TEXT NOT NULL DEFAULT '',
-    open_rating INTEGER NOT NULL DEFAULT 0 CHECK (open_rating IN (0, 1)),
-    published_at REAL,
-    closed_at   REAL,
-    guidelines  TEXT NOT NULL DEFAULT '',
-    reveal_after_vote INTEGER NOT NULL DEFAULT 0 CHECK (reveal_after_vote IN (0, 1))
-);
--- Server-issued rater identities; votes.rater holds raters.id for raters who came in through the app.
--- invite: a secret link for one campaign (only its sha256 is kept); open: a self-chosen name bound to
--- an HMAC-signed key (open campaigns); hf: a Hugging Face account (OAuth, on a Space).
-CREATE TABLE IF NOT EXISTS raters (
-    id          TEXT PRIMARY KEY,       -- inv-<hex> | open-<hex> | hf:<username>
-    kind        TEXT NOT NULL CHECK (kind IN ('invite', 'open', 'hf')),
-    name        TEXT NOT NULL,          -- display name
-    campaign_id TEXT REFERENCES campaigns(id),  -- invites: the one campaign they admit to
-    token_sha256 TEXT UNIQUE,           -- invites: sha256 of the secret token
-    created_at  REAL NOT NULL,
-    revoked_at  REAL,
-    CHECK ((kind = 'invite') = (token_sha256 IS NOT NULL AND campaign_id IS NOT NULL))
-);
-CREATE TABLE IF NOT EXISTS rating_tasks (
-    id          TEXT PRIMARY KEY,
-    campaign_id TEXT NOT NULL REFERENCES campaigns(id),
-    row_id      TEXT NOT NULL,
-    system_left TEXT NOT NULL,
-    system_right TEXT NOT NULL,
-    prompt      TEXT NOT NULL,
-    reference   TEXT,
-    output_left TEXT NOT NULL,
-    output_right TEXT NOT NULL,
-    CHECK (system_left <> system_right),
-    UNIQUE (campaign_id, row_id, system_left, system_right)
-);
-CREATE TABLE IF NOT EXISTS rating_assignments (
-    task_id     TEXT NOT NULL REFERENCES rating_tasks(id),
-    rater       TEXT NOT NULL,
-    assigned_at REAL NOT NULL,
-    PRIMARY KEY (task_id, rater)
-);
-CREATE TABLE IF NOT EXISTS votes (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    campaign_id TEXT NOT NULL REFERENCES campaigns(id),
-    task_id     TEXT NOT NULL REFERENCES rating_tasks(id),
-    rater       TEXT NOT NULL,
-    choice      TEXT NOT NULL CHECK (choice IN ('left','right','tie','both_bad')),
-    comment     TEXT NOT NULL DEFAULT '' CHECK (length(comment) <= 2000),
-    created_at  REAL NOT NULL,
-    updated_at  REAL NOT NULL,
-    UNIQUE (task_id, rater),
-    FOREIGN KEY (task_id, rater) REFERENCES rating_assignments(task_id, rater)  -- only assigned tasks
-);
-CREATE TABLE IF NOT EXISTS vote_history (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    vote_id     INTEGER NOT NULL REFERENCES votes(id),
-    choice      TEXT NOT NULL,
-    comment     TEXT NOT NULL,
-    changed_at  REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS votes_campaign ON votes(campaign_id);
-CREATE INDEX IF NOT EXISTS rating_assignments_rater ON rating_assignments(rater);
--- one task per unordered system pair and row, whichever side each system is shown on
-CREATE UNIQUE INDEX IF NOT EXISTS rating_tasks_pair ON rating_tasks(
-    campaign_id, row_id, min(system_left, system_right), max(system_left, system_right));
-"""
 
 
 class StoreError(StudioError):
     pass
 
 
-# Columns added to existing tables after their first release: {table: {column: declaration}}.
-LATER_COLUMNS: dict[str, dict[str, str]] = {
-    "jobs": {"pid_start": "TEXT"},  # the worker's start time (/proc), so a reused pid is never signalled
-    "campaigns": {"name": "TEXT NOT NULL DEFAULT ''",  # evals/rating/; in the order they were added
-                  "open_rating": "INTEGER NOT NULL DEFAULT 0 CHECK (open_rating IN (0, 1))",
-                  "published_at": "REAL", "closed_at": "REAL", "guidelines": "TEXT NOT NULL DEFAULT ''",
-                  "reveal_after_vote": "INTEGER NOT NULL DEFAULT 0 CHECK (reveal_after_vote IN (0, 1))"},
-}
+def _redacted(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
 
 
-def _sqlite_path(url: str) -> str:
-    if url.startswith("sqlite:///"):
-        return url[len("sqlite:///"):] or ":memory:"
-    if url.startswith("sqlite://"):
-        return ":memory:"
-    raise StoreError(f"unsupported database URL {url!r}: only sqlite:///PATH is implemented", "SFT_STUDIO_DB_URL")
+def _engine_url(url: str):
+    try:
+        u = make_url(url)
+    except ArgumentError:
+        raise StoreError(f"{url!r} is not a database URL (sqlite:///PATH or postgresql://USER@HOST/DB)",
+                         "SFT_STUDIO_DB_URL") from None
+    if u.get_backend_name() == "sqlite":
+        return u.set(drivername="sqlite+pysqlite")
+    if u.get_backend_name() == "postgresql":
+        if u.password:
+            raise StoreError("the database URL must not carry a password: set PGPASSWORD (or ~/.pgpass) in the "
+                             "environment instead", "SFT_STUDIO_DB_URL")
+        try:
+            import psycopg  # noqa: F401
+        except ImportError:
+            raise StoreError("postgresql:// needs psycopg 3: pip install 'sft-studio[cluster]'",
+                             "SFT_STUDIO_DB_URL") from None
+        return u.set(drivername="postgresql+psycopg")
+    raise StoreError(f"unsupported database {u.get_backend_name()!r} in {_redacted(url)}: use sqlite:///PATH or "
+                     "postgresql://USER@HOST:PORT/DB", "SFT_STUDIO_DB_URL")
 
 
 class Store:
-    """A thread-safe handle: one SQLite connection per thread, opened lazily."""
+    """A thread-safe handle on one database. ``tx()`` is a write transaction (joined when nested in the
+    same thread); repositories read through ``read()``, which reuses the thread's open transaction."""
 
     def __init__(self, url: str):
+        from sft_core.db import migrations
         self.url = url
-        self.path = _sqlite_path(url)
-        if self.path != ":memory:":
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+        eu = _engine_url(url)
+        self.dialect = eu.get_backend_name()
         self._local = threading.local()
-        # executescript commits implicitly, so schemas are applied outside tx()
-        con = self.connection()
-        for sql in SCHEMAS.values():
-            con.executescript(sql)
-        for table, cols in LATER_COLUMNS.items():  # older databases: columns added since (SCHEMAS creates tables only)
-            have = {r["name"] for r in con.execute(f"PRAGMA table_info({table})")}
-            for col, decl in cols.items():
-                if col not in have:
-                    try:
-                        con.execute(f"ALTER TABLE {table} ADD COLUMN {col} {decl}")
-                    except sqlite3.OperationalError as e:  # another process added it first
-                        if "duplicate column" not in str(e):
-                            raise
+        if self.dialect == "sqlite":
+            path = eu.database or ""
+            if path and path != ":memory:":
+                from pathlib import Path
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine = create_engine(eu, connect_args={"timeout": 60.0, "check_same_thread": False})
+            self._sqlite_events()
+        else:
+            self.engine = create_engine(eu, pool_pre_ping=True, pool_size=5, max_overflow=10,
+                                        connect_args={"connect_timeout": 10})
+        try:
+            migrations.upgrade(self)
+        except OperationalError as e:
+            self.engine.dispose()
+            reason = str(e.orig).strip().splitlines()[0] if e.orig else str(e)
+            raise StoreError(f"cannot open the database {_redacted(url)}: {reason}", "SFT_STUDIO_DB_URL") from None
+        except NoSuchModuleError as e:
+            raise StoreError(f"no driver for {_redacted(url)}: {e}", "SFT_STUDIO_DB_URL") from None
 
-    def connection(self) -> sqlite3.Connection:
-        con = getattr(self._local, "con", None)
-        if con is None:
-            con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None, check_same_thread=False)
-            con.row_factory = sqlite3.Row
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute("PRAGMA busy_timeout=60000")
-            con.execute("PRAGMA foreign_keys=ON")
-            con.execute("PRAGMA synchronous=NORMAL")
-            self._local.con = con
-        return con
+    def _sqlite_events(self) -> None:
+        @event.listens_for(self.engine, "connect")
+        def _on_connect(dbapi_con, _record):
+            dbapi_con.isolation_level = None  # the driver emits no BEGIN of its own: ours below does
+            for pragma in ("journal_mode=WAL", "busy_timeout=60000", "foreign_keys=ON", "synchronous=NORMAL"):
+                dbapi_con.execute(f"PRAGMA {pragma}")
+
+        @event.listens_for(self.engine, "begin")
+        def _on_begin(con):
+            # writes take the write lock up front (no upgrade deadlock between two readers turned writers)
+            con.exec_driver_sql("BEGIN IMMEDIATE" if con.get_execution_options().get("write") else "BEGIN")
 
     @contextlib.contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction: BEGIN IMMEDIATE (takes the write lock up front), commit or roll back."""
-        con = self.connection()
-        if con.in_transaction:  # nested: join the outer transaction
+    def tx(self) -> Iterator[Connection]:
+        """A write transaction: commit at the end, roll back on any exception."""
+        con = getattr(self._local, "con", None)
+        if con is not None:  # nested: join the outer transaction
             yield con
             return
         for attempt in range(50):
             try:
-                con.execute("BEGIN IMMEDIATE")
+                con = self.engine.connect().execution_options(write=True)
+                con.begin()
                 break
-            except sqlite3.OperationalError as e:  # busy beyond busy_timeout: retry briefly
+            except OperationalError as e:  # SQLite busy beyond busy_timeout: retry briefly
+                if con is not None:
+                    con.close()
+                    con = None
                 if "locked" not in str(e) or attempt == 49:
                     raise
                 time.sleep(0.05 * (attempt + 1))
+        self._local.con = con
         try:
             yield con
-            con.execute("COMMIT")
+            con.commit()
         except BaseException:
-            con.execute("ROLLBACK")
+            con.rollback()
             raise
+        finally:
+            self._local.con = None
+            con.close()
 
-    def query(self, sql: str, params: tuple | dict = ()) -> list[dict]:
-        return [dict(r) for r in self.connection().execute(sql, params).fetchall()]
-
-    def query_one(self, sql: str, params: tuple | dict = ()) -> dict | None:
-        row = self.connection().execute(sql, params).fetchone()
-        return dict(row) if row is not None else None
-
-    def execute(self, sql: str, params: tuple | dict = ()) -> int:
-        """Run one write statement in its own transaction; returns rowcount."""
-        with self.tx() as con:
-            return con.execute(sql, params).rowcount
-
-    def close(self) -> None:
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read: inside this thread's open ``tx()`` it sees that transaction's writes."""
         con = getattr(self._local, "con", None)
         if con is not None:
-            con.close()
-            self._local.con = None
+            yield con
+            return
+        with self.engine.connect() as con:
+            try:
+                yield con
+            finally:
+                con.rollback()
+
+    def close(self) -> None:
+        self.engine.dispose()
 
 
 def dumps(obj: Any) -> str:
@@ -288,14 +165,3 @@ def open_store(url: str) -> Store:
         if st is None:
             st = _STORES[url] = Store(url)
         return st
-
-
-def finished_run(store: Store, run_id: str, error: type[StudioError], where: str, label: str | None = None) -> dict:
-    """The row (status, base_model) of a run whose adapter is ready, else ``error(where)`` saying why not:
-    an unknown run, or one not (yet) succeeded. ``label``: how the run was named (e.g. ``sft:RUN``)."""
-    run = store.query_one("SELECT status, base_model FROM runs WHERE id=?", (run_id,))
-    if run is None:
-        raise error(f"unknown run {run_id!r}" + (f" in {label}" if label else ""), where)
-    if run["status"] != "succeeded":
-        raise error(f"run {run_id} is {run['status']}, not finished: its adapter is not ready", where)
-    return run

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sft_core import StudioError
 from sft_core.config import StudioSettings
+from sft_core.db import datasets as dataset_rows, evals as eval_rows, jobs as job_rows, runs as run_rows
 from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace
 
@@ -177,19 +178,14 @@ def delete_dataset(name: str, ws: Workspace, store: Store) -> int:
     from sft_core.workspace import safe_name
     safe_name(name, "dataset")
     with store.tx() as con:  # BEGIN IMMEDIATE: no job can be queued between the check and the delete
-        n = con.execute("SELECT COUNT(*) FROM datasets WHERE name=?", (name,)).fetchone()[0]
+        n = dataset_rows.count_versions(con, name)
         if not n:
             raise StudioError(f"unknown dataset {name!r}", "dataset")
-        busy = [r[0] for r in con.execute(
-            "SELECT runs.id FROM jobs JOIN runs ON jobs.ref = runs.id WHERE jobs.kind='train' AND runs.dataset=? "
-            f"AND jobs.status IN {ACTIVE_JOB_STATES}", (name,))]
-        busy += [r[0] for r in con.execute(
-            f"SELECT id FROM evals WHERE dataset=? AND status IN {ACTIVE_JOB_STATES}", (name,))]
+        busy = run_rows.training_on_dataset(con, name) + eval_rows.active_for_dataset(con, name)
         if busy:
             raise StudioError(f"dataset {name!r} is in use by {', '.join(busy)} (queued or running); "
                               "cancel or wait for it first", "dataset")
-        paths = [r[0] for r in con.execute("SELECT path FROM datasets WHERE name=?", (name,))]
-        con.execute("DELETE FROM datasets WHERE name=?", (name,))
+        paths = dataset_rows.delete_dataset(con, name)
     for p in paths + [str(ws.datasets_dir(name))]:
         if ws.contains(p) and Path(p).resolve() != ws.root:
             shutil.rmtree(p, ignore_errors=True)
@@ -205,22 +201,21 @@ def delete_run(run_id: str, ws: Workspace, store: Store) -> None:
     from sft_core.workspace import safe_name
     safe_name(run_id, "run")
     with store.tx() as con:
-        run = con.execute("SELECT status, path FROM runs WHERE id=?", (run_id,)).fetchone()
+        run = run_rows.get(con, run_id)
         if run is None:
             raise StudioError(f"unknown run {run_id!r}", "run")
-        active = con.execute(f"SELECT status FROM jobs WHERE ref=? AND status IN {ACTIVE_JOB_STATES}",
-                             (run_id,)).fetchone()
+        active = next(iter(job_rows.live(con, ref=run_id)), None)
         if run["status"] not in FINISHED_RUN_STATES or active:
             state = active["status"] if active else run["status"]
             raise StudioError(f"run {run_id} is {state}; only succeeded, failed or cancelled runs can be deleted "
                               "(cancel it first)", "run")
-        evals = [r["id"] for r in con.execute(f"SELECT id, systems FROM evals WHERE status IN {ACTIVE_JOB_STATES}")
+        evals = [r["id"] for r in eval_rows.list_evals(con, status=("queued", "running"))
                  if any(str(s).split(":", 1)[-1] == run_id for s in loads(r["systems"], []))]
         if evals:
             raise StudioError(f"run {run_id} is in use by {', '.join(evals)} (queued or running); "
                               "wait for it first", "run")
-        con.execute("DELETE FROM jobs WHERE ref=? AND kind='train'", (run_id,))
-        con.execute("DELETE FROM runs WHERE id=?", (run_id,))
+        job_rows.delete_for(con, run_id, kind="train")
+        run_rows.delete_run(con, run_id)
     for p in (run["path"], str(ws.runs_dir(run_id))):
         if ws.contains(p) and Path(p).resolve() != ws.root:
             shutil.rmtree(p, ignore_errors=True)

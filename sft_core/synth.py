@@ -43,7 +43,8 @@ from typing import Callable
 
 from sft_core import StudioError
 from sft_core.config import ConfigError, DecodingConfig, opt
-from sft_core.store import Store, finished_run, loads, open_store
+from sft_core.db import datasets as dataset_rows, jobs as job_rows, runs as run_rows
+from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, read_jsonl, safe_name, sha256_json
 
 STYLES = ("factual", "how-to", "paraphrase")
@@ -363,7 +364,7 @@ class SynthResult:
 def _leak_keys(exclude: str, ws: Workspace, store: Store) -> set[str]:
     """Normalised questions of every other dataset's non-train splits (latest and older versions)."""
     keys: set[str] = set()
-    for row in store.query("SELECT name, path, splits FROM datasets"):
+    for row in dataset_rows.list_versions(store):
         if row["name"] == exclude:  # the dataset being rewritten: its older version is replaced, not evaluated
             continue
         for split in loads(row["splits"], {}) or {}:
@@ -544,7 +545,7 @@ def resolve_local_model(cfg: SynthConfig, store: Store) -> str:
     mismatched base_model), else base_model, else the studio's default."""
     from sft_core.config import StudioSettings
     if cfg.adapter:
-        run = finished_run(store, cfg.adapter, SynthError, "adapter")
+        run = run_rows.finished(store, cfg.adapter, SynthError, "adapter")
         if cfg.base_model and cfg.base_model != run["base_model"]:
             raise SynthError(f"run {cfg.adapter} was trained on {run['base_model']}, not {cfg.base_model}", "adapter")
         return run["base_model"]
@@ -580,10 +581,9 @@ def submit_synth(cfg: SynthConfig, ws: Workspace | None = None, store: Store | N
     store = store or open_store(ws.db_url)
     check(cfg, ws, store)
     with store.tx() as con:
-        live = con.execute("SELECT id FROM jobs WHERE kind='synth' AND ref=? AND status IN ('queued','running')",
-                           (cfg.name,)).fetchone()
+        live = job_rows.live(con, ref=cfg.name, kind="synth")
         if live:
-            raise SynthError(f"a synth job for {cfg.name!r} is queued or running already (job {live['id']})", "name")
+            raise SynthError(f"a synth job for {cfg.name!r} is queued or running already (job {live[0]['id']})", "name")
         return jobs._insert_job(con, "synth", cfg.name, {"config": to_dict(cfg),
                                                          "accelerator": cfg.generator == "local"})
 

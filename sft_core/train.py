@@ -159,10 +159,8 @@ def start_heartbeat(store, job_id: str, every_s: float = HEARTBEAT_EVERY_S) -> t
     def beat():
         while True:
             try:
-                with store.tx() as con:
-                    con.execute("UPDATE jobs SET heartbeat_at=? WHERE id=?", (time.time(), job_id))
-                    row = con.execute("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,)).fetchone()
-                if row and row[0]:
+                from sft_core.db import jobs as job_rows
+                if job_rows.beat(store, job_id):
                     _STOP["requested"] = True
             except Exception as e:  # a busy or briefly missing database must not kill training
                 print(f"heartbeat: {type(e).__name__}: {e}", file=sys.stderr)
@@ -503,9 +501,8 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
     manifest["ended_at"] = time.time()
     atomic_write_json(run_dir / "manifest.json", manifest)
     if store is not None:
-        from sft_core.store import dumps
-        with store.tx() as con:
-            con.execute("UPDATE runs SET metrics=? WHERE id=?", (dumps(metrics), run_dir.name))
+        from sft_core.db import runs as run_rows
+        run_rows.set_metrics(store, run_dir.name, metrics)
     return 0
 
 

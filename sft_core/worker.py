@@ -30,6 +30,7 @@ import traceback
 from pathlib import Path
 
 from sft_core import StudioError
+from sft_core.db import jobs as job_rows
 from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, atomic_write_json
 
@@ -67,7 +68,7 @@ def log_path(ws: Workspace, job_id: str) -> Path:
 class WorkerContext:
     def __init__(self, job_id: str, store: Store, ws: Workspace):
         self.job_id, self.store, self.ws = job_id, store, ws
-        job = store.query_one("SELECT * FROM jobs WHERE id=?", (job_id,))
+        job = job_rows.get(store, job_id)
         if job is None:
             raise StudioError(f"unknown job {job_id!r}", "job")
         self.job = job
@@ -88,9 +89,7 @@ class WorkerContext:
     def _beat(self) -> None:
         while not self._stop.wait(HEARTBEAT_EVERY_S):
             try:
-                self.store.execute("UPDATE jobs SET heartbeat_at=? WHERE id=?", (time.time(), self.job_id))
-                row = self.store.query_one("SELECT cancel_requested FROM jobs WHERE id=?", (self.job_id,))
-                if row and row["cancel_requested"]:
+                if job_rows.beat(self.store, self.job_id):
                     self.cancelled.set()
             except Exception as e:  # a busy database must not kill the worker; the next beat retries
                 print(f"heartbeat: {e}", file=sys.stderr, flush=True)
@@ -115,7 +114,7 @@ class WorkerContext:
         info = {"done": done, "total": total, "rate": rate, "eta_s": eta, "elapsed_s": now - self._started,
                 "updated_at": now, **extra}
         try:
-            self.store.execute("UPDATE jobs SET progress=? WHERE id=?", (json.dumps(info), self.job_id))
+            job_rows.set_progress(self.store, self.job_id, json.dumps(info))
         except Exception as e:
             print(f"progress: {e}", file=sys.stderr, flush=True)
 

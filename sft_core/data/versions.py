@@ -13,7 +13,8 @@ from sft_core.config import DataConfig
 from sft_core.data.issues import MAX_REPORTED, DataError
 from sft_core.data.pipeline import CheckedFile, check, resolve_cfg
 from sft_core.data.stats import quality
-from sft_core.store import Store, dumps, loads, open_store
+from sft_core.db import datasets as dataset_rows
+from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, atomic_dir, atomic_write_json, read_jsonl, safe_name, sha256_json, write_jsonl
 
 
@@ -82,15 +83,14 @@ def import_records(records_by_split: dict[str, list[dict]], name: str, cfg: Data
                 "config": asdict(cfg), "splits": {s: len(r) for s, r in records_by_split.items()}})
     splits = {s: len(r) for s, r in records_by_split.items()}
     n_rows = sum(splits.values())
-    with store.tx() as con:  # the directory is complete before the row that points to it
-        con.execute("INSERT OR IGNORE INTO datasets (name, version, created_at, path, source, n_rows, splits) "
-                    "VALUES (?,?,?,?,?,?,?)", (name, version, time.time(), str(final), source, n_rows, dumps(splits)))
+    # the directory is complete before the row that points to it
+    dataset_rows.add_version(store, name, version, str(final), source, n_rows, splits)
     return DatasetVersion(name, version, final, splits, n_rows, created)
 
 
 def list_datasets(ws: Workspace | None = None, store: Store | None = None) -> list[dict]:
     ws = ws or Workspace.from_env()
-    rows = _store(store, ws).query("SELECT * FROM datasets ORDER BY created_at DESC")
+    rows = dataset_rows.list_versions(_store(store, ws))
     for r in rows:
         r["splits"] = loads(r["splits"], {})
     return rows
@@ -101,12 +101,9 @@ def get_version(name: str, version: str | None = None, ws: Workspace | None = No
     ws = ws or Workspace.from_env()
     safe_name(name, "dataset")
     st = _store(store, ws)
-    if version:
-        row = st.query_one("SELECT * FROM datasets WHERE name=? AND version=?", (name, version))
-    else:
-        row = st.query_one("SELECT * FROM datasets WHERE name=? ORDER BY created_at DESC, rowid DESC", (name,))
+    row = dataset_rows.get(st, name, version)
     if row is None:
-        known = sorted({r["name"] for r in st.query("SELECT name FROM datasets")})
+        known = dataset_rows.names(st)
         what = f"{name}@{version}" if version else name
         raise DataError(f"unknown dataset {what!r}; known: {', '.join(known) or 'none (import one first)'}", "dataset")
     splits = loads(row["splits"], {})

@@ -77,7 +77,8 @@ def load_all_adapters(eng: Engine, base_model: str, store: Store) -> tuple[list[
     """Load every finished run's adapter trained on ``base_model``; returns (loaded, skipped)."""
     loaded, skipped = [], []
     for run_id in eng.registry.available():  # type: ignore[attr-defined]
-        row = store.query_one("SELECT base_model FROM runs WHERE id = ?", (run_id,))
+        from sft_core.db import runs as run_rows
+        row = run_rows.get(store, run_id)
         if row and row["base_model"] != base_model:
             skipped.append(run_id)  # trained on another base: its weights do not fit this one
             continue

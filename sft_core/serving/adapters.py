@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sft_core.serving.base import EngineError
+from sft_core.db import runs as run_rows
 from sft_core.store import Store
 from sft_core.workspace import NameError_, Workspace, safe_name
 
@@ -57,7 +58,7 @@ class AdapterRegistry:
     def resolve(self, name: str) -> AdapterInfo:
         """The adapter for a run id, or EngineError naming what is wrong."""
         name = self.check_name(name)
-        row = self.store.query_one("SELECT id, status, base_model FROM runs WHERE id = ?", (name,))
+        row = run_rows.get(self.store, name)
         if row is None:
             known = ", ".join(self.available()[:10]) or "none yet"
             raise EngineError(f"unknown adapter {name!r} (no such training run; ready adapters: {known})", "adapter")
@@ -78,7 +79,7 @@ class AdapterRegistry:
 
     def available(self) -> list[str]:
         """Run ids whose adapters are ready to serve (succeeded, adapter dir present), oldest first."""
-        rows = self.store.query("SELECT id FROM runs WHERE status = 'succeeded' ORDER BY created_at")
+        rows = run_rows.list_runs(self.store, status="succeeded", newest_first=False)
         out = []
         for r in rows:
             try:
