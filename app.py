@@ -30,6 +30,7 @@ import pandas as pd
 from sft_core import StudioError, guide
 from sft_core.config import DataConfig, DecodingConfig, fields_for_form, load_config
 from sft_core.curves import LOSS_COLORS
+from sft_core.db import datasets as dataset_rows, evals as eval_rows, jobs as job_rows, runs as run_rows
 from sft_core.safety import AdminSessions, safe_markdown
 from sft_core.studio import EXAMPLE_NAME, Studio, delete_dataset, delete_run
 
@@ -136,7 +137,7 @@ def _gpu_inventory():
 def status_text() -> str:
     from sft_core import jobs
     engine = "running" if STUDIO.engine_ready() else "starts on first chat/eval"
-    active = STUDIO.store.query("SELECT * FROM jobs WHERE status IN ('running','queued') ORDER BY created_at LIMIT 4")
+    active = job_rows.live(STUDIO.store)[:4]
     lines = ["Job: " + jobs.describe(j, STUDIO.store) for j in active]
     inv = _gpu_inventory()
     if inv.count or inv.smi_count or inv.smi_error:  # who holds each GPU (engine, asleep, a training run); nothing on a CPU machine
@@ -173,14 +174,13 @@ def kb_choices() -> list[str]:
 
 
 def finished_runs() -> list[str]:
-    rows = STUDIO.store.query("SELECT id FROM runs WHERE status='succeeded' ORDER BY created_at DESC")
-    return [r["id"] for r in rows]
+    return run_rows.ids(STUDIO.store, status="succeeded")
 
 
 def run_config(run_id: str | None) -> dict:
     """A run's stored config (runs.config: TrainConfig, whose ``mode`` says how it was trained); {} if none."""
     from sft_core.store import loads
-    row = STUDIO.store.query_one("SELECT config FROM runs WHERE id=?", (run_id,)) if run_id else None
+    row = run_rows.get(STUDIO.store, run_id) if run_id else None
     return (loads(row["config"], {}) or {}) if row else {}
 
 
@@ -195,13 +195,13 @@ def run_systems(run_id: str, config: dict, with_kb: bool = True) -> list[str]:
 def system_choices() -> list[str]:
     from sft_core.store import loads
     out = list(SYSTEM_CHOICES_BASE)
-    for r in STUDIO.store.query("SELECT id, config FROM runs WHERE status='succeeded' ORDER BY created_at DESC"):
+    for r in run_rows.list_runs(STUDIO.store, status="succeeded"):
         out += run_systems(r["id"], loads(r["config"], {}) or {})
     return out
 
 
 def eval_choices() -> list[str]:
-    return [r["id"] for r in STUDIO.store.query("SELECT id FROM evals ORDER BY created_at DESC")]
+    return eval_rows.ids(STUDIO.store)
 
 
 def campaign_choices() -> list[str]:
@@ -245,7 +245,7 @@ def guide_go(dataset, base_model, limit, metrics, is_admin, *train_values):
         t_line = msg
         msg += " Follow it on the Train tab; the guide above moves on when it has finished."
     elif a.kind == "evaluate":
-        row = STUDIO.store.query_one("SELECT dataset FROM runs WHERE id=?", (f["run"],))
+        row = run_rows.get(STUDIO.store, f["run"])
         systems = ["prompt", *(["rag"] if f["kb"] else []), *run_systems(f["run"], run_config(f["run"]), bool(f["kb"]))]
         msg, ev = eval_start(row["dataset"], "test", systems, f["kb"], limit, metrics, False, is_admin)
         ev_ds, ev_kb = gr.update(value=row["dataset"]), gr.update(value=f["kb"])
@@ -454,7 +454,7 @@ def dataset_delete_ask(name, is_admin):
     admin_required(is_admin)
     if not name:
         raise StudioError("choose a dataset to delete", "dataset")
-    rows = STUDIO.store.query("SELECT version, n_rows FROM datasets WHERE name=?", (name,))
+    rows = dataset_rows.list_versions(STUDIO.store, name)
     if not rows:
         raise StudioError(f"unknown dataset {name!r}", "dataset")
     return _confirm(True, f"Delete dataset **{name}** and all its {len(rows)} version(s) "
@@ -857,7 +857,7 @@ def run_delete_ask(run_id, is_admin):
     admin_required(is_admin)
     if not run_id:
         raise StudioError("choose a run", "run")
-    run = STUDIO.store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))
+    run = run_rows.get(STUDIO.store, run_id)
     if run is None:
         raise StudioError(f"unknown run {run_id!r}", "run")
     return _confirm(True, f"Delete run **{run_id}** ({run['status']}) with its checkpoints and adapter? "
@@ -880,18 +880,18 @@ def run_delete(run_id, is_admin):
 
 
 def all_runs() -> list[str]:
-    return [r["id"] for r in STUDIO.store.query("SELECT id FROM runs ORDER BY created_at DESC")]
+    return run_rows.ids(STUDIO.store)
 
 
 def jobs_table():
-    rows = STUDIO.store.query("SELECT id, kind, ref, status, created_at, error FROM jobs ORDER BY created_at DESC LIMIT 50")
+    rows = job_rows.recent(STUDIO.store, 50)
     for r in rows:
         r["created_at"] = time.strftime("%H:%M:%S", time.localtime(r["created_at"]))
     return pd.DataFrame(rows, columns=["id", "kind", "ref", "status", "created_at", "error"])
 
 
 def runs_table():
-    rows = STUDIO.store.query("SELECT id, dataset, base_model, status, metrics FROM runs ORDER BY created_at DESC")
+    rows = run_rows.list_runs(STUDIO.store)
     for r in rows:
         m = json.loads(r.pop("metrics") or "{}")
         r["train_loss"] = _fmt(m.get("train_loss"))
@@ -971,12 +971,12 @@ def train_poll(run_id):
     empty = training_curves([])
     if not run_id:
         return "_no run selected_", empty["loss"], jobs_table(), runs_table(), empty["lr"], empty["speed"]
-    run = STUDIO.store.query_one("SELECT * FROM runs WHERE id=?", (run_id,))
+    run = run_rows.get(STUDIO.store, run_id)
     if run is None:
         return f"unknown run {run_id}", empty["loss"], jobs_table(), runs_table(), empty["lr"], empty["speed"]
     events = read_jsonl(Path(run["path"]) / "events.jsonl")
     curves = training_curves(events)
-    job = STUDIO.store.query_one("SELECT * FROM jobs WHERE ref=? ORDER BY created_at DESC", (run_id,)) or {}
+    job = job_rows.latest(STUDIO.store, run_id) or {}
     status = job.get("status") or run["status"]
     line = _run_line(run_id, status, events, job)
     if job.get("error"):
@@ -1390,7 +1390,7 @@ def create_campaign(eval_id, systems, open_rating, guidelines, reveal_after_vote
 def eval_systems(eval_id):
     if not eval_id:
         return gr.update(choices=[], value=[])
-    row = STUDIO.store.query_one("SELECT systems FROM evals WHERE id=?", (eval_id,))
+    row = eval_rows.get(STUDIO.store, eval_id)
     systems = json.loads(row["systems"]) if row else []
     return gr.update(choices=systems, value=systems)
 

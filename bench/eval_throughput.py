@@ -50,6 +50,7 @@ from evals import runner  # noqa: E402
 from evals import systems as S  # noqa: E402
 from sft_core import models  # noqa: E402
 from sft_core.config import DecodingConfig, ServeConfig  # noqa: E402
+from sft_core.db import evals as eval_rows, runs as run_rows  # noqa: E402
 from sft_core.example import build_example  # noqa: E402
 from sft_core.serving.base import GenRequest  # noqa: E402
 from sft_core.store import Store, loads, open_store  # noqa: E402
@@ -59,7 +60,7 @@ from sft_core.workspace import Workspace, read_jsonl  # noqa: E402
 def copy_adapter(run_id: str, ws: Workspace, store: Store) -> None:
     """Copy a finished run's adapter from the user's workspace into the bench workspace."""
     src_ws = Workspace.from_env()
-    src = open_store(src_ws.db_url).query_one("SELECT * FROM runs WHERE id=?", (run_id,))
+    src = run_rows.get(open_store(src_ws.db_url), run_id)
     if src is None:
         raise SystemExit(f"unknown run {run_id!r} in {src_ws.root} (set SFT_STUDIO_HOME)")
     if src["status"] != "succeeded" or not (Path(src["path"]) / "adapter" / "adapter_config.json").exists():
@@ -67,16 +68,15 @@ def copy_adapter(run_id: str, ws: Workspace, store: Store) -> None:
     if src["base_model"] != models.EMBEDDED_MODEL:
         raise SystemExit(f"run {run_id} was trained on {src['base_model']}, not on {models.EMBEDDED_MODEL}")
     shutil.copytree(Path(src["path"]) / "adapter", ws.runs_dir(run_id, "adapter"))
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                  "VALUES (?, ?, ?, ?, 'succeeded', ?, ?)", (run_id, src["dataset"], src["dataset_version"],
-                                                             models.EMBEDDED_MODEL, time.time(), str(ws.runs_dir(run_id))))
+    run_rows.insert_run(store, run_id, src["dataset"], src["dataset_version"], models.EMBEDDED_MODEL,
+                        str(ws.runs_dir(run_id)), {}, status="succeeded", created_at=time.time())
 
 
 def eval_requests(ws: Workspace, store: Store, systems: list[str], rows: int, tokens: int):
     """(rows, {system: [messages]}, decoding, adapter of each system) exactly as the runner builds them."""
     eval_id = runner.create_eval("pydocs", systems, limit=rows, general=False, max_new_tokens=tokens,
                                  metrics=["exact_match"], base_model=models.EMBEDDED_MODEL, ws=ws, store=store)
-    cfg = loads(store.query_one("SELECT config FROM evals WHERE id=?", (eval_id,))["config"])
+    cfg = loads(eval_rows.get(store, eval_id)["config"])
     test_rows = runner.eval_sets(cfg, ws, store)["domain"]
     parsed = [S.parse_system(n) for n in cfg["systems"]]
     ctx = runner.eval_context(cfg, ws, store, parsed)
@@ -149,7 +149,7 @@ def pipeline_comparison(args) -> int:
         eval_id = runner.create_eval("pydocs", systems, kb="pydocs", limit=args.rows, general=False,
                                      max_new_tokens=args.tokens, metrics=["exact_match"],
                                      base_model=models.EMBEDDED_MODEL, ws=ws, store=store)
-        cfg = loads(store.query_one("SELECT config FROM evals WHERE id=?", (eval_id,))["config"])
+        cfg = loads(eval_rows.get(store, eval_id)["config"])
         decoding = DecodingConfig(**cfg["decoding"])
         parsed = [S.parse_system(n) for n in cfg["systems"]]
         sets = runner.eval_sets(cfg, ws, store)

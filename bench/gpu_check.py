@@ -162,12 +162,13 @@ def yield_and_back(eng, ws, store, name: str) -> str:
     from sft_core import gpu
     from sft_core.serving.base import EngineError
     from sft_core.config import DecodingConfig
+    from sft_core.db import jobs as job_rows
     seen: dict = {}
 
     def watch(job):
         end = time.time() + 900
         while time.time() < end:
-            row = store.query_one("SELECT status, pid FROM jobs WHERE id=?", (job["id"],))
+            row = job_rows.get(store, job["id"])
             if row["pid"] and "pid_state" not in seen:
                 seen["pid_state"] = eng.state
                 seen["holders"] = gpu.holder_text(ws, store)

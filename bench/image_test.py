@@ -467,12 +467,14 @@ def cast_vote(name: str, port: int) -> str:
 
 
 COUNTS = """
-    import json, os, sqlite3
-    db = sqlite3.connect("file:/data/studio.db?mode=ro", uri=True)
-    n = lambda q: db.execute(q).fetchone()[0]
-    print(json.dumps({"datasets": n("SELECT COUNT(*) FROM datasets"),
-                      "runs": n("SELECT COUNT(*) FROM runs WHERE status='succeeded'"),
-                      "votes": n("SELECT COUNT(*) FROM votes"),
+    import json, os
+    from sft_core.db import datasets, ratings, runs
+    from sft_core.store import open_store
+    from sft_core.workspace import Workspace
+    st = open_store(Workspace.from_env().db_url)  # the image's SFT_STUDIO_HOME=/data
+    print(json.dumps({"datasets": len(datasets.list_versions(st)),
+                      "runs": len(runs.ids(st, status="succeeded")),
+                      "votes": ratings.count_votes(st),
                       "adapter": os.path.isdir("/data/runs/%s/adapter" % "RUN_ID")}))
 """
 

@@ -34,6 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from evals import calibration, rating, runner  # noqa: E402
 from sft_core import jobs, pref_train, preference  # noqa: E402
 from sft_core.config import PreferenceConfig, TrainConfig, load_config  # noqa: E402
+from sft_core.db import jobs as job_rows, runs as run_rows  # noqa: E402
 from sft_core.example import build_example  # noqa: E402
 from sft_core.store import Store  # noqa: E402
 from sft_core.workspace import Workspace  # noqa: E402
@@ -48,13 +49,13 @@ def stamp(msg: str) -> None:
 def run_job(job_id: str, ws: Workspace, store: Store) -> str:
     status = jobs.run_in_foreground(job_id, ws, store)
     if status != "succeeded":
-        row = store.query_one("SELECT error FROM jobs WHERE id=?", (job_id,))
+        row = job_rows.get(store, job_id)
         raise SystemExit(f"job {job_id} {status}: {row['error'] if row else ''}")
     return status
 
 
 def train_sft(ws: Workspace, store: Store, run_id: str) -> str:
-    run = store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))
+    run = run_rows.get(store, run_id)
     if run and run["status"] == "succeeded":
         return run_id
     cfg = load_config(TrainConfig, overrides={"dataset": "pydocs", "epochs": 1, "run_name": run_id})

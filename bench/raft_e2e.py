@@ -39,6 +39,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 from evals import runner  # noqa: E402
 from sft_core import jobs, retrieval, synth  # noqa: E402
 from sft_core.config import TrainConfig, load_config  # noqa: E402
+from sft_core.db import datasets as dataset_rows, jobs as job_rows, runs as run_rows  # noqa: E402
 from sft_core.example import build_example  # noqa: E402
 from sft_core.store import Store  # noqa: E402
 from sft_core.workspace import Workspace  # noqa: E402
@@ -55,7 +56,7 @@ def run_job(job_id: str, ws: Workspace, store: Store) -> float:
     t = time.time()
     status = jobs.run_in_foreground(job_id, ws, store)
     if status != "succeeded":
-        row = store.query_one("SELECT error FROM jobs WHERE id=?", (job_id,))
+        row = job_rows.get(store, job_id)
         raise SystemExit(f"job {job_id} {status}: {row['error'] if row else ''}")
     return round(time.time() - t, 1)
 
@@ -63,7 +64,7 @@ def run_job(job_id: str, ws: Workspace, store: Store) -> float:
 def make_dataset(ws: Workspace, store: Store, name: str, n_chunks: int) -> dict:
     """The synth job on the example knowledge base, the base model as the generator; its counts (or the
     reason nothing was stored: the job's error names the counts)."""
-    done = store.query_one("SELECT version FROM datasets WHERE name=? ORDER BY created_at DESC", (name,))
+    done = dataset_rows.get(store, name)
     if done:
         rep = json.loads((ws.datasets_dir(name, done["version"]) / "report.json").read_text())
         return {"version": done["version"], "reused": True, **rep.get("synth", {}), "splits": rep.get("splits")}
@@ -74,15 +75,15 @@ def make_dataset(ws: Workspace, store: Store, name: str, n_chunks: int) -> dict:
     status = jobs.run_in_foreground(job, ws, store)
     wall = round(time.time() - t, 1)
     if status != "succeeded":
-        row = store.query_one("SELECT error FROM jobs WHERE id=?", (job,))
+        row = job_rows.get(store, job)
         return {"stored": False, "wall_s": wall, "error": row["error"] if row else status}
-    version = store.query_one("SELECT version FROM datasets WHERE name=? ORDER BY created_at DESC", (name,))["version"]
+    version = dataset_rows.get(store, name)["version"]
     rep = json.loads((ws.datasets_dir(name, version) / "report.json").read_text())
     return {"stored": True, "version": version, "wall_s": wall, **rep.get("synth", {}), "splits": rep.get("splits")}
 
 
 def train(ws: Workspace, store: Store, run_id: str, dataset: str, max_steps: int, raft: bool) -> dict:
-    row = store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))
+    row = run_rows.get(store, run_id)
     if row and row["status"] == "succeeded":
         return {"run": run_id, "reused": True}
     over = {"dataset": dataset, "max_steps": max_steps, "batch_size": 8, "run_name": run_id}

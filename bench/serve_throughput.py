@@ -26,6 +26,7 @@ if (REPO / ".cache" / "models").is_dir():
 
 from sft_core import models  # noqa: E402
 from sft_core.config import DecodingConfig, ServeConfig  # noqa: E402
+from sft_core.db import runs as run_rows  # noqa: E402
 from sft_core.serving.base import GenRequest  # noqa: E402
 from sft_core.store import Store  # noqa: E402
 from sft_core.workspace import Workspace  # noqa: E402
@@ -56,9 +57,8 @@ def make_adapters(ws: Workspace, store: Store, model_dir: Path, n: int = 4) -> l
         name = f"bench-adapter-{i}"
         pm.save_pretrained(ws.runs_dir(name, "adapter"))
         base = pm.unload()  # back to the plain base model for the next one
-        store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                      "VALUES (?, 'bench', 'v0', ?, 'succeeded', ?, ?)",
-                      (name, models.EMBEDDED_MODEL, time.time() + i, str(ws.runs_dir(name))))
+        run_rows.insert_run(store, name, "bench", "v0", models.EMBEDDED_MODEL, str(ws.runs_dir(name)), {},
+                            status="succeeded", created_at=time.time() + i)
         names.append(name)
     return names
 

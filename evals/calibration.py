@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sft_core.db import evals as eval_rows, ratings as rating_rows
 from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, read_jsonl, sha256_bytes
 
@@ -88,7 +89,7 @@ def judge_calibration(campaign_id: str, ws: Workspace | None = None, store: Stor
     camp = rating.get_campaign(campaign_id, ws=ws, store=store)
     if n_boot < 1:
         raise rating.RatingError(f"n_boot must be at least 1, got {n_boot}", "n_boot")
-    ev = store.query_one("SELECT path, config FROM evals WHERE id=?", (camp["eval_id"],))
+    ev = eval_rows.get(store, camp["eval_id"])
     if ev is None:
         return None
     verdicts = [j for j in read_jsonl(Path(ev["path"]) / "judge.jsonl") if "winner" in j]
@@ -99,9 +100,7 @@ def judge_calibration(campaign_id: str, ws: Workspace | None = None, store: Stor
     for j in verdicts:
         who = (j.get("judge") or default_judge, j.get("prompt_id") or default_prompt)
         by_pair[(j["row_id"], frozenset((j["system_a"], j["system_b"])))][who] = j
-    votes = store.query("SELECT v.choice, t.id AS task_id, t.row_id, t.system_left, t.system_right FROM votes v "
-                        "JOIN rating_tasks t ON t.id=v.task_id WHERE v.campaign_id=? AND v.choice != 'both_bad'",
-                        (campaign_id,))
+    votes = [v for v in rating_rows.votes_with_tasks(store, campaign_id) if v["choice"] != "both_bad"]
     items: dict[tuple, list] = defaultdict(list)
     for v in votes:
         for who, j in by_pair.get((v["row_id"], frozenset((v["system_left"], v["system_right"]))), {}).items():
@@ -119,13 +118,11 @@ def judge_calibration(campaign_id: str, ws: Workspace | None = None, store: Stor
 def calibration_for_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = None,
                          n_boot: int = 1000) -> list[dict]:
     """The calibration of every campaign on this eval that has judged, voted pairs (for the eval report)."""
-    from evals import rating
     ws = ws or Workspace.from_env()
-    store = store or open_store(ws.db_url)
-    rating.list_campaigns(ws=ws, store=store)  # adds the later campaigns columns to an older database
+    store = store or open_store(ws.db_url)  # opening it brings an older database's tables up to date
     out = []
-    for c in store.query("SELECT id FROM campaigns WHERE eval_id=? ORDER BY created_at", (eval_id,)):
-        cal = judge_calibration(c["id"], ws, store, n_boot=n_boot)
+    for cid in rating_rows.campaign_ids(store, eval_id):
+        cal = judge_calibration(cid, ws, store, n_boot=n_boot)
         if cal:
             out.append(cal)
     return out

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from sft_core import StudioError
 from sft_core.config import DecodingConfig
+from sft_core.db import evals as eval_rows
 from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, atomic_write_json, read_jsonl, write_jsonl
 
@@ -192,7 +193,7 @@ def judge_eval(eval_id: str, engine=None, url: str | None = None, model: str | N
     Returns judge.jsonl's path."""
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
-    row = store.query_one("SELECT * FROM evals WHERE id=?", (eval_id,))
+    row = eval_rows.get(store, eval_id)
     if row is None:
         raise JudgeError(f"unknown eval {eval_id!r}", "eval")
     path, cfg = Path(row["path"]), loads(row["config"])

@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from sft_core import StudioError
+from sft_core.db import evals as eval_rows, runs as run_rows
 from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, atomic_write_text, read_jsonl
 
@@ -156,7 +157,7 @@ def _lineage(systems: list[str], ws: Workspace, store: Store) -> list[str]:
     out = []
     for name in systems:
         run_id = name.partition(":")[2]
-        run = store.query_one("SELECT config FROM runs WHERE id=?", (run_id,)) if run_id else None
+        run = run_rows.get(store, run_id) if run_id else None
         if run and loads(run["config"], {}).get("mode") == MODE:
             out.append(f"{name}: {format_lineage(lineage_of_run(run_id, ws, store))}")
     return out
@@ -180,7 +181,7 @@ def build_report(eval_id: str, ws: Workspace | None = None, store: Store | None 
     from evals.calibration import calibration_for_eval
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
-    row = store.query_one("SELECT * FROM evals WHERE id=?", (eval_id,))
+    row = eval_rows.get(store, eval_id)
     if row is None:
         raise StudioError(f"unknown eval {eval_id!r}", "eval")
     path, cfg = Path(row["path"]), loads(row["config"])
@@ -283,7 +284,7 @@ def write_report(eval_id: str, ws: Workspace | None = None, store: Store | None 
     store = store or open_store(ws.db_url)
     rep = build_report(eval_id, ws, store)
     html_doc, md = render_html(rep), render_markdown(rep)  # both rendered before anything is written
-    row = store.query_one("SELECT path FROM evals WHERE id=?", (eval_id,))
+    row = eval_rows.get(store, eval_id)
     out = Path(out_dir) if out_dir else Path(row["path"])
     out.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(out / "report.html", html_doc), atomic_write_text(out / "report.md", md)

@@ -55,8 +55,9 @@ def create_eval(dataset: str, systems: list[str], split: str = "test", kb: str |
     OPENAI_API_KEY at run time, never stored). External endpoints (``openai:*`` systems, a judge
     URL) get a pre-flight request last, right before anything is written: a dead one stores nothing."""
     from evals import judge as J
-    from sft_core import data
+    from sft_core import data, jobs
     from sft_core.config import StudioSettings
+    jobs.check_backend()  # a job backend that cannot take the eval: refused before anything is written
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     checked = S.check_systems(systems, store, kb, check_endpoints=False)
@@ -447,6 +448,7 @@ def submit_eval(eval_id: str, ws: Workspace | None = None, store: Store | None =
     The state is checked in the transaction that queues: an eval that is queued or running already, or
     has a live job, is refused, so two clicks never queue it twice."""
     from sft_core import jobs
+    jobs.check_backend()
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     jobs.reconcile(store, ws=ws)

@@ -22,8 +22,8 @@ import os
 from dataclasses import dataclass, field
 
 from sft_core import StudioError
+from sft_core.db import runs as run_rows
 from sft_core.records import prompt_messages
-from sft_core.store import finished_run
 
 DEFAULT_SYSTEM_PROMPT = "You are a concise, accurate assistant. Answer in one or two sentences."
 KINDS = ("prompt", "rag", "sft", "sft+rag", "raft", "openai")
@@ -129,7 +129,7 @@ def check_systems(names: list[str], store, kb: str | None, check_endpoints: bool
         raise SystemError_("a system is listed twice", "systems")
     for s in systems:
         if s.adapter:
-            finished_run(store, s.adapter, SystemError_, "systems", label=s.name)
+            run_rows.finished(store, s.adapter, SystemError_, "systems", label=s.name)
         if s.kind == "raft":
             raft_settings(s.run, store)  # refuses a run not trained in raft mode
         if s.uses_kb and not kb:
@@ -218,7 +218,7 @@ def chat_request(system_name: str, message: str, kb: str | None = None, ws=None,
 
 def _run_tokenizer(run_id: str, ws, store):
     from sft_core import models
-    run = store.query_one("SELECT base_model FROM runs WHERE id=?", (run_id,))
+    run = run_rows.get(store, run_id)
     return models.load_tokenizer(models.resolve_model(run["base_model"], ws))
 
 

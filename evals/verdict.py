@@ -12,6 +12,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
+from sft_core.db import evals as eval_rows
 from sft_core.store import Store, open_store
 from sft_core.workspace import Workspace
 
@@ -202,7 +203,7 @@ def eval_scores(eval_id: str, ws: Workspace | None = None, store: Store | None =
     """The eval's scores.json, or None while it is not scored (or for an unknown eval)."""
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
-    row = store.query_one("SELECT path FROM evals WHERE id=?", (eval_id,))
+    row = eval_rows.get(store, eval_id)
     path = Path(row["path"]) / "scores.json" if row else None
     return json.loads(path.read_text()) if path and path.exists() else None
 

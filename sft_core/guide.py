@@ -21,6 +21,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sft_core.db import (datasets as dataset_rows, evals as eval_rows, jobs as job_rows, kbs as kb_rows,
+                         ratings as rating_rows, runs as run_rows)
 from sft_core.store import Store, loads
 from sft_core.workspace import Workspace, read_jsonl
 
@@ -205,19 +207,16 @@ SELECTION_KEYS = ("dataset", "kb", "run", "eval", "campaign")
 def default_selection(ws: Workspace, store: Store) -> dict:
     """The running or newest of each kind (the example knowledge base first: it is the one the
     example dataset's questions are about)."""
-    def newest(sql: str) -> str | None:
-        row = store.query_one(sql)
-        return row[next(iter(row))] if row else None
-    kbs = [r["name"] for r in store.query("SELECT name FROM kbs ORDER BY updated_at DESC")]
+    def newest(ids: list) -> str | None:
+        return ids[0] if ids else None
+    kbs = kb_rows.names(store, newest_first=True)
     return {
-        "dataset": newest("SELECT name FROM datasets ORDER BY created_at DESC"),
+        "dataset": newest(dataset_rows.names(store, newest_first=True)),
         "kb": EXAMPLE if EXAMPLE in kbs else (kbs[0] if kbs else None),
-        "run": newest("SELECT id FROM runs WHERE status IN ('queued','running') ORDER BY created_at DESC")
-        or newest("SELECT id FROM runs ORDER BY created_at DESC"),
-        "eval": newest("SELECT id FROM evals WHERE status IN ('queued','running') ORDER BY created_at DESC")
-        or newest("SELECT id FROM evals ORDER BY created_at DESC"),
-        "campaign": newest("SELECT id FROM campaigns ORDER BY created_at DESC"),
-        "succeeded_run": newest("SELECT id FROM runs WHERE status='succeeded' ORDER BY created_at DESC"),
+        "run": newest(run_rows.ids(store, status=ACTIVE)) or newest(run_rows.ids(store)),
+        "eval": newest(eval_rows.ids(store, status=ACTIVE)) or newest(eval_rows.ids(store)),
+        "campaign": newest(rating_rows.campaign_ids(store, newest_first=True)),
+        "succeeded_run": newest(run_rows.ids(store, status="succeeded")),
     }
 
 
@@ -240,7 +239,7 @@ def _events(path: str | None) -> list[dict]:
 
 
 def _latest_job(store: Store, ref: str) -> dict | None:
-    return store.query_one("SELECT * FROM jobs WHERE ref=? ORDER BY created_at DESC, rowid DESC", (ref,))
+    return job_rows.latest(store, ref)
 
 
 def guide_state(ws: Workspace, store: Store, selected_dataset: str | None = None) -> Guide:
@@ -251,8 +250,7 @@ def guide_state(ws: Workspace, store: Store, selected_dataset: str | None = None
     steps: dict[str, Step] = {}
     boot = example.bootstrap_state(ws, store)
 
-    datasets = [r["name"] for r in store.query("SELECT name FROM datasets ORDER BY created_at DESC")]
-    names = list(dict.fromkeys(datasets))
+    names = dataset_rows.names(store, newest_first=True)
     facts["dataset"] = (selected_dataset if selected_dataset in names else
                         EXAMPLE if EXAMPLE in names else (names[0] if names else None))
     if names:
@@ -265,9 +263,9 @@ def guide_state(ws: Workspace, store: Store, selected_dataset: str | None = None
     else:
         steps["data"] = Step("data", "Data", "todo", "upload question/answer pairs")
 
-    kbs = [r["name"] for r in store.query("SELECT name FROM kbs ORDER BY updated_at DESC")]
+    kbs = kb_rows.names(store, newest_first=True)
     facts["kb"] = EXAMPLE if EXAMPLE in kbs else (kbs[0] if kbs else None)
-    building = store.query_one("SELECT ref FROM jobs WHERE kind='kb_build' AND status IN ('queued','running')")
+    building = job_rows.live(store, kind="kb_build")
     if kbs:
         steps["knowledge"] = Step("knowledge", "Knowledge", "done", ", ".join(kbs[:3]))
     elif building or boot == "running":
@@ -275,7 +273,7 @@ def guide_state(ws: Workspace, store: Store, selected_dataset: str | None = None
     else:
         steps["knowledge"] = Step("knowledge", "Knowledge", "todo", "add documents for retrieval (RAG)")
 
-    runs = store.query("SELECT id, status, path, metrics, config FROM runs ORDER BY created_at DESC")
+    runs = run_rows.list_runs(store)
     active_run = next((r for r in runs if r["status"] in ACTIVE), None)
     done_run = next((r for r in runs if r["status"] == "succeeded"), None)
     facts["run"] = done_run["id"] if done_run else None
@@ -297,7 +295,7 @@ def guide_state(ws: Workspace, store: Store, selected_dataset: str | None = None
     else:
         steps["train"] = Step("train", "Train", "todo", "fine-tune a LoRA adapter")
 
-    evals = store.query("SELECT id, status, systems FROM evals ORDER BY created_at DESC")
+    evals = eval_rows.list_evals(store)
     active_eval = next((e for e in evals if e["status"] in ACTIVE), None)
     wanted = f"sft:{done_run['id']}" if done_run else None
     # done = a finished eval of the newest finished run (or of anything, before any run finished)
@@ -317,8 +315,7 @@ def guide_state(ws: Workspace, store: Store, selected_dataset: str | None = None
         steps["evaluate"] = Step("evaluate", "Evaluate", "todo",
                                  "compare prompt, RAG and fine-tuned on held-out questions")
 
-    camps = store.query("SELECT c.id, c.eval_id, (SELECT COUNT(*) FROM votes v WHERE v.campaign_id=c.id) AS n_votes "
-                        "FROM campaigns c ORDER BY created_at DESC")
+    camps = rating_rows.campaigns_with_vote_counts(store)
     camp = next((c for c in camps if done_eval and c["eval_id"] == done_eval["id"]), camps[0] if camps else None)
     facts["campaign"] = camp["id"] if camp else None
     if camp and camp["n_votes"]:

@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from sft_core import StudioError, gpu
+from sft_core import StudioError, gpu, job_backends
 from sft_core.config import TrainConfig, load_config, to_dict
+from sft_core.job_backends import _alive, _proc_start, _same_process  # noqa: F401 (tests use them)
 from sft_core.db import jobs as job_rows, runs as run_rows, evals as eval_rows
 from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, atomic_write_json, safe_name
@@ -208,6 +209,7 @@ def submit_train(cfg: TrainConfig, ws: Workspace | None = None, store: Store | N
     from sft_core.train import validate_train_config
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
+    check_backend(cfg.num_gpus)
     facts = validate_train_config(cfg, ws, store)
     run_id = new_run_id(cfg)
     run_dir = ws.runs_dir(run_id)
@@ -238,6 +240,7 @@ def submit(kind: str, ref: str, payload: dict | None = None, ws: Workspace | Non
     """Queue a job of a registered kind (evals use this)."""
     if kind not in JOB_KINDS:
         raise JobError(f"unknown job kind {kind!r}", "kind")
+    check_backend()
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     with store.tx() as con:
@@ -299,6 +302,7 @@ def resume(run_id: str, ws: Workspace | None = None, store: Store | None = None)
     run = run_rows.get(store, run_id)
     if run is None:
         raise JobError(f"unknown run {run_id!r}", "run")
+    check_backend(int(loads(run["config"], {}).get("num_gpus", 0) or 0))
     if last_checkpoint(Path(run["path"])) is None:
         raise JobError(f"run {run_id} has no checkpoint yet; start it again instead", "run")
     with store.tx() as con:  # the state is checked in the transaction that re-queues: two resumes queue one job
@@ -311,41 +315,6 @@ def resume(run_id: str, ws: Workspace | None = None, store: Store | None = None)
             raise JobError(f"run {run_id} already has a queued or running job", "run")
         run_rows.set_status(con, run_id, "queued")
         return _insert_job(con, "train", run_id, {"resume": True})
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped) is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def _proc_start(pid: int) -> str | None:
-    """The process's start time (clock ticks since boot, /proc/<pid>/stat field 22), or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _same_process(pid: int, start: str | None) -> bool:
-    """Whether ``pid`` is still the process that was recorded (alive, and started at ``start``).
-
-    Without a recorded start time (rows from before the column existed) only liveness is checked."""
-    if not _alive(pid):
-        return False
-    if start is None:
-        return True
-    now = _proc_start(pid)
-    return now is None or now == start  # no /proc (not Linux): liveness is all there is
 
 
 def reconcile(store: Store, watched: set[str] | None = None, ws: Workspace | None = None) -> list[str]:
@@ -361,7 +330,10 @@ def reconcile(store: Store, watched: set[str] | None = None, ws: Workspace | Non
             continue
         beat = job["heartbeat_at"] or job["started_at"] or 0
         silent = time.time() - beat
-        if job["pid"]:
+        ref = job.get("worker_ref") or ""
+        if ref.startswith("ray:"):
+            gone = not job_backends.backend_for_ref(ref).alive(ref)
+        elif job["pid"]:
             gone = not _same_process(job["pid"], job.get("pid_start"))
         else:  # claimed, process not started yet: give the starter a moment
             gone = silent > PID_GRACE_S
@@ -442,28 +414,34 @@ def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], N
         return "failed"
     log_path = _log_path(job, ws, store)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    gpu_env, ended = _prepare_gpus(job, kind, ws, store, log_path)
-    if ended:
-        return ended
+    try:
+        backend = job_backends.backend_from_env()
+    except StudioError as e:
+        _finish(store, job, "failed", str(e), ws)
+        return "failed"
+    gpu_env = {}
+    if backend.name == "local":  # on a cluster, the scheduler picks the node and its GPUs
+        gpu_env, ended = _prepare_gpus(job, kind, ws, store, log_path)
+        if ended:
+            return ended
     env = {**os.environ, "SFT_STUDIO_HOME": str(ws.root), "PYTHONUNBUFFERED": "1", **gpu_env}
     launcher = gpu.LAUNCHER_MODULE in argv  # its ranks stop on the cancel flag; its exit code says little
-    with open(log_path, "ab") as logf:
-        proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    start = _proc_start(proc.pid)
-    job_rows.set_worker(store, job["id"], proc.pid, start, f"local:{proc.pid}:{start}")
+    try:
+        handle = backend.start(argv, env, log_path, num_gpus=cluster_gpus(job, store), job_id=job["id"])
+    except StudioError as e:  # the cluster went away between submit and start
+        _finish(store, job, "failed", str(e), ws)
+        return "failed"
+    pid = getattr(handle, "pid", None)
+    job_rows.set_worker(store, job["id"], pid, _proc_start(pid) if pid else None, handle.ref)
     sent_term, last_beat = False, time.time()
-    while proc.poll() is None:
+    while (code := handle.poll()) is None:
         time.sleep(0.5)
-        if time.time() - last_beat > 5 and _alive(proc.pid):  # kinds whose worker does not beat itself
+        if time.time() - last_beat > 5 and (pid is None or _alive(pid)):  # kinds whose worker does not beat itself
             last_beat = time.time()
             job_rows.beat(store, job["id"])
         if job_rows.cancel_requested(store, job["id"]) and not sent_term and not launcher:
             sent_term = True
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-    code = proc.returncode
+            handle.terminate()
     cancel_asked = job_rows.cancel_requested(store, job["id"])
     from sft_core.train import EXIT_CANCELLED
     recorded = kind.outcome(job, ws, store) if launcher and kind.outcome else None  # rank 0's exit record
@@ -474,9 +452,24 @@ def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], N
     elif code == EXIT_CANCELLED or (cancel_asked and code in (EXIT_CANCELLED, -signal.SIGTERM)):
         status, err = "cancelled", None
     else:
-        status, err = "failed", _error_reason(job, ws, store) or _describe_exit(code)
+        status, err = "failed", _error_reason(job, ws, store) or getattr(handle, "reason", None) or _describe_exit(code)
     _finish(store, job, status, err, ws)
     return status
+
+
+def cluster_gpus(job: dict, store: Store) -> int:
+    """The GPUs a job asks a cluster scheduler for: a training run's ``num_gpus`` (locally 0 means all
+    that training may use; on a cluster it means a CPU run: set it to train on GPUs there)."""
+    if job["kind"] != "train":
+        return 0
+    run = run_rows.get(store, job["ref"])
+    return int(loads(run["config"], {}).get("num_gpus", 0) or 0) if run else 0
+
+
+def check_backend(num_gpus: int = 0) -> None:
+    """At submit time, before anything is written: the configured job backend can take the job (a Ray
+    address that answers, a GPU node when the run asks for GPUs). StudioError naming the setting."""
+    job_backends.backend_from_env().check(num_gpus)
 
 
 def _prepare_gpus(job: dict, kind: JobKind, ws: Workspace, store: Store, log_path: Path) -> tuple[dict, str | None]:

@@ -142,6 +142,7 @@ def new_run_id(cfg: PreferenceConfig) -> str:
 def submit_pref_run(cfg: PreferenceConfig, ws: Workspace | None = None, store: Store | None = None) -> str:
     """Validate (before any process starts), create the run directory, insert the run and its queued job."""
     from sft_core import jobs
+    jobs.check_backend(cfg.num_gpus)
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     facts = validate_pref_config(cfg, ws, store)

@@ -42,6 +42,7 @@ from pathlib import Path
 
 from sft_core import StudioError
 from sft_core.config import DataConfig
+from sft_core.db import evals as eval_rows, ratings as rating_rows
 from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, read_jsonl, safe_name, sha256_json
 
@@ -263,7 +264,7 @@ def _eval_prompts(ev: dict, ws: Workspace, store: Store) -> dict[str, list[dict]
 
 
 def _eval(store: Store, eval_id: str) -> dict:
-    ev = store.query_one("SELECT * FROM evals WHERE id=?", (eval_id,))
+    ev = eval_rows.get(store, eval_id)
     if ev is None:
         raise PreferenceError(f"unknown eval {eval_id!r}", "eval")
     return ev
@@ -279,9 +280,7 @@ def build_from_campaign(campaign_id: str, name: str, eval_fraction: float = 0.1,
     ws, store = _ctx(ws, store)
     safe_name(name, "name")
     camp = rating.get_campaign(campaign_id, ws=ws, store=store)
-    votes = store.query("SELECT v.rater, v.choice, t.id AS task_id, t.row_id, t.system_left, t.system_right, t.prompt, "
-                        "t.output_left, t.output_right FROM votes v JOIN rating_tasks t ON t.id=v.task_id "
-                        "WHERE v.campaign_id=? ORDER BY v.id", (campaign_id,))
+    votes = rating_rows.votes_with_tasks(store, campaign_id, texts=True)
     counts = Counter(votes=len(votes))
     decisive = [v for v in votes if v["choice"] in ("left", "right")]
     for v in votes:

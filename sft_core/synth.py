@@ -577,6 +577,7 @@ def submit_synth(cfg: SynthConfig, ws: Workspace | None = None, store: Store | N
     A local generator takes the accelerator slot; an external one does not."""
     from sft_core import jobs
     from sft_core.config import to_dict
+    jobs.check_backend()
     ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     check(cfg, ws, store)

@@ -129,19 +129,18 @@ def serving_ws(session_dir, tiny_model_dir):
     """(Workspace, Store) with succeeded runs SERVING_ADAPTERS, adapters in runs/<id>/adapter/."""
     import time as _time
 
+    from sft_core.db import runs
     from sft_core.store import Store
     from sft_core.workspace import Workspace
     ws = Workspace.at(session_dir / "serving-home")
     st = Store(ws.db_url)
     for i, (run_id, answer) in enumerate(SERVING_ADAPTERS.items()):
         train_tiny_lora(tiny_model_dir, ws.runs_dir(run_id, "adapter"), answer, seed=i)
-        st.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                   "VALUES (?, 'test', 'v0', ?, 'succeeded', ?, ?)",
-                   (run_id, str(tiny_model_dir), _time.time() + i, str(ws.runs_dir(run_id))))
+        runs.insert_run(st, run_id, "test", "v0", str(tiny_model_dir), str(ws.runs_dir(run_id)), {},
+                        status="succeeded", created_at=_time.time() + i)
     # a run that has not finished: its name is known but must not be served
     ws.runs_dir("run-pending").mkdir(parents=True)
-    st.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-               "VALUES ('run-pending', 'test', 'v0', ?, 'running', ?, ?)",
-               (str(tiny_model_dir), _time.time(), str(ws.runs_dir("run-pending"))))
+    runs.insert_run(st, "run-pending", "test", "v0", str(tiny_model_dir), str(ws.runs_dir("run-pending")), {},
+                    status="running", created_at=_time.time())
     yield ws, st
     st.close()

@@ -489,6 +489,7 @@ def seed_locked_home(home: Path) -> dict:
     """Datasets, finished runs, a finished eval (with outputs naming their systems) and a campaign."""
     from evals import rating
     from sft_core import data
+    from sft_core.db import evals as eval_rows, jobs as job_rows, runs as run_rows
     from sft_core.store import Store
     from sft_core.workspace import Workspace
     ws = Workspace.at(home)
@@ -502,19 +503,16 @@ def seed_locked_home(home: Path) -> dict:
         for run_id in ("api-old-run", "ui-old-run"):
             (ws.runs_dir(run_id, "adapter")).mkdir(parents=True)
             (ws.runs_dir(run_id, "adapter") / "adapter_config.json").write_text("{}")
-            st.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                       "VALUES (?, 'api-ds', 'v0', 'm', 'cancelled', ?, ?)", (run_id, now, str(ws.runs_dir(run_id))))
-            st.execute("INSERT INTO jobs (id, kind, status, ref, created_at) VALUES (?, 'train', 'cancelled', ?, ?)",
-                       (f"job-{run_id}", run_id, now))
+            run_rows.insert_run(st, run_id, "api-ds", "v0", "m", str(ws.runs_dir(run_id)), {}, status="cancelled",
+                                created_at=now)
+            job_rows.insert_job(st, "train", run_id, {}, status="cancelled")
         eval_id, path = "eval-locked", ws.evals_dir("eval-locked")
         path.mkdir(parents=True)
         outputs = [{"set": "domain", "row_id": r, "system": s, "instruction": f"question {r}", "reference": "ref",
                     "output": f"ANSWER-{s}-{r}"} for r in ("r1", "r2") for s in ("prompt", "rag")]
         (path / "outputs.jsonl").write_text("".join(json.dumps(o) + "\n" for o in outputs))
         (path / "report.html").write_text("<html><body>REPORT eval-locked: prompt vs rag</body></html>")
-        st.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path) "
-                   "VALUES (?, 'api-ds', 'v0', 'test', ?, 'succeeded', ?, ?)",
-                   (eval_id, json.dumps(["prompt", "rag"]), now, str(path)))
+        eval_rows.insert_eval(st, eval_id, "api-ds", "v0", "test", ["prompt", "rag"], str(path), {}, status="succeeded")
         campaign = rating.create_campaign(eval_id, ws=ws, store=st, seed=0)
     finally:
         st.close()
@@ -653,31 +651,28 @@ def _dataset(ws, store, name: str, tmp: Path):
 
 def test_delete_dataset_refuses_while_a_job_uses_it(ws, store, tmp_path):
     from sft_core import StudioError, data
+    from sft_core.db import datasets as dataset_rows, evals as eval_rows, jobs as job_rows, runs as run_rows
     from sft_core.studio import delete_dataset
     _dataset(ws, store, "ds", tmp_path)
     src2 = tmp_path / "ds2.jsonl"
     src2.write_text("".join(json.dumps({"instruction": f"other {i}", "output": f"b{i}"}) + "\n" for i in range(10)))
     data.import_dataset(src2, "ds", ws=ws, store=store)  # a second version of the same name
     _dataset(ws, store, "other", tmp_path)
-    now = time.time()
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                  "VALUES ('r1', 'ds', 'v', 'm', 'queued', ?, 'x')", (now,))
-    store.execute("INSERT INTO jobs (id, kind, status, ref, created_at) VALUES ('j1', 'train', 'queued', 'r1', ?)",
-                  (now,))
-    store.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path) "
-                  "VALUES ('e1', 'other', 'v', 'test', '[]', 'running', ?, 'x')", (now,))
+    run_rows.insert_run(store, "r1", "ds", "v", "m", "x", {}, status="queued")
+    j1 = job_rows.insert_job(store, "train", "r1", {})
+    eval_rows.insert_eval(store, "e1", "other", "v", "test", [], "x", {}, status="running")
     for name, user in (("ds", "r1"), ("other", "e1")):
         with pytest.raises(StudioError, match=f"in use by {user}"):
             delete_dataset(name, ws, store)
-    assert (ws.datasets_dir("ds")).exists() and len(store.query("SELECT 1 FROM datasets")) == 3
-    store.execute("UPDATE jobs SET status='running' WHERE id='j1'")
+    assert (ws.datasets_dir("ds")).exists() and len(dataset_rows.list_versions(store)) == 3
+    job_rows.mark_running(store, j1, time.time())
     with pytest.raises(StudioError, match="in use"):
         delete_dataset("ds", ws, store)
-    store.execute("UPDATE jobs SET status='cancelled' WHERE id='j1'")
+    assert job_rows.finish(store, j1, "cancelled")
     assert delete_dataset("ds", ws, store) == 2
     assert not ws.datasets_dir("ds").exists()
     assert [d["name"] for d in data.list_datasets(ws, store)] == ["other"]
-    assert store.query_one("SELECT id FROM runs WHERE id='r1'")  # runs made from it stay
+    assert run_rows.exists(store, "r1")  # runs made from it stay
     with pytest.raises(StudioError, match="unknown dataset"):
         delete_dataset("ds", ws, store)
     with pytest.raises(StudioError):
@@ -686,31 +681,29 @@ def test_delete_dataset_refuses_while_a_job_uses_it(ws, store, tmp_path):
 
 def test_delete_run_only_when_finished(ws, store):
     from sft_core import StudioError
+    from sft_core.db import evals as eval_rows, jobs as job_rows, runs as run_rows
     from sft_core.studio import delete_run
     now = time.time()
     for run_id, status in (("r-run", "running"), ("r-done", "succeeded"), ("r-queued", "queued")):
         ws.runs_dir(run_id, "adapter").mkdir(parents=True)
-        store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                      "VALUES (?, 'd', 'v', 'm', ?, ?, ?)", (run_id, status, now, str(ws.runs_dir(run_id))))
-        store.execute("INSERT INTO jobs (id, kind, status, ref, created_at) VALUES (?, 'train', ?, ?, ?)",
-                      (f"j-{run_id}", status, run_id, now))
+        run_rows.insert_run(store, run_id, "d", "v", "m", str(ws.runs_dir(run_id)), {}, status=status, created_at=now)
+        job_rows.insert_job(store, "train", run_id, {}, status=status)
     for run_id in ("r-run", "r-queued"):
         with pytest.raises(StudioError, match="cancel it first"):
             delete_run(run_id, ws, store)
         assert ws.runs_dir(run_id).exists()
     # a resume queued for a failed run counts as active too
-    store.execute("UPDATE runs SET status='failed' WHERE id='r-queued'")
+    run_rows.set_status(store, "r-queued", "failed")
     with pytest.raises(StudioError, match="queued"):
         delete_run("r-queued", ws, store)
-    store.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path) "
-                  "VALUES ('e1', 'd', 'v', 'test', '[\"prompt\", \"sft:r-done\"]', 'running', ?, 'x')", (now,))
+    eval_rows.insert_eval(store, "e1", "d", "v", "test", ["prompt", "sft:r-done"], "x", {}, status="running")
     with pytest.raises(StudioError, match="in use by e1"):
         delete_run("r-done", ws, store)
-    store.execute("UPDATE evals SET status='succeeded' WHERE id='e1'")
+    eval_rows.set_status(store, "e1", "succeeded")
     delete_run("r-done", ws, store)
     assert not ws.runs_dir("r-done").exists()
-    assert store.query("SELECT id FROM runs WHERE id='r-done'") == []
-    assert store.query("SELECT id FROM jobs WHERE ref='r-done'") == []
+    assert not run_rows.exists(store, "r-done")
+    assert job_rows.latest(store, "r-done") is None
     with pytest.raises(StudioError, match="unknown run"):
         delete_run("r-done", ws, store)
     with pytest.raises(StudioError):

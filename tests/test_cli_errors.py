@@ -129,19 +129,19 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 @pytest.fixture
 def seeded(ws, store):
     """A succeeded run with an adapter, a rating campaign and an eval without scores, for the --out cases."""
+    from sqlalchemy import insert
+
+    from sft_core.db import evals as eval_rows, runs as run_rows, schema, write
     now = time.time()
     run_dir = ws.runs_dir("run-ok")
     (run_dir / "adapter").mkdir(parents=True)
     (run_dir / "adapter" / "adapter_config.json").write_text("{}")
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                  "VALUES ('run-ok', 'd', 'v', '/nonexistent/base-model', 'succeeded', ?, ?)", (now, str(run_dir)))
-    store.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path) "
-                  "VALUES ('ev-ok', 'd', 'v', 'test', '[\"prompt\",\"rag\"]', 'running', ?, ?)",
-                  (now, str(ws.evals_dir("ev-ok"))))
-    from evals import rating  # its first use adds later columns to the campaigns table
-    rating.list_campaigns(ws=ws, store=store)
-    store.execute("INSERT INTO campaigns (id, eval_id, systems, created_at) VALUES ('camp-ok', 'ev-ok', "
-                  "'[\"prompt\",\"rag\"]', ?)", (now,))
+    run_rows.insert_run(store, "run-ok", "d", "v", "/nonexistent/base-model", str(run_dir), {}, status="succeeded",
+                        created_at=now)
+    eval_rows.insert_eval(store, "ev-ok", "d", "v", "test", ["prompt", "rag"], str(ws.evals_dir("ev-ok")), {},
+                          status="running")
+    write(store, insert(schema.campaigns).values(id="camp-ok", eval_id="ev-ok", systems=json.dumps(["prompt", "rag"]),
+                                                 created_at=now))
     return ws
 
 

@@ -10,6 +10,7 @@ import pytest
 from sft_core import cli, data, models
 from sft_core.render import format_report
 from sft_core.config import DataConfig
+from sft_core.db import datasets as datasets_db
 from sft_core.store import open_store
 
 ROWS = [("What is 2+2?", "4", None), ("Capital of France?", "Paris", "Europe facts"), ("Say hi", "Hi!", None),
@@ -131,7 +132,7 @@ def test_malformed_matrix(tmp_path, ws, capsys):
             for needle in expected:
                 assert needle in text, f"{label}: {needle!r} not in output:\n{text}"
     assert not ws.datasets_dir().exists() or not any(ws.datasets_dir().iterdir())
-    assert store.query("SELECT * FROM datasets") == []
+    assert datasets_db.list_versions(store) == []
 
 
 def test_every_bad_row_is_reported(tmp_path):
@@ -354,7 +355,7 @@ def test_check_then_import_reads_the_file_once(tmp_path, ws, store, cfg, counted
     bad = data.check(_jsonl(tmp_path / "bad.jsonl", [{"instruction": "q", "output": " "}]), cfg)
     with pytest.raises(data.DataError, match=r"bad.jsonl:1 \[output\]: empty"):
         data.import_checked(bad, "bad", ws=ws, store=store)
-    assert store.query("SELECT name FROM datasets") == [{"name": "flow"}]
+    assert [r["name"] for r in datasets_db.list_versions(store)] == ["flow"]
 
 
 def test_cli_import_reads_the_file_once(tmp_path, ws, counted, capsys):

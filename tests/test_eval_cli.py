@@ -17,6 +17,7 @@ from evals import runner
 from evals import systems as S
 from sft_core import StudioError, data
 from sft_core.cli import main
+from sft_core.db import evals as evals_db
 from sft_core.workspace import read_jsonl
 from tests.test_judge import ZORBIA, ScriptedOpenAI, closed_port, import_tiny
 
@@ -29,7 +30,7 @@ def server():
 
 
 def nothing_stored(ws, store) -> bool:
-    return store.query("SELECT id FROM evals") == [] and (not ws.evals_dir().exists() or not any(ws.evals_dir().iterdir()))
+    return evals_db.ids(store) == [] and (not ws.evals_dir().exists() or not any(ws.evals_dir().iterdir()))
 
 
 def test_list_eval_and_report(ws, store, server, monkeypatch, capsys, tmp_path):

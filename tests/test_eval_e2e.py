@@ -8,6 +8,7 @@ import pytest
 from evals import runner
 from sft_core import jobs, retrieval, train
 from sft_core.config import ServeConfig
+from sft_core.db import evals as evals_db, runs as runs_db
 from tests.memorise import require, training_until_memorised
 from tests.test_train import ANSWER, MEMORISE_CAP, make_dataset, tiny_cfg
 
@@ -27,7 +28,7 @@ def setup(module_home, tiny_model_dir):
     with training_until_memorised() as cb:  # to the criterion, not a step count the CPU may not suffice for
         assert train.run(ws.runs_dir(run_id), store=store) == 0
     require(cb, MEMORISE_CAP)
-    store.execute("UPDATE runs SET status='succeeded' WHERE id=?", (run_id,))
+    runs_db.set_status(store, run_id, "succeeded")
     from sft_core.serving.vllm_engine import VLLMEngine
     engine = VLLMEngine(str(tiny_model_dir), ws, store, cfg=ServeConfig(dtype="float32", max_model_len=1024))
     yield ws, store, engine, str(tiny_model_dir)
@@ -62,7 +63,7 @@ def test_four_systems_resume_and_reports(setup):
     first = [json.loads(line) for line in (path / "outputs.jsonl").read_text().splitlines()]  # each line whole
     first_keys = {(o["set"], o["row_id"], o["system"]) for o in first}
     assert len(first) == len(first_keys) == 1 and first[0]["output"] and first[0]["completion_tokens"] > 0
-    assert store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "interrupted"
+    assert evals_db.get(store, eval_id)["status"] == "interrupted"
     assert len(calls) > 1  # the window was full (more than one request in flight) when it was stopped
 
     calls.clear()
@@ -95,8 +96,7 @@ def test_four_systems_resume_and_reports(setup):
 def test_bad_inputs_store_nothing(setup, monkeypatch):
     ws, store, engine, base = setup
     before = sorted(p.name for p in ws.evals_dir().iterdir()) if ws.evals_dir().exists() else []
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                  "VALUES ('half', 'zorbia', 'v', ?, 'running', 0, '/nowhere')", (base,))
+    runs_db.insert_run(store, "half", "zorbia", "v", base, "/nowhere", {}, status="running")
     cases = [(["prompt", "magic"], {}, "unknown system"), (["sft:half"], {}, "not finished"),
              (["sft:nope"], {}, "unknown run"), (["rag"], {"kb": None}, "knowledge base"),
              (["prompt"], {"split": "validation"}, "no 'validation' split")]
@@ -121,5 +121,5 @@ def test_bad_inputs_store_nothing(setup, monkeypatch):
     srv.close()
     with pytest.raises(runner.EvalError, match="openai:ref: endpoint .* failed"):
         runner.run_eval(eval_id, ws, store, engine=engine)
-    assert store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "failed"
+    assert evals_db.get(store, eval_id)["status"] == "failed"
     assert not (ws.evals_dir(eval_id) / "outputs.jsonl").exists()

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import subprocess
 import sys
 import time
@@ -95,20 +94,74 @@ def test_atomic_write_and_hash(tmp_path):
 
 
 # ---- store ----------------------------------------------------------------------------------
-def test_store_wal_and_transactions(store):
-    assert store.query_one("PRAGMA journal_mode")["journal_mode"] == "wal"
-    with pytest.raises(sqlite3.IntegrityError):
+def test_store_wal_and_transactions(ws, store):
+    """WAL: a reader keeps its snapshot while a writer commits (in rollback-journal mode the commit would
+    wait for the reader); a failed transaction rolls back whole."""
+    from sqlalchemy import insert
+    from sqlalchemy.exc import IntegrityError
+
+    from sft_core.db import kbs, write
+    from sft_core.db.schema import kbs as kbs_table
+    with store.read() as reader:
+        assert kbs.list_kbs(reader) == []  # the reader's snapshot starts here
+        kbs.upsert(store, "w", "p", 1, 1, "e")  # committed while the reader is open
+        assert kbs.list_kbs(reader) == []
+    assert kbs.names(store) == ["w"]
+    assert ws.db_path.with_name(ws.db_path.name + "-wal").exists()
+
+    with pytest.raises(IntegrityError):
         with store.tx() as con:
-            con.execute("INSERT INTO kbs VALUES ('a','p',0,0,1,1,'e')")
-            con.execute("INSERT INTO kbs VALUES ('a','p',0,0,1,1,'e')")  # duplicate key: whole tx rolls back
-    assert store.query("SELECT * FROM kbs") == []
+            kbs.upsert(con, "a", "p", 1, 1, "e")
+            write(con, insert(kbs_table).values(name="a", path="p", created_at=0, updated_at=0, n_docs=1,
+                                                n_chunks=1, embedder="e"))  # duplicate key: whole tx rolls back
+    assert kbs.names(store) == ["w"]
 
 
-def test_store_rejects_unknown_url():
+def test_store_write_transactions_serialise(ws):
+    """Writers in several connections (as in several processes) each read then write inside tx():
+    BEGIN IMMEDIATE serialises them, so no update is lost and none fails as busy."""
+    import threading
+
+    from sft_core.db import kbs
+    from sft_core.store import Store
+    stores = [Store(ws.db_url) for _ in range(4)]
+    kbs.upsert(stores[0], "counter", "p", 0, 0, "e")
+    errors = []
+
+    def bump(st):
+        try:
+            for _ in range(10):
+                with st.tx() as con:
+                    n = next(r["n_docs"] for r in kbs.list_kbs(con) if r["name"] == "counter")
+                    kbs.upsert(con, "counter", "p", n + 1, 0, "e")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=bump, args=(st,)) for st in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    try:
+        assert errors == []
+        assert kbs.list_kbs(stores[0])[0]["n_docs"] == 40
+    finally:
+        for st in stores:
+            st.close()
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("postgres://x", "unsupported database 'postgres'"),
+    ("mysql://u@h/db", "unsupported database 'mysql'"),
+    ("not a url", "is not a database URL"),
+    ("postgresql://u:secret@h/db", "must not carry a password"),
+])
+def test_store_rejects_unknown_url(url, needle):
     from sft_core.store import Store
     with pytest.raises(StudioError) as e:
-        Store("postgres://x")
-    assert "SFT_STUDIO_DB_URL" in str(e.value)
+        Store(url)
+    assert needle in str(e.value) and "SFT_STUDIO_DB_URL" in str(e.value)
+    assert "secret" not in str(e.value)
 
 
 # ---- models ---------------------------------------------------------------------------------

@@ -21,9 +21,12 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from sqlalchemy import insert
 
 from sft_core import StudioError, gpu, jobs, train
 from sft_core.config import ConfigError, DecodingConfig, ServeConfig, TrainConfig, load_config
+from sft_core.db import jobs as jobs_db, runs as runs_db, write
+from sft_core.db.schema import jobs as jobs_table
 from tests.test_jobs import _wait
 from tests.test_train import make_dataset, tiny_cfg
 
@@ -318,9 +321,9 @@ def test_training_refuses_the_cpu_when_the_gpu_is_unusable(ws, store, tmp_path, 
     torch_without_gpu(monkeypatch, "13.0")
     job = jobs.claim(store)
     assert jobs.run_job(job, ws, store) == "failed"
-    row = store.query_one("SELECT * FROM jobs WHERE id=?", (job["id"],))
+    row = jobs_db.get(store, job["id"])
     assert row["pid"] is None and "driver >= 580" in row["error"], row
-    assert store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))["status"] == "failed"
+    assert runs_db.get(store, run_id)["status"] == "failed"
 
     run_dir = ws.runs_dir(run_id)
     assert train.main(["--run-dir", str(run_dir)]) == 1
@@ -358,8 +361,8 @@ def test_gpu_holders_are_running_training_jobs_only(ws, store):
     now = time.time()
     for jid, kind, status in [("a", "train", "running"), ("b", "eval", "running"), ("c", "train", "queued"),
                               ("d", "kb_build", "running")]:
-        store.execute("INSERT INTO jobs (id, kind, status, ref, created_at, started_at) VALUES (?,?,?,?,?,?)",
-                      (jid, kind, status, f"r-{jid}", now, now))
+        write(store, insert(jobs_table).values(id=jid, kind=kind, status=status, ref=f"r-{jid}", created_at=now,
+                                               started_at=now))
     assert [h["id"] for h in gpu.gpu_holders(store)] == ["a"]  # an eval uses the engine rather than displacing it
     assert jobs.needs_gpu_alone({"kind": "train"}) and not jobs.needs_gpu_alone({"kind": "eval"})
 
@@ -381,12 +384,14 @@ def test_who_holds_the_gpu_one_line_per_device():
 # Cancelling a multi-GPU run: the flag and the exit record, no signal to the launcher
 # ------------------------------------------------------------------------------------------------
 LAUNCHER = textwrap.dedent("""
-    import json, signal, sqlite3, sys, time
-    db, job_id, record, marker = sys.argv[2:6]
+    import json, signal, sys, time
+    from sft_core.db import jobs
+    from sft_core.store import Store
+    url, job_id, record, marker = sys.argv[2:6]
     signal.signal(signal.SIGTERM, lambda *a: open(marker, "w").write("signalled"))
-    con = sqlite3.connect(db)
+    store = Store(url)
     for _ in range(600):
-        if con.execute("SELECT cancel_requested FROM jobs WHERE id=?", (job_id,)).fetchone()[0]:
+        if jobs.cancel_requested(store, job_id):
             break
         time.sleep(0.1)
     # rank 0 records a cancel (3) after its checkpoint; the launcher itself exits 1, as accelerate does
@@ -399,7 +404,7 @@ def test_cancel_of_a_multi_gpu_run_goes_through_the_flag_and_exit_record(ws, sto
     """A stand-in launcher process (its command line names accelerate's launcher, as a real one does)
     that stops on the cancel flag the way the ranks do; the queue code is real."""
     record, marker = tmp_path / "exit.json", tmp_path / "signalled"
-    build = lambda job, ws_, st: [sys.executable, "-c", LAUNCHER, gpu.LAUNCHER_MODULE, st.path, job["id"],
+    build = lambda job, ws_, st: [sys.executable, "-c", LAUNCHER, gpu.LAUNCHER_MODULE, st.url, job["id"],
                                   str(record), str(marker)]
     jobs.register_job_kind("fake-launch", build, outcome=lambda job, ws_, st: jobs._exit_record(record, job),
                            accelerator=False)
@@ -409,7 +414,7 @@ def test_cancel_of_a_multi_gpu_run_goes_through_the_flag_and_exit_record(ws, sto
         out = {}
         t = threading.Thread(target=lambda: out.setdefault("status", jobs.run_job(job, ws, store)))
         t.start()
-        _wait(lambda: (store.query_one("SELECT pid FROM jobs WHERE id=?", (job["id"],)) or {}).get("pid"), 30, "pid")
+        _wait(lambda: (jobs_db.get(store, job["id"]) or {}).get("pid"), 30, "pid")
         assert jobs.cancel("multi", ws, store) == "cancelling"
         t.join(60)
         assert out["status"] == "cancelled"  # from rank 0's record, though the launcher exited 1
@@ -518,7 +523,7 @@ def test_engine_yields_the_gpu_to_training_and_comes_back(ws, store, tmp_path, t
         t = threading.Thread(target=lambda: out.setdefault("status", jobs.run_job(job, ws, store)))
         t.start()
         while t.is_alive():
-            if "state" not in seen and store.query_one("SELECT pid FROM jobs WHERE id=?", (job["id"],))["pid"]:
+            if "state" not in seen and jobs_db.get(store, job["id"])["pid"]:
                 # the worker has started: by then the engine must have given the GPU up
                 seen["state"] = (eng.state, eng.pid(), [s["state"] for s in gpu.engine_states(ws)])
                 with pytest.raises(EngineError, match=f"the GPU is lent to train run {run_id}") as e:
@@ -527,7 +532,7 @@ def test_engine_yields_the_gpu_to_training_and_comes_back(ws, store, tmp_path, t
                 seen["holders"] = gpu.holder_text(ws, store)
             time.sleep(0.1)
         t.join()
-        assert out["status"] == "succeeded", store.query("SELECT * FROM jobs")
+        assert out["status"] == "succeeded", jobs_db.recent(store)
         assert seen["state"] == ("yielded", None, ["yielded"]), seen
         assert seen["holders"] == f"GPU 0 (Tesla T4, 15 GiB): inference engine asleep, train run {run_id}"
         assert "waiting for the inference engine" in (ws.runs_dir(run_id) / "worker.log").read_text()

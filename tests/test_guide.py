@@ -6,8 +6,10 @@ import json
 import time
 
 import pytest
+from sqlalchemy import insert, update
 
 from sft_core import guide
+from sft_core.db import jobs as job_rows, kbs as kb_rows, runs as run_rows, schema, write
 from sft_core.config import TrainConfig, load_config
 
 
@@ -93,9 +95,8 @@ def test_guide_walks_the_example_path(ws, store, tmp_path):
     # the example is built: dataset and knowledge base ready, the next action trains on it
     _dataset(ws, store, tmp_path)
     now = time.time()
-    store.execute("INSERT INTO kbs (name, path, created_at, updated_at, n_docs, n_chunks, embedder) "
-                  "VALUES ('pydocs', 'x', ?, ?, 3, 9, 'minilm')", (now, now))
-    store.execute("UPDATE jobs SET status='succeeded' WHERE id=?", (boot,))
+    kb_rows.upsert(store, "pydocs", "x", n_docs=3, n_chunks=9, embedder="minilm")
+    write(store, update(schema.jobs).where(schema.jobs.c.id == boot).values(status="succeeded"))
     g = guide.guide_state(ws, store)
     assert _state(g) == {"data": "done", "knowledge": "done", "train": "todo", "evaluate": "todo", "rate": "todo"}
     assert (g.next.kind, g.next.label) == ("train", "Train on pydocs (quick test)")
@@ -106,17 +107,16 @@ def test_guide_walks_the_example_path(ws, store, tmp_path):
     run_dir = ws.runs_dir("run-1")
     run_dir.mkdir(parents=True)
     (run_dir / "events.jsonl").write_text(json.dumps({"event": "phase", "phase": "tokenising"}) + "\n")
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                  "VALUES ('run-1', 'pydocs', 'v', 'm', 'running', ?, ?)", (now, str(run_dir)))
-    store.execute("INSERT INTO jobs (id, kind, status, ref, created_at) VALUES ('j-run-1', 'train', 'running', "
-                  "'run-1', ?)", (now,))
+    run_rows.insert_run(store, "run-1", "pydocs", "v", "m", str(run_dir), {}, status="running", created_at=now)
+    train_job = job_rows.insert_job(store, "train", "run-1", {}, status="running")
     g = guide.guide_state(ws, store)
     assert _state(g)["train"] == "running" and g.steps[2].detail == "run-1: tokenising…"
     assert (g.next.kind, g.next.tab) == ("open", "train")
 
     # it finished: compare the systems next
-    store.execute("UPDATE runs SET status='succeeded', metrics=? WHERE id='run-1'", (json.dumps({"train_loss": 1.23456}),))
-    store.execute("UPDATE jobs SET status='succeeded' WHERE id='j-run-1'")
+    run_rows.set_metrics(store, "run-1", {"train_loss": 1.23456})
+    run_rows.set_status(store, "run-1", "succeeded")
+    assert job_rows.finish(store, train_job, "succeeded")
     g = guide.guide_state(ws, store)
     assert _state(g)["train"] == "done" and g.steps[2].detail == "run-1 finished · train loss 1.235"
     assert (g.next.kind, g.next.tab, g.facts["run"]) == ("evaluate", "evaluate", "run-1")
@@ -128,9 +128,9 @@ def test_guide_walks_the_example_path(ws, store, tmp_path):
                 "output": f"answer {s} {r}"} for r in ("r1", "r2") for s in ("prompt", "sft:run-1")]
     (path / "outputs.jsonl").write_text("".join(json.dumps(o) + "\n" for o in outputs))
     for eid, systems in (("eval-0", ["prompt", "rag"]), ("eval-1", ["prompt", "sft:run-1"])):
-        store.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path) "
-                      "VALUES (?, 'pydocs', 'v', 'test', ?, 'succeeded', ?, ?)",
-                      (eid, json.dumps(systems), now if eid == "eval-0" else now + 1, str(ws.evals_dir(eid))))
+        write(store, insert(schema.evals).values(
+            id=eid, dataset="pydocs", dataset_version="v", split="test", systems=json.dumps(systems),
+            status="succeeded", created_at=now if eid == "eval-0" else now + 1, path=str(ws.evals_dir(eid))))
         if eid == "eval-0":
             g = guide.guide_state(ws, store)
             assert _state(g)["evaluate"] == "todo" and g.next.kind == "evaluate"
@@ -152,8 +152,7 @@ def test_guide_walks_the_example_path(ws, store, tmp_path):
 
 def test_a_failed_first_run_is_shown_and_training_is_offered_again(ws, store, tmp_path):
     _dataset(ws, store, tmp_path, "support")
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                  "VALUES ('run-x', 'support', 'v', 'm', 'failed', ?, 'x')", (time.time(),))
+    run_rows.insert_run(store, "run-x", "support", "v", "m", "x", {}, status="failed")
     g = guide.guide_state(ws, store, selected_dataset="support")
     assert _state(g)["train"] == "failed" and g.next.kind == "train" and g.facts["dataset"] == "support"
     assert _state(g)["knowledge"] == "todo"  # optional: it does not block training
@@ -164,8 +163,7 @@ def test_selection_defaults_prefer_running_then_newest(ws, store, tmp_path):
     _dataset(ws, store, tmp_path, "newer")
     now = time.time()
     for i, (rid, status) in enumerate((("r-old", "succeeded"), ("r-live", "running"), ("r-new", "failed"))):
-        store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                      "VALUES (?, 'older', 'v', 'm', ?, ?, 'x')", (rid, status, now + i))
+        run_rows.insert_run(store, rid, "older", "v", "m", "x", {}, status=status, created_at=now + i)
     d = guide.default_selection(ws, store)
     assert (d["dataset"], d["run"], d["succeeded_run"], d["eval"], d["campaign"]) == ("newer", "r-live", "r-old",
                                                                                       None, None)

@@ -10,15 +10,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from sqlalchemy import insert, update
 
 from evals import runner
 from sft_core import jobs
+from sft_core.db import evals as evals_db, jobs as jobs_db, runs as runs_db, write
+from sft_core.db.schema import jobs as jobs_table
 from sft_core.workspace import read_jsonl
 from tests.test_jobs import _wait
 from tests.test_judge import ScriptedOpenAI, import_tiny
@@ -70,7 +71,7 @@ def test_eval_job_killed_then_resumed_answers_each_row_once(ws, store, slow_serv
     os.kill(pid, signal.SIGKILL)  # mid-generation
     t.join(60)
     assert out["status"] == "failed" and "SIGKILL" in jobs.job_row(job_id, store)["error"]
-    assert store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "failed"
+    assert evals_db.get(store, eval_id)["status"] == "failed"
     before = len(_outputs(ws, eval_id))
     assert 3 <= before < len(ROWS) * len(SYSTEMS)
 
@@ -82,7 +83,7 @@ def test_eval_job_killed_then_resumed_answers_each_row_once(ws, store, slow_serv
     _assert_complete(ws, eval_id)
     answered = [r for r in slow_server.requests if not r["messages"][-1]["content"].startswith(("You are judging", "Score"))]
     assert len(answered) == len(ROWS) * len(SYSTEMS) - before  # nothing stored was asked again
-    assert store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "succeeded"
+    assert evals_db.get(store, eval_id)["status"] == "succeeded"
     assert (ws.evals_dir(eval_id) / "report.html").exists()
     p = jobs.progress_of(jobs.job_row(job["id"], store))
     assert p["done"] == p["total"]
@@ -98,7 +99,8 @@ def test_eval_worker_outlives_its_watcher_and_reconcile_settles_it(ws, store, sl
     argv = jobs.JOB_KINDS["eval"].build_command(job, ws, store)
     proc = subprocess.Popen(argv, start_new_session=True, env={**os.environ, "SFT_STUDIO_HOME": str(ws.root)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    store.execute("UPDATE jobs SET pid=?, pid_start=? WHERE id=?", (proc.pid, jobs._proc_start(proc.pid), job_id))
+    write(store, update(jobs_table).where(jobs_table.c.id == job_id)
+          .values(pid=proc.pid, pid_start=jobs._proc_start(proc.pid)))
     _wait(lambda: len(_outputs(ws, eval_id)) >= 2, what="the first answers")
     assert jobs.reconcile(store, ws=ws) == []  # alive and heartbeating: left alone
     assert jobs.describe(jobs.job_row(job_id, store), store).startswith(f"eval {eval_id}: running")
@@ -114,13 +116,14 @@ def test_eval_worker_outlives_its_watcher_and_reconcile_settles_it(ws, store, sl
     proc = subprocess.Popen(jobs.JOB_KINDS["eval"].build_command(job, ws, store), start_new_session=True,
                             env={**os.environ, "SFT_STUDIO_HOME": str(ws.root)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    store.execute("UPDATE jobs SET pid=?, pid_start=? WHERE id=?", (proc.pid, jobs._proc_start(proc.pid), job2))
+    write(store, update(jobs_table).where(jobs_table.c.id == job2)
+          .values(pid=proc.pid, pid_start=jobs._proc_start(proc.pid)))
     _wait(lambda: len(_outputs(ws, eval2)) >= 2, what="the first answers")
     proc.kill()
     proc.wait()
     assert jobs.reconcile(store, ws=ws) == [job2]
     assert jobs.job_row(job2, store)["status"] == "failed"
-    assert store.query_one("SELECT status FROM evals WHERE id=?", (eval2,))["status"] == "failed"
+    assert evals_db.get(store, eval2)["status"] == "failed"
     runner.submit_eval(eval2, ws, store)
     _, t, out = _watch(ws, store)
     t.join(240)
@@ -140,7 +143,7 @@ def test_cancel_every_kind(ws, store, slow_server, tmp_path):
     for ref in (eval_id, "kb1", example.BOOTSTRAP_REF):
         assert jobs.cancel(ref, ws, store) == "cancelled"
         assert jobs.latest_job(ref, store)["status"] == "cancelled"
-    assert store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "interrupted"
+    assert evals_db.get(store, eval_id)["status"] == "interrupted"
     # running: the worker stops between answers, keeps them, and the eval can resume
     runner.submit_eval(eval_id, ws, store)
     job, t, out = _watch(ws, store)
@@ -148,7 +151,7 @@ def test_cancel_every_kind(ws, store, slow_server, tmp_path):
     assert jobs.cancel(eval_id, ws, store) == "cancelling"
     t.join(60)
     assert out["status"] == "cancelled"
-    assert store.query_one("SELECT status FROM evals WHERE id=?", (eval_id,))["status"] == "interrupted"
+    assert evals_db.get(store, eval_id)["status"] == "interrupted"
     kept = len(_outputs(ws, eval_id))
     assert 2 <= kept < len(ROWS) * len(SYSTEMS)
 
@@ -171,10 +174,9 @@ def test_accelerator_jobs_wait_light_jobs_do_not(ws, store):
     now = time.time()
     for i, (kind, ref, payload) in enumerate([("train", "run-1", {}), ("eval", "eval-1", {"accelerator": True}),
                                               ("kb_build", "kb-1", {}), ("eval", "eval-2", {"accelerator": False})]):
-        store.execute("INSERT INTO jobs (id, kind, status, ref, payload, created_at) VALUES (?,?,?,?,?,?)",
-                      (f"j{i}", kind, "queued", ref, json.dumps(payload), now + i))
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                  "VALUES ('run-1', 'd', 'v', 'm', 'queued', 0, '/x')")
+        write(store, insert(jobs_table).values(id=f"j{i}", kind=kind, status="queued", ref=ref,
+                                               payload=json.dumps(payload), created_at=now + i))
+    runs_db.insert_run(store, "run-1", "d", "v", "m", "/x", {}, status="queued")
     assert jobs.claim(store)["id"] == "j0"  # training takes the accelerator
     assert jobs.claim(store, "j1") is None  # the local eval waits for it
     assert "waiting for train run-1" in jobs.describe(jobs.job_row("j1", store), store)
@@ -185,47 +187,8 @@ def test_accelerator_jobs_wait_light_jobs_do_not(ws, store):
     assert jobs.claim(store)["id"] == "j1"  # now the eval
 
 
-WORKER_SCRIPT = r"""
-import json, sys, time
-sys.path.insert(0, {repo!r})
-from sft_core import jobs
-from sft_core.store import Store
-store = Store({url!r})
-end = time.time() + 60
-while time.time() < end:
-    job = jobs.claim(store)
-    if job is None:
-        if not store.query("SELECT 1 FROM jobs WHERE status IN ('queued','running')"):
-            break
-        time.sleep(0.02)
-        continue
-    start = time.time()
-    time.sleep(0.15)
-    with open({log!r}, "a") as f:
-        f.write(json.dumps([{name!r}, job["id"], start, time.time()]) + "\n")
-    jobs._finish(store, job, "succeeded")
-"""
-
-
-def test_two_processes_never_run_two_accelerator_jobs_at_once(ws, store, tmp_path):
-    """Two processes (two apps on one workspace) claim from one queue of accelerator jobs; the recorded
-    run intervals never overlap, and every job runs exactly once."""
-    now = time.time()
-    for i in range(10):
-        store.execute("INSERT INTO jobs (id, kind, status, ref, payload, created_at) VALUES (?,?,?,?,?,?)",
-                      (f"acc{i}", "eval", "queued", f"e{i}", json.dumps({"accelerator": True}), now + i))
-    log = tmp_path / "runs.jsonl"
-    repo = str(Path(__file__).resolve().parents[1])
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT.format(repo=repo, url=store.url, log=str(log),
-                                                                         name=name)])
-             for name in ("app-a", "app-b")]
-    for p in procs:
-        assert p.wait(120) == 0
-    runs = [json.loads(line) for line in log.read_text().splitlines()]
-    assert sorted(r[1] for r in runs) == [f"acc{i}" for i in range(10)]
-    runs.sort(key=lambda r: r[2])
-    for a, b in zip(runs, runs[1:]):
-        assert a[3] <= b[2], (a, b)
+# Several processes claiming from one queue (one accelerator job at a time): tests/test_store_backends.py,
+# on SQLite and on PostgreSQL.
 
 
 def test_app_killed_mid_eval_shows_the_true_state_and_the_eval_finishes(tmp_path, tiny_model_dir, slow_server):
@@ -281,7 +244,7 @@ def test_cli_eval_follows_its_job_and_detach_returns_at_once(ws, store, slow_ser
     assert cli.main(["eval", "--dataset", "tiny", "--systems", ",".join(SYSTEMS), "--metrics", "exact_match"]) == 0
     out = capsys.readouterr().out
     assert "report:" in out
-    done = store.query("SELECT id, status FROM evals")
+    done = evals_db.list_evals(store)
     assert [r["status"] for r in done] == ["succeeded"]
     assert jobs.latest_job(done[0]["id"], store)["status"] == "succeeded"
 
@@ -289,10 +252,10 @@ def test_cli_eval_follows_its_job_and_detach_returns_at_once(ws, store, slow_ser
     assert cli.main(["eval", "--dataset", "tiny", "--systems", ",".join(SYSTEMS), "--metrics", "exact_match",
                      "--detach"]) == 0
     assert "queued; it runs in the background" in capsys.readouterr().out
-    new = next(r["id"] for r in store.query("SELECT id FROM evals") if r["id"] != done[0]["id"])
-    assert store.query_one("SELECT status FROM evals WHERE id=?", (new,))["status"] in ("queued", "running")  # not done
+    new = next(r["id"] for r in evals_db.list_evals(store) if r["id"] != done[0]["id"])
+    assert evals_db.get(store, new)["status"] in ("queued", "running")  # not done
     _wait(lambda: jobs.latest_job(new, store)["status"] == "succeeded", timeout=180, what="the detached eval")
-    assert store.query_one("SELECT status FROM evals WHERE id=?", (new,))["status"] == "succeeded"
+    assert evals_db.get(store, new)["status"] == "succeeded"
 
 
 def test_merge_waits_for_training_export_does_not_and_cancel_picks_the_right_job(ws, store, tmp_path):
@@ -301,12 +264,10 @@ def test_merge_waits_for_training_export_does_not_and_cancel_picks_the_right_job
     from sft_core import artifacts
     run_dir = ws.runs_dir("run-1")
     (run_dir / "adapter").mkdir(parents=True)
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                  "VALUES ('run-1', 'd', 'v', 'm', 'succeeded', 0, ?)", (str(run_dir),))
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                  "VALUES ('run-2', 'd', 'v', 'm', 'queued', 0, '/x')")
-    store.execute("INSERT INTO jobs (id, kind, status, ref, payload, created_at) VALUES ('t', 'train', 'queued', "
-                  "'run-2', '{}', 0)")
+    runs_db.insert_run(store, "run-1", "d", "v", "m", str(run_dir), {}, status="succeeded")
+    runs_db.insert_run(store, "run-2", "d", "v", "m", "/x", {}, status="queued")
+    write(store, insert(jobs_table).values(id="t", kind="train", status="queued", ref="run-2", payload="{}",
+                                           created_at=0))
     assert jobs.claim(store)["id"] == "t"
     merge = artifacts.submit("merge", "run-1", tmp_path / "merged", ws, store)
     export = artifacts.submit("export", "run-1", tmp_path / "exported", ws, store)
@@ -319,8 +280,7 @@ def test_merge_waits_for_training_export_does_not_and_cancel_picks_the_right_job
 
 def test_artifact_jobs_refuse_bad_requests_before_queueing(ws, store, tmp_path):
     from sft_core import StudioError, artifacts
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                  "VALUES ('failed-run', 'd', 'v', 'm', 'failed', 0, '/x')")
+    runs_db.insert_run(store, "failed-run", "d", "v", "m", "/x", {}, status="failed")
     (tmp_path / "taken").mkdir()
     for args, needle in [(("merge", "nope", tmp_path / "o"), "unknown run 'nope'"),
                          (("export", "failed-run", tmp_path / "o"), "only finished runs"),
@@ -329,13 +289,12 @@ def test_artifact_jobs_refuse_bad_requests_before_queueing(ws, store, tmp_path):
             artifacts.submit(*args, ws, store)
     run_dir = ws.runs_dir("ok")
     (run_dir / "adapter").mkdir(parents=True)
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                  "VALUES ('ok', 'd', 'v', 'm', 'succeeded', 0, ?)", (str(run_dir),))
+    runs_db.insert_run(store, "ok", "d", "v", "m", str(run_dir), {}, status="succeeded")
     with pytest.raises(StudioError, match="already exists"):
         artifacts.submit("export", "ok", tmp_path / "taken", ws, store)
     with pytest.raises(StudioError, match="only an export"):
         artifacts.submit("merge", "ok", tmp_path / "m", ws, store, push_to_hub="a/b")
-    assert not store.query("SELECT 1 FROM jobs WHERE kind IN ('merge','export')")  # nothing was queued
+    assert jobs_db.count(store, kind=("merge", "export")) == 0  # nothing was queued
 
 
 def test_cli_kb_build_runs_as_a_job_and_jobs_list_shows_it(ws, store, tmp_path, monkeypatch, capsys):

@@ -9,7 +9,11 @@ import time
 
 import pytest
 
+from sqlalchemy import insert, update
+
 from sft_core import jobs
+from sft_core.db import jobs as jobs_db, runs as runs_db, write
+from sft_core.db.schema import jobs as jobs_table
 from sft_core.train import last_checkpoint
 from tests.test_train import make_dataset, tiny_cfg
 
@@ -54,7 +58,7 @@ def test_cancel_then_resume_continues_from_checkpoint(queue_env, tiny_model_dir)
     assert jobs.cancel(run_id, ws, store) == "cancelling"
     t.join(120)
     assert result["status"] == "cancelled"
-    assert store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))["status"] == "cancelled"
+    assert runs_db.get(store, run_id)["status"] == "cancelled"
     ckpt = last_checkpoint(run_dir)
     step = int(ckpt.name.split("-")[-1])
     assert step >= 4 and not (run_dir / "adapter").exists()
@@ -66,11 +70,11 @@ def test_cancel_then_resume_continues_from_checkpoint(queue_env, tiny_model_dir)
     jobs.resume(run_id, ws, store)
     job2, t2, result2 = _start(ws, store, run_id)
     t2.join(240)
-    assert result2["status"] == "succeeded", store.query("SELECT * FROM jobs")
+    assert result2["status"] == "succeeded", jobs_db.recent(store)
     begins = [e for e in _events(run_dir) if e.get("event") == "train_begin"]
     assert begins[0]["step"] == 0 and begins[-1]["step"] == step, begins
     assert (run_dir / "adapter" / "adapter_config.json").exists()
-    assert store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))["status"] == "succeeded"
+    assert runs_db.get(store, run_id)["status"] == "succeeded"
 
 
 def test_kill_9_is_failed_with_reason_then_resumes_from_checkpoint(queue_env, tiny_model_dir):
@@ -81,14 +85,14 @@ def test_kill_9_is_failed_with_reason_then_resumes_from_checkpoint(queue_env, ti
     run_dir = ws.runs_dir(run_id)
     job, t, result = _start(ws, store, run_id)
     _wait(lambda: last_checkpoint(run_dir) is not None, what="first checkpoint")
-    pid = store.query_one("SELECT pid FROM jobs WHERE id=?", (job["id"],))["pid"]
+    pid = jobs_db.get(store, job["id"])["pid"]
     os.killpg(pid, signal.SIGKILL)
     t.join(60)
-    row = store.query_one("SELECT * FROM jobs WHERE id=?", (job["id"],))
+    row = jobs_db.get(store, job["id"])
     assert result["status"] == "failed" and row["status"] == "failed"
     assert "SIGKILL" in row["error"]
-    assert store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))["status"] == "failed"
-    assert store.query("SELECT * FROM jobs WHERE status='running'") == []
+    assert runs_db.get(store, run_id)["status"] == "failed"
+    assert jobs_db.with_status(store, "running") == []
     assert not (run_dir / "adapter").exists()
 
     # the last complete checkpoint (one cut off mid-write has no trainer_state.json and is skipped)
@@ -101,14 +105,14 @@ def test_kill_9_is_failed_with_reason_then_resumes_from_checkpoint(queue_env, ti
     job2, t2, result2 = _start(ws, store, run_id)
     assert job2["id"] == job2_id
     t2.join(240)
-    assert result2["status"] == "succeeded", store.query("SELECT * FROM jobs")
+    assert result2["status"] == "succeeded", jobs_db.recent(store)
     begins = [e for e in _events(run_dir) if e.get("event") == "train_begin"]
     assert begins[0]["step"] == 0 and begins[-1]["step"] == step, begins
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == step + 2
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["resumed"] is True and manifest["first_started_at"] < manifest["started_at"]
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
-    assert store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))["status"] == "succeeded"
+    assert runs_db.get(store, run_id)["status"] == "succeeded"
 
 
 def test_vanished_worker_found_by_reconcile(queue_env, tiny_model_dir):
@@ -119,11 +123,11 @@ def test_vanished_worker_found_by_reconcile(queue_env, tiny_model_dir):
     import subprocess
     dead = subprocess.Popen(["true"])
     dead.wait()
-    store.execute("UPDATE jobs SET pid=? WHERE id=?", (dead.pid, job["id"]))
+    write(store, update(jobs_table).where(jobs_table.c.id == job["id"]).values(pid=dead.pid))
     assert jobs.reconcile(store) == [job["id"]]
-    row = store.query_one("SELECT * FROM jobs WHERE id=?", (job["id"],))
+    row = jobs_db.get(store, job["id"])
     assert row["status"] == "failed" and "disappeared" in row["error"]
-    assert store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))["status"] == "failed"
+    assert runs_db.get(store, run_id)["status"] == "failed"
     with pytest.raises(jobs.JobError, match="no checkpoint"):
         jobs.resume(run_id, ws, store)
 
@@ -136,7 +140,7 @@ def test_one_job_at_a_time_in_order(queue_env, tiny_model_dir):
     assert first["ref"] == a
     assert jobs.claim(store) is None  # a is running: b waits
     assert jobs.cancel(b, ws, store) == "cancelled"  # queued jobs cancel at once
-    assert store.query_one("SELECT status FROM runs WHERE id=?", (b,))["status"] == "cancelled"
+    assert runs_db.get(store, b)["status"] == "cancelled"
     with pytest.raises(jobs.JobError):
         jobs.cancel("nope", ws, store)
 
@@ -151,14 +155,14 @@ def test_worker_that_ended_unwatched_keeps_its_own_outcome(queue_env, tiny_model
     argv = jobs.JOB_KINDS["train"].build_command(job, ws, store)
     proc = subprocess.Popen(argv, env={**os.environ, "SFT_STUDIO_HOME": str(ws.root)}, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    store.execute("UPDATE jobs SET pid=? WHERE id=?", (proc.pid, job["id"]))
+    write(store, update(jobs_table).where(jobs_table.c.id == job["id"]).values(pid=proc.pid))
     assert jobs.reconcile(store, ws=ws) == []  # alive and beating: left alone
     assert proc.wait(240) == 0
     assert jobs.reconcile(store, ws=ws) == [job["id"]]
-    row = store.query_one("SELECT * FROM jobs WHERE id=?", (job["id"],))
+    row = jobs_db.get(store, job["id"])
     assert row["status"] == "succeeded" and row["error"] is None
     assert row["heartbeat_at"] > row["started_at"]
-    assert store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))["status"] == "succeeded"
+    assert runs_db.get(store, run_id)["status"] == "succeeded"
     assert (ws.runs_dir(run_id) / "adapter" / "adapter_config.json").exists()
 
 
@@ -167,14 +171,14 @@ def test_heartbeat_thread_beats_and_picks_up_cancel(queue_env, tiny_model_dir):
     ws, store = queue_env
     jobs.submit_train(tiny_cfg(tiny_model_dir, run_name="h1"), ws, store)
     job = jobs.claim(store)
-    store.execute("UPDATE jobs SET heartbeat_at=0 WHERE id=?", (job["id"],))
+    write(store, update(jobs_table).where(jobs_table.c.id == job["id"]).values(heartbeat_at=0))
     train._STOP["requested"] = False
     stop = train.start_heartbeat(store, job["id"], every_s=0.05)
     try:
-        _wait(lambda: store.query_one("SELECT heartbeat_at FROM jobs WHERE id=?", (job["id"],))["heartbeat_at"] > 0,
+        _wait(lambda: jobs_db.get(store, job["id"])["heartbeat_at"] > 0,
               timeout=10, what="a heartbeat")
         assert not train._STOP["requested"]
-        store.execute("UPDATE jobs SET cancel_requested=1 WHERE id=?", (job["id"],))
+        jobs_db.request_cancel(store, job["id"])
         _wait(lambda: train._STOP["requested"], timeout=10, what="the cancel flag")
     finally:
         stop.set()
@@ -186,18 +190,18 @@ def test_stale_heartbeat_with_live_pid_is_failed(queue_env, tiny_model_dir):
     ws, store = queue_env
     run_id = jobs.submit_train(tiny_cfg(tiny_model_dir, run_name="s1"), ws, store)
     job = jobs.claim(store)
-    store.execute("UPDATE jobs SET pid=?, heartbeat_at=? WHERE id=?",
-                  (os.getpid(), time.time() - jobs.HEARTBEAT_STALE_S - 5, job["id"]))
+    write(store, update(jobs_table).where(jobs_table.c.id == job["id"])
+          .values(pid=os.getpid(), heartbeat_at=time.time() - jobs.HEARTBEAT_STALE_S - 5))
     assert jobs.reconcile(store, ws=ws) == [job["id"]]
-    row = store.query_one("SELECT * FROM jobs WHERE id=?", (job["id"],))
+    row = jobs_db.get(store, job["id"])
     assert row["status"] == "failed" and "stopped reporting" in row["error"]
-    assert store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))["status"] == "failed"
+    assert runs_db.get(store, run_id)["status"] == "failed"
 
 
 def _insert_running(store, job_id, ref, pid, pid_start):
     now = time.time()
-    store.execute("INSERT INTO jobs (id, kind, status, ref, created_at, started_at, heartbeat_at, pid, pid_start) "
-                  "VALUES (?, 'train', 'running', ?, ?, ?, ?, ?, ?)", (job_id, ref, now, now, now, pid, pid_start))
+    write(store, insert(jobs_table).values(id=job_id, kind="train", status="running", ref=ref, created_at=now,
+                                           started_at=now, heartbeat_at=now, pid=pid, pid_start=pid_start))
 
 
 def test_cancel_never_signals_a_reused_pid(ws, store):
@@ -207,18 +211,16 @@ def test_cancel_never_signals_a_reused_pid(ws, store):
     import subprocess
     other = subprocess.Popen(["sleep", "60"], start_new_session=True)
     try:
-        store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                      "VALUES ('r-reuse', 'd', 'v', 'm', 'running', 0, '/nowhere')")
+        runs_db.insert_run(store, "r-reuse", "d", "v", "m", "/nowhere", {}, status="running")
         _insert_running(store, "j-reuse", "r-reuse", other.pid, "1")  # started at tick 1: not this process
         assert jobs.cancel("r-reuse", ws, store) == "cancelling"
         time.sleep(0.5)
         assert other.poll() is None, "cancel killed a process that was not the job's worker"
-        assert store.query_one("SELECT cancel_requested FROM jobs WHERE id='j-reuse'")["cancel_requested"] == 1
+        assert jobs_db.cancel_requested(store, "j-reuse")
         assert "j-reuse" in jobs.reconcile(store, ws=ws)  # not our worker: the job is settled as failed
-        assert store.query_one("SELECT status FROM jobs WHERE id='j-reuse'")["status"] == "failed"
+        assert jobs_db.get(store, "j-reuse")["status"] == "failed"
 
-        store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                      "VALUES ('r-own', 'd', 'v', 'm', 'running', 0, '/nowhere')")
+        runs_db.insert_run(store, "r-own", "d", "v", "m", "/nowhere", {}, status="running")
         _insert_running(store, "j-own", "r-own", other.pid, jobs._proc_start(other.pid))
         assert jobs.cancel("r-own", ws, store) == "cancelling"
         assert other.wait(10) == -signal.SIGTERM
@@ -233,8 +235,7 @@ def test_two_resumes_at_once_queue_one_job(ws, store, tmp_path, monkeypatch):
     state check inside the re-queueing transaction lets exactly one of them queue a job."""
     run_dir = tmp_path / "r-twice"
     (run_dir / "checkpoint-2").mkdir(parents=True)
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                  "VALUES ('r-twice', 'd', 'v', 'm', 'failed', 0, ?)", (str(run_dir),))
+    runs_db.insert_run(store, "r-twice", "d", "v", "m", str(run_dir), {}, status="failed")
     barrier = threading.Barrier(2)
     import sft_core.train as train_mod
     real = train_mod.last_checkpoint
@@ -262,4 +263,4 @@ def test_two_resumes_at_once_queue_one_job(ws, store, tmp_path, monkeypatch):
     for t in threads:
         t.join(30)
     assert sorted(r[0] for r in results) == ["ok", "refused"], results
-    assert len(store.query("SELECT id FROM jobs WHERE ref='r-twice' AND status='queued'")) == 1
+    assert [j["status"] for j in jobs_db.live(store, ref="r-twice")] == ["queued"]

@@ -26,6 +26,7 @@ import pytest
 from evals import judge as J
 from evals import runner
 from sft_core import StudioError, data
+from sft_core.db import evals as evals_db
 from sft_core.records import make_record
 from sft_core.serving.base import GenResult
 from sft_core.workspace import read_jsonl
@@ -285,7 +286,7 @@ def test_dead_judge_endpoint_stores_nothing(ws, store, server, monkeypatch):
         runner.create_eval("tiny", ["openai:zorbia"], judge=dead, ws=ws, store=store)
     with pytest.raises(StudioError, match="--judge-model needs --judge"):
         runner.create_eval("tiny", ["openai:zorbia"], judge_model="x", ws=ws, store=store)
-    assert store.query("SELECT id FROM evals") == []
+    assert evals_db.ids(store) == []
     assert not ws.evals_dir().exists() or not any(ws.evals_dir().iterdir())
 
 

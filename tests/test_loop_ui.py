@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_app import ARTIFACTS, browser, pick, start_app, stop_app  # noqa: F401 (browser: fixture)
-from tests.test_results_ui import _db as db
+from tests.test_results_ui import _db as db, _votes_by
 
 SYS = ["sft:good", "prompt"]
 
@@ -66,14 +66,17 @@ def test_chat_line_under_each_answer_latency_tokens_and_truncated(monkeypatch):
 
 def test_eval_timer_sends_nothing_twice_and_a_finished_eval_says_how_long(monkeypatch, ws, store):
     import app
+    from sqlalchemy import insert, update
+
+    from sft_core.db import evals as eval_rows, schema, write
     from tests.test_results_ui import seed_eval
     monkeypatch.setattr(app, "STUDIO", types.SimpleNamespace(ws=ws, store=store, settings=types.SimpleNamespace(
         admin_password=""), stage_download=lambda p: str(p)))
     eval_id = seed_eval(ws, store)
     now = time.time()
-    store.execute("INSERT INTO jobs (id, kind, status, ref, created_at, started_at, ended_at, progress) VALUES "
-                  "('job-e', 'eval', 'succeeded', ?, ?, ?, ?, ?)",
-                  (eval_id, now - 100, now - 95, now - 3, json.dumps({"done": 27, "total": 27, "eta_s": 0.0})))
+    write(store, insert(schema.jobs).values(id="job-e", kind="eval", status="succeeded", ref=eval_id,
+                                            created_at=now - 100, started_at=now - 95, ended_at=now - 3,
+                                            progress=json.dumps({"done": 27, "total": 27, "eta_s": 0.0})))
     first = app.eval_tick(eval_id, None, None)
     summary = first[0]
     assert "took 1m32s" in summary and "ETA" not in summary, summary
@@ -81,11 +84,12 @@ def test_eval_timer_sends_nothing_twice_and_a_finished_eval_says_how_long(monkey
     import gradio as gr
     assert all(isinstance(v, type(gr.skip())) and v == gr.skip() for v in again[:-1]), again[:-1]
     # while it runs, the bar with its ETA; once the eval row is done but the job is not: the report is written
-    store.execute("UPDATE jobs SET status='running', ended_at=NULL, progress=? WHERE id='job-e'",
-                  (json.dumps({"done": 9, "total": 27, "unit": "answers", "eta_s": 20.0}),))
-    store.execute("UPDATE evals SET status='running' WHERE id=?", (eval_id,))
+    progress = json.dumps({"done": 9, "total": 27, "unit": "answers", "eta_s": 20.0})
+    write(store, update(schema.jobs).where(schema.jobs.c.id == "job-e").values(status="running", ended_at=None,
+                                                                               progress=progress))
+    eval_rows.set_status(store, eval_id, "running")
     assert "ETA 20s" in app.eval_poll(eval_id)[0] and "<progress" in app.eval_poll(eval_id)[0]
-    store.execute("UPDATE evals SET status='succeeded' WHERE id=?", (eval_id,))
+    eval_rows.set_status(store, eval_id, "succeeded")
     line = app.eval_poll(eval_id)[0]
     assert "writing the report" in line and "ETA" not in line, line
 
@@ -119,8 +123,11 @@ def make_adapter(base_dir: Path, out: Path) -> None:
 def seed_home(home: Path, base_dir: Path) -> dict:
     from evals import rating
     from sft_core import data
+    from sqlalchemy import insert
+
     from sft_core.config import DataConfig
-    from sft_core.store import Store, dumps
+    from sft_core.db import evals as eval_rows, ratings as rating_rows, runs as run_rows, schema, write
+    from sft_core.store import Store
     from sft_core.workspace import Workspace, write_jsonl
     ws = Workspace.at(home)
     st = Store(ws.db_url)
@@ -130,9 +137,8 @@ def seed_home(home: Path, base_dir: Path) -> dict:
                              for i in range(16)))
         dv = data.import_dataset(f, "d", DataConfig(eval_fraction=0.0, test_fraction=0.5), ws=ws, store=st)
         make_adapter(base_dir, ws.runs_dir("good", "adapter"))
-        st.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) VALUES "
-                   "('good', 'd', ?, ?, 'succeeded', ?, ?)", (dv.version, str(base_dir), time.time(),
-                                                              str(ws.runs_dir("good"))))
+        run_rows.insert_run(st, "good", "d", dv.version, str(base_dir), str(ws.runs_dir("good")), {},
+                            status="succeeded")
         rows = data.load_split("d", "test", dv.version, ws, st)
         path = ws.evals_dir("ev1")
         path.mkdir(parents=True)
@@ -144,22 +150,20 @@ def seed_home(home: Path, base_dir: Path) -> dict:
                "metrics": ["token_f1"], "kb": None,
                "base_model": str(base_dir), "decoding": {"max_new_tokens": 8}}
         now = time.time()
-        st.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path, config)"
-                   " VALUES (?,?,?,?,?,?,?,?,?)", ("ev1", "d", dv.version, "test", dumps(SYS), "succeeded", now,
-                                                   str(path), dumps(cfg)))
+        eval_rows.insert_eval(st, "ev1", "d", dv.version, "test", SYS, str(path), cfg, status="succeeded")
         from evals import runner
         runner.score_eval("ev1", ws, st)
         # the eval's job as the worker leaves it: 42 s of work, its last progress saying ETA 0
-        st.execute("INSERT INTO jobs (id, kind, status, ref, created_at, started_at, ended_at, progress) VALUES "
-                   "('job-ev1', 'eval', 'succeeded', 'ev1', ?, ?, ?, ?)",
-                   (now - 50, now - 45, now - 3, json.dumps({"done": 16, "total": 16, "eta_s": 0.0})))
+        write(st, insert(schema.jobs).values(id="job-ev1", kind="eval", status="succeeded", ref="ev1",
+                                             created_at=now - 50, started_at=now - 45, ended_at=now - 3,
+                                             progress=json.dumps({"done": 16, "total": 16, "eta_s": 0.0})))
         out = {"eval": "ev1"}
         out["votes"] = rating.create_campaign("ev1", ws=ws, store=st, seed=0, name="votes")
         out["ties"] = rating.create_campaign("ev1", ws=ws, store=st, seed=1, name="ties")
         for cid, pick_ in ((out["votes"], lambda t: "left" if t["system_left"] == "sft:good" else "right"),
                            (out["ties"], lambda t: "tie")):
             while (t := rating.next_task(cid, "seed-rater", ws=ws, store=st)) is not None:
-                row = st.query_one("SELECT * FROM rating_tasks WHERE id=?", (t["task_id"],))
+                row = rating_rows.get_task(st, t["task_id"])
                 rating.vote(cid, t["task_id"], "seed-rater", pick_(row), ws=ws, store=st)
         out["reveal"] = rating.create_campaign("ev1", ws=ws, store=st, seed=2, name="reveal", open_rating=True,
                                                reveal_after_vote=True)
@@ -197,9 +201,10 @@ def test_train_on_these_votes_then_the_lineage_on_the_train_tab(loop_app, browse
     page.locator("#results-train").click()
     msg.get_by_text("no decisive votes").wait_for(timeout=60000)
     assert "Not started" in msg.inner_text() and f"campaign {seeded['ties']}" in msg.inner_text()
-    with db(home) as con:
-        assert con.execute("SELECT COUNT(*) FROM datasets WHERE name LIKE 'votes-%'").fetchone()[0] == 0
-        assert con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
+    from sft_core.db import datasets as dataset_rows, runs as run_rows
+    with db(home) as st:
+        assert [n for n in dataset_rows.names(st) if n.startswith("votes-")] == []
+        assert len(run_rows.ids(st)) == 1
     # the campaign with votes: a preference dataset and a queued preference run from sft:good
     pick(page, "results-campaign", seeded["votes"])
     page.locator("#results-train").click()
@@ -282,10 +287,8 @@ def test_rate_reveals_systems_after_the_vote_only_where_allowed(loop_app, browse
         # cast: wait for what only the new message has (the whole message arrives in one update)
         saved.get_by_text("A was" if reveals else "A is better").wait_for(timeout=30000)
         text = saved.inner_text()
-        with db(home) as con:
-            task = con.execute("SELECT t.system_left, t.system_right FROM votes v JOIN rating_tasks t ON t.id=v.task_id "
-                               "JOIN raters r ON r.id=v.rater WHERE v.campaign_id=? AND r.name='vera'",
-                               (seeded[key],)).fetchone()
+        with db(home) as st:
+            task = _votes_by(st, "vera", seeded[key])[0]
         if reveals:
             assert f"A was {task['system_left']}, B was {task['system_right']}" in text, text
             assert not page.locator("#rate-undo").is_visible()  # a revealed vote stays as cast

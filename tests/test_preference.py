@@ -9,17 +9,18 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
-import time
 
 import numpy as np
 import pytest
 import torch
+from sqlalchemy import select
 
 from evals import calibration, rating
 from sft_core import data, jobs, pref_train, preference, train
 from tests.tiny_model import build_tiny_llama
 from sft_core.config import PREFERENCE_LOSSES, ConfigError, DataConfig, PreferenceConfig, TrainConfig, load_config
-from sft_core.store import dumps
+from sft_core.db import column, evals as eval_rows, ratings as rating_rows, rows as table_rows, runs as run_rows
+from sft_core.db.schema import datasets as datasets_table, jobs as jobs_table, runs as runs_table
 from sft_core.workspace import read_jsonl, write_jsonl
 
 # ---- synthetic preference: the chosen answer always ends with "Indeed."; the rejected one, with another word
@@ -112,8 +113,10 @@ def run_job_in_process(ws, store, run_id: str, worker) -> int:
 
 def tables(store, ws) -> tuple:
     """Everything a refused request must leave untouched."""
-    return (store.query("SELECT name, version FROM datasets ORDER BY name, version"),
-            store.query("SELECT id FROM runs ORDER BY id"), store.query("SELECT id FROM jobs ORDER BY id"),
+    d = datasets_table
+    return (table_rows(store, select(d.c.name, d.c.version).order_by(d.c.name, d.c.version)),
+            column(store, select(runs_table.c.id).order_by(runs_table.c.id)),
+            column(store, select(jobs_table.c.id).order_by(jobs_table.c.id)),
             sorted(p.name for p in ws.root.joinpath("runs").glob("*")),
             sorted(str(p.relative_to(ws.root)) for p in ws.root.joinpath("datasets").glob("*/*")))
 
@@ -294,8 +297,8 @@ def test_events_metrics_lineage_and_run_row(dpo, module_home, sft_run, pairs_ver
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["eval_rewards_accuracy"] > 0.9 and m["steps"] == dpo["learned_at"]
     assert m["train_loss"] < m["first_train_loss"]
-    run = store.query_one("SELECT * FROM runs WHERE id=?", (dpo["run"],))
-    sft = store.query_one("SELECT * FROM runs WHERE id=?", (sft_run,))
+    run = run_rows.get(store, dpo["run"])
+    sft = run_rows.get(store, sft_run)
     assert run["status"] == "succeeded" and run["base_model"] == sft["base_model"]
     assert (run["dataset"], run["dataset_version"]) == ("endings", pairs_version.version)
     steps = json.loads((run_dir / "manifest.json").read_text())["lineage"]
@@ -460,8 +463,7 @@ def test_base_model_mismatch_is_refused(module_home, tiny_model_dir, sft_run, pa
         (stale / "adapter" / f.name).write_bytes(f.read_bytes())
     man = json.loads((src / "manifest.json").read_text()) | {"base_model_hash": "0" * 16}
     (stale / "manifest.json").write_text(json.dumps(man))
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) VALUES "
-                  "('sft-stale', 'qa', 'v', ?, 'succeeded', ?, ?)", (str(tiny_model_dir), time.time(), str(stale)))
+    run_rows.insert_run(store, "sft-stale", "qa", "v", str(tiny_model_dir), str(stale), "{}", status="succeeded")
     before = tables(store, ws)
     with pytest.raises(ConfigError, match="weights of base model .* changed since run sft-stale") as e:
         pref_train.submit_pref_run(load_config(PreferenceConfig, overrides=dict(dataset="endings",
@@ -558,9 +560,7 @@ def judged_eval(ws, store):
     write_jsonl(path / "outputs.jsonl", outs)
     cfg = {"dataset": "d", "dataset_version": dv.version, "split": "test", "systems": SYS, "judge": "local",
            "judge_model": None, "base_model": "tiny", "decoding": {"max_new_tokens": 8}}
-    store.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path, config)"
-                  " VALUES (?,?,?,?,?,?,?,?,?)", ("ev1", "d", dv.version, "test", dumps(SYS), "succeeded",
-                                                  time.time(), str(path), dumps(cfg)))
+    eval_rows.insert_eval(store, "ev1", "d", dv.version, "test", SYS, str(path), cfg, status="succeeded")
     cid = rating.create_campaign("ev1", SYS, ws=ws, store=store, seed=0)
     return {"rows": test_rows, "campaign": cid, "path": path, "version": dv.version}
 
@@ -568,7 +568,7 @@ def judged_eval(ws, store):
 def _vote_all(ws, store, cid, rater, decide):
     """Rate every task: ``decide(row index, task)`` -> left | right | tie | both_bad (None = skip)."""
     while (t := rating.next_task(cid, rater, ws=ws, store=store)) is not None:
-        task = store.query_one("SELECT * FROM rating_tasks WHERE id=?", (t["task_id"],))
+        task = rating_rows.get_task(store, t["task_id"])
         choice = decide(task)
         rating.vote(cid, t["task_id"], rater, choice, ws=ws, store=store)
 
@@ -619,9 +619,8 @@ def test_train_on_votes_builds_pairs_then_queues_a_preference_run(judged_eval, w
     import shutil
     src_ws, src_store = module_home
     shutil.copytree(src_ws.runs_dir(sft_run), ws.runs_dir("good"))
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) VALUES "
-                  "('good', 'qa', 'v', ?, 'succeeded', ?, ?)",
-                  (str(tiny_model_dir), time.time(), str(ws.runs_dir("good"))))
+    run_rows.insert_run(store, "good", "qa", "v", str(tiny_model_dir), str(ws.runs_dir("good")), "{}",
+                        status="succeeded")
     cid = judged_eval["campaign"]
     before = tables(store, ws)
     with pytest.raises(ConfigError, match="must be positive") as e:  # options checked before any dataset is built
@@ -630,7 +629,7 @@ def test_train_on_votes_builds_pairs_then_queues_a_preference_run(judged_eval, w
     _vote_all(ws, store, cid, "fay", lambda t: _side_of(t, "sft:good"))
     dv, run_id = pref_train.train_on_votes(cid, ws=ws, store=store, max_steps=5)
     assert dv.name == f"votes-{cid}" and preference.dataset_kind(dv) == "preference"
-    run = store.query_one("SELECT * FROM runs WHERE id=?", (run_id,))
+    run = run_rows.get(store, run_id)
     assert run["status"] == "queued" and json.loads(run["config"])["mode"] == "preference"
     assert run["dataset_version"] == dv.version and run["base_model"] == str(tiny_model_dir)
     steps = json.loads((ws.runs_dir(run_id) / "config.json").read_text())["lineage"]
@@ -695,7 +694,7 @@ def test_judge_calibration_against_votes(judged_eval, ws, store):
     assert j["accuracy"] == pytest.approx(25 / 30) and j["accuracy_when_judge_decisive"] == pytest.approx(25 / 30)
     # kappa by hand in the rater's frame equals sklearn's (the function's point estimate)
     from sklearn.metrics import cohen_kappa_score
-    tasks = store.query("SELECT * FROM rating_tasks WHERE campaign_id=?", (cid,))
+    tasks = rating_rows.tasks(store, cid)
     h, g = [], []
     for t in tasks:
         i = index[t["row_id"]]
@@ -738,9 +737,7 @@ def test_report_states_lineage_and_calibration(dpo, module_home, sft_run):
     (path / "scores.json").write_text(json.dumps({"sets": {}}))
     cfg = {"dataset": "qa", "dataset_version": "v", "split": "test", "systems": systems, "judge": "local",
            "base_model": "tiny", "decoding": {"max_new_tokens": 8}}
-    store.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path, config)"
-                  " VALUES (?,?,?,?,?,?,?,?,?)", ("ev-report", "qa", "v", "test", dumps(systems), "succeeded",
-                                                  time.time(), str(path), dumps(cfg)))
+    eval_rows.insert_eval(store, "ev-report", "qa", "v", "test", systems, str(path), cfg, status="succeeded")
     write_jsonl(path / "judge.jsonl", [{"row_id": f"r{i}", "system_a": systems[0], "system_b": systems[1],
                                         "winner": "b", "raw": ["", ""]} for i in range(6)])
     cid = rating.create_campaign("ev-report", ws=ws, store=store, seed=1)

@@ -14,6 +14,7 @@ from evals import runner
 from evals import systems as S
 from sft_core import StudioError, data, jobs, raft, retrieval
 from sft_core.config import ConfigError, TrainConfig, load_config
+from sft_core.db import evals as evals_db, jobs as jobs_db, runs as runs_db
 from sft_core.records import make_record
 from tests.test_train import _cli, run_in_process
 
@@ -172,7 +173,7 @@ def test_raft_run_manifest_plan_and_adapter(raft_run):
     KB it used (hash) and the counts, which agree with the per-row plan."""
     ws, store, kb, run_id, _ = raft_run
     run_dir = ws.runs_dir(run_id)
-    assert store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))["status"] == "succeeded"
+    assert runs_db.get(store, run_id)["status"] == "succeeded"
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
     m = json.loads((run_dir / "manifest.json").read_text())
     assert m["config"]["mode"] == "raft" and m["raft"]["settings"]["kb"] == KB
@@ -294,7 +295,7 @@ def test_training_rows_use_the_tested_draw(raft_run, many_rows, many_plans, embe
 # (e) bad configurations: one clear error, nothing stored
 # ------------------------------------------------------------------------------------------------
 def nothing_stored(ws, store, before: set) -> bool:
-    runs = {r["id"] for r in store.query("SELECT id FROM runs")}
+    runs = set(runs_db.ids(store))
     dirs = {p.name for p in ws.runs_dir().iterdir()} if ws.runs_dir().exists() else set()
     return runs == before and dirs == before
 
@@ -310,17 +311,17 @@ def nothing_stored(ws, store, before: set) -> bool:
 ])
 def test_bad_raft_configs_refused(facts, tiny_model_dir, overrides, field, needle):
     ws, store, kb = facts
-    before = {r["id"] for r in store.query("SELECT id FROM runs")}
-    jobs_before = len(store.query("SELECT id FROM jobs"))
+    before = set(runs_db.ids(store))
+    jobs_before = jobs_db.count(store)
     with pytest.raises(ConfigError) as e:
         jobs.submit_train(tiny_raft_cfg(tiny_model_dir, run_name="bad", **overrides), ws, store)
     assert e.value.where == field and needle in str(e.value), str(e.value)
-    assert nothing_stored(ws, store, before) and len(store.query("SELECT id FROM jobs")) == jobs_before
+    assert nothing_stored(ws, store, before) and jobs_db.count(store) == jobs_before
 
 
 def test_cli_raft_without_kb_is_one_line(facts, tiny_model_dir):
     ws, store, kb = facts
-    before = {r["id"] for r in store.query("SELECT id FROM runs")}
+    before = set(runs_db.ids(store))
     rc, out, err = _cli("train", "--dataset", "factsqa", "--base-model", tiny_model_dir, "--mode", "raft")
     assert rc == 1 and out == ""
     assert err.strip() == "error: kb: RAFT builds its prompts from a knowledge base: choose one (--kb NAME)"
@@ -351,7 +352,7 @@ def test_five_systems_accepted_and_built(raft_run, tiny_model_dir, monkeypatch):
     stores the run's RAFT settings, and each system builds its request (raft: k + 1 passages)."""
     ws, store, kb, run_id, _ = raft_run
     names = ["rag", f"sft:{run_id}", f"sft+rag:{run_id}", f"raft:{run_id}", "prompt"]
-    config = json.loads(store.query_one("SELECT config FROM runs WHERE id=?", (run_id,))["config"])
+    config = json.loads(runs_db.get(store, run_id)["config"])
     assert S.adapter_systems(run_id, config) == names[1:4] and S.adapter_systems("x", {"mode": "sft"}) == ["sft:x", "sft+rag:x"]
     checked = S.check_systems(names, store, KB)
     assert [s.kind for s in checked] == ["rag", "sft", "sft+rag", "raft", "prompt"]
@@ -380,9 +381,8 @@ def test_five_systems_accepted_and_built(raft_run, tiny_model_dir, monkeypatch):
 def test_raft_system_refuses_a_run_not_trained_in_raft_mode(raft_run):
     ws, store, kb, run_id, _ = raft_run
     import time
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path, config) "
-                  "VALUES ('plain', 'factsqa', 'v', 'x', 'succeeded', ?, ?, ?)",
-                  (time.time(), str(ws.runs_dir("plain")), json.dumps({"mode": "sft"})))
+    runs_db.insert_run(store, "plain", "factsqa", "v", "x", str(ws.runs_dir("plain")), {"mode": "sft"},
+                       status="succeeded", created_at=time.time())
     try:
         with pytest.raises(StudioError) as e:
             S.check_systems(["rag", "raft:plain"], store, KB)
@@ -392,7 +392,7 @@ def test_raft_system_refuses_a_run_not_trained_in_raft_mode(raft_run):
         with pytest.raises(StudioError, match="raft:NAME"):
             S.parse_system("raft")
     finally:
-        store.execute("DELETE FROM runs WHERE id='plain'")
+        runs_db.delete_run(store, "plain")
 
 
 def test_eval_refuses_a_preference_dataset_before_storing(facts, tmp_path):
@@ -403,12 +403,12 @@ def test_eval_refuses_a_preference_dataset_before_storing(facts, tmp_path):
     f.write_text("".join(json.dumps({"prompt": f"Q{i}?", "chosen": f"good {i}",
                                      "rejected": f"bad {i}"}) + "\n" for i in range(6)))
     dv = preference.build_from_file(f, "prefs", eval_fraction=0.34, ws=ws, store=store)
-    before = store.query("SELECT id FROM evals")
+    before = evals_db.ids(store)
     for split in ("train", "eval"):
         with pytest.raises(StudioError) as e:
             runner.create_eval("prefs", ["prompt"], split=split, ws=ws, store=store)
         assert e.value.where == "dataset" and f"prefs@{dv.version} is a preference dataset" in str(e.value)
-    assert store.query("SELECT id FROM evals") == before
+    assert evals_db.ids(store) == before
 
 
 def test_cli_raft_mode_leaves_room_for_the_passages_unless_told():

@@ -3,13 +3,17 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import time
+from collections import Counter
 
 import numpy as np
 import pytest
+from sqlalchemy import insert, select
+from sqlalchemy.exc import IntegrityError
 
 from evals import rating
 from sft_core import cli
+from sft_core.db import evals as eval_rows, ratings as rating_rows, rows as table_rows, write
+from sft_core.db.schema import metadata, rating_tasks, votes as votes_table
 from sft_core.store import Store, dumps
 from sft_core.workspace import write_jsonl
 
@@ -30,10 +34,13 @@ def make_eval(ws, store, n_rows: int = 40, eval_id: str = "ev1", judge: list | N
     write_jsonl(path / "outputs.jsonl", rows)
     if judge:
         write_jsonl(path / "judge.jsonl", judge)
-    store.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path, config)"
-                  " VALUES (?,?,?,?,?,?,?,?,?)", (eval_id, "d", "v", "test", dumps(systems), "succeeded", time.time(),
-                                                  str(path), "{}"))
+    eval_rows.insert_eval(store, eval_id, "d", "v", "test", systems, str(path), {}, status="succeeded")
     return eval_id
+
+
+def dump_database(store) -> str:
+    """Every row of every table, as text (what a copy of the database would give away)."""
+    return "\n".join(f"{t.name}: {r!r}" for t in metadata.sorted_tables for r in table_rows(store, select(t)))
 
 
 # ---- Bradley-Terry -------------------------------------------------------------------------------
@@ -185,7 +192,7 @@ def test_blind_payload_and_balanced_assignment(ws, store):
         assert set(t["progress"]) == {"done", "remaining", "total"}
         # the only id is a random uuid4, not derived from the systems or the order
         assert len(t["task_id"]) == 32 and t["task_id"][12] == "4"
-        row = store.query_one("SELECT * FROM rating_tasks WHERE id=?", (t["task_id"],))
+        row = rating_rows.get_task(store, t["task_id"])
         assert (t["left"], t["right"]) == (row["output_left"], row["output_right"])
         assert t["task_id"] not in seen
         seen.add(t["task_id"])
@@ -195,7 +202,7 @@ def test_blind_payload_and_balanced_assignment(ws, store):
     counts = [pairs.count(p) for p in set(pairs)]
     assert len(counts) == 3 and max(counts) - min(counts) <= 1
     # left/right order is random and recorded: every system appears on the left
-    rows = store.query("SELECT system_left FROM rating_tasks WHERE campaign_id=?", (cid,))
+    rows = rating_rows.tasks(store, cid)
     assert len({r["system_left"] for r in rows}) == 3
 
 
@@ -205,8 +212,7 @@ def test_left_right_draw_cannot_be_replayed(ws, store):
     ev = make_eval(ws, store, 40)
 
     def order(cid):
-        return [r["system_left"] for r in store.query(
-            "SELECT row_id, system_left FROM rating_tasks WHERE campaign_id=? ORDER BY row_id", (cid,))]
+        return [r["system_left"] for r in rating_rows.tasks(store, cid)]  # by row_id
 
     o1, o2 = (order(rating.create_campaign(ev, ["prompt", "rag"], ws=ws, store=store)) for _ in range(2))
     assert o1 != o2
@@ -233,7 +239,7 @@ def test_pending_task_comes_back_and_concurrent_raters_spread_out(ws, store):
 def test_vote_errors_store_nothing(ws, store):
     cid = rating.create_campaign(make_eval(ws, store, 3), SYSTEMS, ws=ws, store=store)
     t = rating.next_task(cid, "bob", ws=ws, store=store)
-    other = store.query_one("SELECT id FROM rating_tasks WHERE campaign_id=? AND id<>?", (cid, t["task_id"]))["id"]
+    other = next(r["id"] for r in rating_rows.tasks(store, cid) if r["id"] != t["task_id"])
     with pytest.raises(rating.RatingError, match="unknown campaign 'nope'"):
         rating.vote("nope", t["task_id"], "bob", "left", ws=ws, store=store)
     with pytest.raises(rating.RatingError, match="unknown campaign"):
@@ -250,7 +256,7 @@ def test_vote_errors_store_nothing(ws, store):
         rating.vote(cid, t["task_id"], "  ", "left", ws=ws, store=store)
     with pytest.raises(rating.RatingError, match="no vote on task"):
         rating.change_vote(cid, t["task_id"], "bob", "left", ws=ws, store=store)
-    assert store.query("SELECT * FROM votes") == [] and store.query("SELECT * FROM vote_history") == []
+    assert rating_rows.votes(store) == [] and rating_rows.history(store) == []
     rating.vote(cid, t["task_id"], "bob", "right", "x" * 2000, ws=ws, store=store)  # exactly the limit is fine
     with pytest.raises(rating.RatingError, match="already voted"):
         rating.vote(cid, t["task_id"], "bob", "left", ws=ws, store=store)
@@ -258,54 +264,67 @@ def test_vote_errors_store_nothing(ws, store):
         rating.change_vote("nope", t["task_id"], "bob", "tie", ws=ws, store=store)
     with pytest.raises(rating.RatingError, match="limit is 2000"):
         rating.change_vote(cid, t["task_id"], "bob", "tie", "y" * 2001, ws=ws, store=store)
-    assert [(v["choice"], len(v["comment"])) for v in store.query("SELECT * FROM votes")] == [("right", 2000)]
-    assert store.query("SELECT * FROM vote_history") == []
+    assert [(v["choice"], len(v["comment"])) for v in rating_rows.votes(store)] == [("right", 2000)]
+    assert rating_rows.history(store) == []
     rating.change_vote(cid, t["task_id"], "bob", "tie", "changed my mind", ws=ws, store=store)
     rating.change_vote(cid, t["task_id"], "bob", "left", ws=ws, store=store)
-    assert [v["choice"] for v in store.query("SELECT choice FROM votes")] == ["left"]
-    assert [h["choice"] for h in store.query("SELECT choice FROM vote_history ORDER BY id")] == ["right", "tie"]
+    assert [v["choice"] for v in rating_rows.votes(store)] == ["left"]
+    assert [h["choice"] for h in rating_rows.history(store)] == ["right", "tie"]  # oldest first
 
 
 def test_database_constraints_make_duplicates_impossible(ws, store):
     """Even SQL that bypasses rating.py cannot store a double vote, an unassigned vote, a bad choice
-    or a second task for the same pair and prompt."""
-    import sqlite3
+    or a second task for the same pair and prompt (SQLite and PostgreSQL both name the constraint)."""
     cid = rating.create_campaign(make_eval(ws, store, 2), ["prompt", "rag"], ws=ws, store=store)
     t = rating.next_task(cid, "gus", ws=ws, store=store)
     rating.vote(cid, t["task_id"], "gus", "left", ws=ws, store=store)
-    task = store.query_one("SELECT * FROM rating_tasks WHERE id=?", (t["task_id"],))
-    ins = ("INSERT INTO votes (campaign_id, task_id, rater, choice, comment, created_at, updated_at)"
-           " VALUES (?,?,?,?,?,0,0)")
-    other = store.query_one("SELECT id FROM rating_tasks WHERE campaign_id=? AND id<>?", (cid, t["task_id"]))["id"]
-    for args, msg in [((cid, t["task_id"], "gus", "right", ""), "UNIQUE"),
-                      ((cid, other, "gus", "left", ""), "FOREIGN KEY"),
-                      ((cid, t["task_id"], "gus", "meh", ""), "CHECK"),
-                      ((cid, t["task_id"], "gus", "left", "z" * 2001), "CHECK")]:
-        with pytest.raises(sqlite3.IntegrityError, match=msg):
-            store.execute(ins, args)
-    with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):  # the same pair, sides swapped
-        store.execute("INSERT INTO rating_tasks VALUES ('x', ?, ?, ?, ?, 'p', NULL, 'a', 'b')",
-                      (cid, task["row_id"], task["system_right"], task["system_left"]))
-    assert store.query_one("SELECT COUNT(*) AS n FROM votes")["n"] == 1
+    task = rating_rows.get_task(store, t["task_id"])
+    other = next(r["id"] for r in rating_rows.tasks(store, cid) if r["id"] != t["task_id"])
+    for (task_id, choice, comment), msg in [((t["task_id"], "right", ""), "(?i)unique"),
+                                            ((other, "left", ""), "(?i)foreign key"),
+                                            ((t["task_id"], "meh", ""), "votes_choice_check"),
+                                            ((t["task_id"], "left", "z" * 2001), "votes_comment_length")]:
+        with pytest.raises(IntegrityError, match=msg):
+            write(store, insert(votes_table).values(campaign_id=cid, task_id=task_id, rater="gus", choice=choice,
+                                                    comment=comment, created_at=0, updated_at=0))
+    with pytest.raises(IntegrityError, match="rating_tasks_pair"):  # the same pair, sides swapped
+        write(store, insert(rating_tasks).values(id="x", campaign_id=cid, row_id=task["row_id"],
+                                                 system_left=task["system_right"], system_right=task["system_left"],
+                                                 prompt="p", reference=None, output_left="a", output_right="b"))
+    assert rating_rows.count_votes(store) == 1
+
+
+def old_campaigns_db(path, *later_columns: str) -> str:
+    """A database from before versioning holding one campaign, ``camp-old``: the first campaigns table,
+    plus ``later_columns`` of those added since (name, open_rating, published_at, closed_at, guidelines)."""
+    from sqlalchemy import Column, Float, Integer, MetaData, Table, Text, create_engine
+    later = {"name": Column("name", Text, nullable=False, server_default=""),
+             "open_rating": Column("open_rating", Integer, nullable=False, server_default="0"),
+             "published_at": Column("published_at", Float), "closed_at": Column("closed_at", Float),
+             "guidelines": Column("guidelines", Text, nullable=False, server_default="")}
+    table = Table("campaigns", MetaData(), Column("id", Text, primary_key=True),
+                  Column("eval_id", Text, nullable=False), Column("systems", Text, nullable=False),
+                  Column("show_reference", Integer, nullable=False, server_default="1"),
+                  Column("created_at", Float, nullable=False), *(later[c] for c in later_columns))
+    url = f"sqlite:///{path}"
+    engine = create_engine(url)
+    with engine.begin() as con:
+        table.create(con)
+        con.execute(insert(table).values(id="camp-old", eval_id="ev", systems='["a", "b"]', show_reference=1,
+                                         created_at=0))
+    engine.dispose()
+    return url
 
 
 def test_old_database_gets_the_name_column(tmp_path):
-    import sqlite3
-    db = tmp_path / "old.db"
-    con = sqlite3.connect(db)
-    con.execute("CREATE TABLE campaigns (id TEXT PRIMARY KEY, eval_id TEXT NOT NULL, systems TEXT NOT NULL,"
-                " show_reference INTEGER NOT NULL DEFAULT 1, created_at REAL NOT NULL)")
-    con.execute("INSERT INTO campaigns VALUES ('camp-old', 'ev', '[\"a\", \"b\"]', 1, 0)")
-    con.commit()
-    con.close()
-    st = Store(f"sqlite:///{db}")
+    st = Store(old_campaigns_db(tmp_path / "old.db"))
     assert [c["id"] for c in rating.list_campaigns(store=st)] == ["camp-old"]
     assert rating.list_campaigns(store=st)[0]["name"] == ""
     # the later columns too: invite-only, results hidden, rating on; the raters table exists
     c = rating.list_campaigns(store=st)[0]
     assert (c["open_rating"], c["published_at"], c["closed_at"], c["guidelines"]) == (0, None, None, "")
     assert not rating.results_visible("camp-old", store=st)
-    assert st.query("SELECT * FROM raters") == []
+    assert rating_rows.list_raters(st) == []
     st.close()
 
 
@@ -319,7 +338,7 @@ def test_campaign_creation_errors(ws, store):
         rating.create_campaign(ev, ["prompt"], ws=ws, store=store)
     with pytest.raises(rating.RatingError, match="twice"):
         rating.create_campaign(ev, ["prompt", "prompt"], ws=ws, store=store)
-    assert store.query("SELECT * FROM campaigns") == [] and store.query("SELECT * FROM rating_tasks") == []
+    assert rating.list_campaigns(ws=ws, store=store) == [] and table_rows(store, select(rating_tasks)) == []
     cid = rating.create_campaign(ev, None, ws=ws, store=store, name="  Pilot  ", show_reference=False)
     (c,) = rating.list_campaigns(ws=ws, store=store)
     assert (c["id"], c["name"], c["n_tasks"], c["n_votes"]) == (cid, "Pilot", 6, 0)
@@ -343,10 +362,11 @@ def test_twenty_processes_fifty_votes_each(ws, store):
     with ctx.Pool(20) as pool:
         counts = pool.map(_voter, [(ws.db_url, cid, f"rater{i}") for i in range(20)])
     assert sum(counts) == 1000
-    assert store.query_one("SELECT COUNT(*) AS n FROM votes")["n"] == 1000
-    dup = store.query("SELECT task_id, rater, COUNT(*) c FROM votes GROUP BY task_id, rater HAVING c > 1")
+    cast = rating_rows.votes(store)
+    assert len(cast) == 1000
+    dup = [k for k, n in Counter((v["task_id"], v["rater"]) for v in cast).items() if n > 1]
     assert dup == []
-    assert store.query_one("SELECT COUNT(*) AS n FROM rating_assignments")["n"] == 1000
+    assert len(rating_rows.assignments(store)) == 1000
     res = rating.results(cid, ws=ws, store=store)
     assert res["n_votes"] == 1000 and res["n_raters"] == 20
     assert sum(res["votes_per_system"].values()) == 2 * 1000  # each vote counts for two systems
@@ -355,7 +375,7 @@ def test_twenty_processes_fifty_votes_each(ws, store):
     # with "never the same task twice per rater" cannot promise a spread of 1 when raters progress at
     # very different speeds (a loaded machine): simulating skewed speeds gives spreads of 1-3, so allow 4;
     # an assignment that ignored coverage spreads wider (a random 50 of 60 per rater: median 7, never below 5 in 300 draws).
-    per_task = [r["n"] for r in store.query("SELECT COUNT(*) AS n FROM votes GROUP BY task_id")]
+    per_task = list(Counter(v["task_id"] for v in cast).values())
     assert len(per_task) == 60 and max(per_task) - min(per_task) <= 4, per_task
 
 
@@ -365,21 +385,21 @@ def test_results_agreement_and_exports(ws, store, tmp_path, capsys):
     cid = rating.create_campaign(make_eval(ws, store, 30, judge=judge), ["prompt", "sft:r1"], ws=ws, store=store)
     for k in range(30):  # carol prefers sft:r1 except on 6 tasks; dan agrees with her on 10 of the 12 they share
         t = rating.next_task(cid, "carol", ws=ws, store=store)
-        row = store.query_one("SELECT * FROM rating_tasks WHERE id=?", (t["task_id"],))
+        row = rating_rows.get_task(store, t["task_id"])
         sft_side = "left" if row["system_left"] == "sft:r1" else "right"
         other_side = "right" if sft_side == "left" else "left"
         rating.vote(cid, t["task_id"], "carol", sft_side if k >= 6 else other_side, ws=ws, store=store)
     for k in range(12):
         t = rating.next_task(cid, "dan", ws=ws, store=store)
-        carol = store.query_one("SELECT choice FROM votes WHERE task_id=? AND rater='carol'", (t["task_id"],))["choice"]
+        carol = rating_rows.get_vote(store, t["task_id"], "carol")["choice"]
         flip = {"left": "right", "right": "left"}[carol]
         rating.vote(cid, t["task_id"], "dan", carol if k >= 2 else flip, ws=ws, store=store)
     res = rating.results(cid, ws=ws, store=store)
     assert [r["system"] for r in res["leaderboard"]] == ["sft:r1", "prompt"]
     top = res["leaderboard"][0]
     assert top["ci_low"] < top["rating"] < top["ci_high"] and top["rating"] > 1000 > res["leaderboard"][1]["rating"]
-    sft_won = sum((v["choice"] == "left") == (v["system_left"] == "sft:r1") for v in store.query(
-        "SELECT v.choice, t.system_left FROM votes v JOIN rating_tasks t ON t.id=v.task_id"))
+    sft_won = sum((v["choice"] == "left") == (v["system_left"] == "sft:r1")
+                  for v in rating_rows.votes_with_tasks(store, cid))
     assert (top["wins"], top["losses"], top["ties"], top["votes"]) == (sft_won, 42 - sft_won, 0, 42)
     assert top["rating"] - 1000 == pytest.approx(rating.RATING_SCALE * top["strength"])
     assert res["votes_per_system"] == {"prompt": 42, "sft:r1": 42}
@@ -387,14 +407,15 @@ def test_results_agreement_and_exports(ws, store, tmp_path, capsys):
     assert abs(wr["sft:r1"]["prompt"] + wr["prompt"]["sft:r1"] - 1) < 1e-12 and wr["sft:r1"]["prompt"] > 0.6
     assert res["agreement"]["tasks_with_several_raters"] == 12
     # kappa by hand: 12 shared tasks, 10 agreements; the marginals depend on the left/right draw
-    shared = store.query("SELECT a.choice AS c, b.choice AS d FROM votes a JOIN votes b ON a.task_id=b.task_id "
-                         "AND a.rater='carol' AND b.rater='dan'")
+    dans = {v["task_id"]: v["choice"] for v in rating_rows.votes(store, cid, rater="dan")}
+    shared = [{"c": v["choice"], "d": dans[v["task_id"]]} for v in rating_rows.votes(store, cid, rater="carol")
+              if v["task_id"] in dans]
     po = sum(r["c"] == r["d"] for r in shared) / 12
     pe = sum(sum(r["c"] == x for r in shared) * sum(r["d"] == x for r in shared) for x in ("left", "right")) / 144
     assert po == 10 / 12 and abs(res["agreement"]["cohen_kappa"] - (po - pe) / (1 - pe)) < 1e-12
     # the judge prefers sft:r1 on 29 rows (r000 inconsistent: left out); agreement = share of human votes there
     # that also chose sft:r1
-    human = store.query("SELECT v.choice, t.system_left, t.row_id FROM votes v JOIN rating_tasks t ON t.id=v.task_id")
+    human = rating_rows.votes_with_tasks(store, cid)
     judged = [h for h in human if h["row_id"] != "r000"]
     agree = sum((h["choice"] == "left") == (h["system_left"] == "sft:r1") for h in judged)
     assert res["agreement"]["judge_vs_human"] == pytest.approx(agree / len(judged))
@@ -447,8 +468,8 @@ def test_cli_create_results_export_and_errors(ws, store, capsys):
     assert cli.main(["rate", "campaign", "create", "--eval", ev, "--systems", "prompt, rag", "--name", "pilot",
                      "--seed", "3"]) == 0
     cid = capsys.readouterr().out.strip()
-    assert store.query_one("SELECT name, systems FROM campaigns WHERE id=?", (cid,)) == \
-        {"name": "pilot", "systems": dumps(["prompt", "rag"])}
+    camp = rating_rows.get_campaign(store, cid)
+    assert (camp["name"], camp["systems"]) == ("pilot", dumps(["prompt", "rag"]))
     assert cli.main(["rate", "campaign", "list"]) == 0
     assert cid in capsys.readouterr().out
     for _ in range(5):
@@ -471,7 +492,7 @@ def test_cli_create_results_export_and_errors(ws, store, capsys):
         assert cli.main(argv) == 1
         err = capsys.readouterr().err
         assert msg in err and "Traceback" not in err
-    assert store.query_one("SELECT COUNT(*) AS n FROM campaigns")["n"] == 1
+    assert len(rating_rows.campaign_ids(store)) == 1
 
 
 # ---- rater identities, publish / close ------------------------------------------------------------
@@ -484,13 +505,13 @@ def test_invites_are_secret_per_campaign_and_stored_hashed(ws, store):
     for inv in invs:
         assert rating.invite_rater(inv["token"], ws=ws, store=store) == \
             {"id": inv["rater"], "name": inv["name"], "campaign_id": cid}
-        row = store.query_one("SELECT * FROM raters WHERE id=?", (inv["rater"],))
+        row = rating_rows.get_rater(store, inv["rater"])
         assert row["token_sha256"] == hashlib.sha256(inv["token"].encode()).hexdigest() and row["kind"] == "invite"
-    dump = "\n".join(store.connection().iterdump())
-    assert not any(i["token"] in dump for i in invs)  # only the hash is kept
+    dump = dump_database(store)
+    assert invs[0]["rater"] in dump and not any(i["token"] in dump for i in invs)  # only the hash is kept
     for bad in ("", "nope", invs[0]["token"][:-1], "x" * 500):
         assert rating.invite_rater(bad, ws=ws, store=store) is None
-    store.execute("UPDATE raters SET revoked_at=1 WHERE id=?", (invs[2]["rater"],))
+    rating_rows.revoke_rater(store, invs[2]["rater"], at=1)
     assert rating.invite_rater(invs[2]["token"], ws=ws, store=store) is None
     with pytest.raises(rating.RatingError, match="unknown campaign"):
         rating.create_invites("nope", ["x"], ws=ws, store=store)
@@ -516,13 +537,14 @@ def test_open_rater_keys_are_signed_with_the_workspace_secret(ws, store, tmp_pat
     other = Workspace.at(tmp_path / "other")
     st2 = Store(other.db_url)
     try:
-        st2.execute("INSERT INTO raters (id, kind, name, created_at) VALUES (?, 'open', 'eve', 0)", (rid,))
+        rating_rows.add_rater(st2, rid, "open", "eve", created_at=0)
         assert rating.open_key_rater(key, ws=other, store=st2) is None
     finally:
         st2.close()
     # Hugging Face accounts: one rater per account
     assert rating.hf_rater("alice", "Alice A.", ws=ws, store=store) == rating.hf_rater("alice", ws=ws, store=store)
-    assert store.query_one("SELECT name, kind FROM raters WHERE id='hf:alice'") == {"name": "Alice A.", "kind": "hf"}
+    alice = rating_rows.get_rater(store, "hf:alice")
+    assert (alice["name"], alice["kind"]) == ("Alice A.", "hf")
 
 
 def test_publish_and_close_end_the_rating_and_show_results(ws, store):
@@ -554,7 +576,7 @@ def test_cli_invite_publish_close(ws, store, capsys):
     cid = capsys.readouterr().out.strip()
     assert cli.main(["rate", "campaign", "create", "--eval", ev, "--systems", "prompt,rag", "--open"]) == 0
     open_cid = capsys.readouterr().out.strip()
-    assert store.query_one("SELECT open_rating FROM campaigns WHERE id=?", (open_cid,))["open_rating"] == 1
+    assert rating_rows.get_campaign(store, open_cid)["open_rating"] == 1
     assert cli.main(["rate", "invite", "--campaign", cid, "--rater", "ann", "--rater", "ben",
                      "--base-url", "https://rate.example/"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -601,9 +623,8 @@ def test_undo_brings_back_the_raters_own_last_vote(ws, store):
     assert "system_left" not in last and "rag" not in json.dumps(last)  # still blind
     # the replacement goes through change_vote: one vote per task, the old choice in the history
     rating.change_vote(cid, last["task_id"], "uma", "right", ws=ws, store=store)
-    assert store.query("SELECT choice FROM votes WHERE task_id=? AND rater='uma'", (second["task_id"],)) == \
-        [{"choice": "right"}]
-    assert [h["choice"] for h in store.query("SELECT choice FROM vote_history")] == ["tie"]
+    assert [v["choice"] for v in rating_rows.votes(store, task_id=second["task_id"], rater="uma")] == ["right"]
+    assert [h["choice"] for h in rating_rows.history(store)] == ["tie"]
     assert rating.last_vote(cid, "uma", ws=ws, store=store)["task_id"] == second["task_id"]  # changed = latest
     rating.close(cid, ws=ws, store=store)
     with pytest.raises(rating.RatingError, match="closed"):
@@ -646,7 +667,7 @@ def test_leaderboard_tables_and_agreement_in_words(ws, store):
     wins = {}  # (winner, loser) -> count, by hand
     for k in range(9):  # ann: sft beats prompt and rag, prompt beats rag
         t = rating.next_task(cid, "ann", ws=ws, store=store)
-        row = store.query_one("SELECT * FROM rating_tasks WHERE id=?", (t["task_id"],))
+        row = rating_rows.get_task(store, t["task_id"])
         pair = {row["system_left"], row["system_right"]}
         winner = "sft:r1" if "sft:r1" in pair else "prompt"
         loser = (pair - {winner}).pop()
@@ -661,8 +682,7 @@ def test_leaderboard_tables_and_agreement_in_words(ws, store):
     assert cols == ["row beats column", "prompt", "rag", "sft"]
     cell = {(r[0], c): v for r in rows for c, v in zip(cols[1:], r[1:])}
     ties = {}
-    for v in store.query("SELECT t.system_left, t.system_right FROM votes v JOIN rating_tasks t ON t.id=v.task_id "
-                         "WHERE v.rater='bob'"):
+    for v in rating_rows.votes_with_tasks(store, cid, rater="bob"):
         key = frozenset((v["system_left"], v["system_right"]))
         ties[key] = ties.get(key, 0) + 1
     short = {"prompt": "prompt", "rag": "rag", "sft:r1": "sft"}
@@ -680,7 +700,7 @@ def test_leaderboard_tables_and_agreement_in_words(ws, store):
     assert len(bar) == leaderboard.BAR_WIDTH and bar.count("●") == 1 and bar.index("├") < bar.index("●") < bar.index("┤")
     # agreement once two raters share tasks: Cohen's kappa by hand for 2 raters
     while (t := rating.next_task(cid, "bob", ws=ws, store=store)) is not None:  # bob rates the rest, ann's too
-        ann = store.query_one("SELECT choice FROM votes WHERE task_id=? AND rater='ann'", (t["task_id"],))
+        ann = rating_rows.get_vote(store, t["task_id"], "ann")
         rating.vote(cid, t["task_id"], "bob", ann["choice"] if ann else "tie", ws=ws, store=store)
     res = rating.results(cid, ws=ws, store=store)
     assert res["agreement"]["tasks_with_several_raters"] == 9  # all of ann's

@@ -7,13 +7,16 @@ These drive the app through gradio_client exactly as such a client would.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import re
-import sqlite3
-import time
 
 import pytest
+from sqlalchemy import insert
+from sqlalchemy.exc import IntegrityError
 
+from sft_core.db import evals as eval_rows, ratings as rating_rows, write
+from sft_core.db.schema import votes as votes_table
 from tests.test_app import start_app, stop_app
 
 PW = "s3cret"
@@ -32,9 +35,7 @@ def seed(home) -> dict:
         outputs = [{"set": "domain", "row_id": r, "system": s, "instruction": f"question {r}", "reference": "ref",
                     "output": f"answer {r} #{k}"} for r in ("r1", "r2", "r3") for k, s in enumerate(("prompt", "rag"))]
         (path / "outputs.jsonl").write_text("".join(json.dumps(o) + "\n" for o in outputs))
-        st.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path) "
-                   "VALUES ('eval-r', 'd', 'v0', 'test', ?, 'succeeded', ?, ?)",
-                   (json.dumps(["prompt", "rag"]), time.time(), str(path)))
+        eval_rows.insert_eval(st, "eval-r", "d", "v0", "test", ["prompt", "rag"], str(path), {}, status="succeeded")
         out = {k: rating.create_campaign("eval-r", ws=ws, store=st, name=k, seed=i)
                for i, k in enumerate(("votes", "blind", "fakes"))}
         out["open"] = rating.create_campaign("eval-r", ws=ws, store=st, name="open", open_rating=True)
@@ -47,9 +48,8 @@ def seed(home) -> dict:
                 for s, out in (("prompt", "look ![cat](http://evil.example/cat.png) here"),
                                ("rag", '<iframe src="http://evil.example/"></iframe> and ![x][1]\n\n[1]: http://evil.example/x.png'))]
         (path / "outputs.jsonl").write_text("".join(json.dumps(o) + "\n" for o in evil))
-        st.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path) "
-                   "VALUES ('eval-img', 'd', 'v0', 'test', ?, 'succeeded', ?, ?)",
-                   (json.dumps(["prompt", "rag"]), time.time(), str(path)))
+        eval_rows.insert_eval(st, "eval-img", "d", "v0", "test", ["prompt", "rag"], str(path), {},
+                              status="succeeded")
         out["images"] = rating.create_campaign("eval-img", ws=ws, store=st, name="images", seed=0)
     finally:
         st.close()
@@ -82,10 +82,16 @@ def client(locked):
         c.close()
 
 
+@contextlib.contextmanager
 def db(home):
-    con = sqlite3.connect(home / "studio.db")
-    con.row_factory = sqlite3.Row
-    return con
+    """The app's store, opened beside the running app (as another process would)."""
+    from sft_core.store import Store
+    from sft_core.workspace import Workspace
+    st = Store(Workspace.at(home).db_url)
+    try:
+        yield st
+    finally:
+        st.close()
 
 
 def invites(admin, campaign: str, *names: str) -> dict[str, str]:
@@ -96,8 +102,8 @@ def invites(admin, campaign: str, *names: str) -> dict[str, str]:
 
 
 def raters_of(home, campaign: str) -> list[str]:
-    with db(home) as con:
-        return [r[0] for r in con.execute("SELECT DISTINCT rater FROM votes WHERE campaign_id=?", (campaign,))]
+    with db(home) as st:
+        return list(dict.fromkeys(v["rater"] for v in rating_rows.votes(st, campaign)))
 
 
 def test_anonymous_client_gets_no_task_and_cannot_vote(locked, client):
@@ -118,9 +124,9 @@ def test_anonymous_client_gets_no_task_and_cannot_vote(locked, client):
     other = invites(client(admin=True), camps["fakes"], "olga")["olga"]
     with pytest.raises(Exception, match="invite is for campaign"):
         anon.predict(camps["votes"], other, "", None, api_name="/rate_next")
-    with db(home) as con:
-        assert con.execute("SELECT COUNT(*) FROM rating_assignments").fetchone()[0] == 0
-        assert con.execute("SELECT COUNT(*) FROM votes").fetchone()[0] == 0
+    with db(home) as st:
+        assert rating_rows.assignments(st) == []
+        assert rating_rows.count_votes(st) == 0
 
 
 def test_invited_rater_votes_once_per_task(locked, client):
@@ -140,15 +146,16 @@ def test_invited_rater_votes_once_per_task(locked, client):
     for _ in range(2):
         tab1.predict(camps["votes"], token, "", None, "", api_name="/vote_tie")
     assert "Nothing left" in tab1.predict(camps["votes"], token, "", None, api_name="/rate_next")[0]
-    with db(home) as con:
-        rows = con.execute("SELECT rater, task_id, choice FROM votes WHERE campaign_id=?", (camps["votes"],)).fetchall()
+    with db(home) as st:
+        rows = rating_rows.votes(st, camps["votes"])
         assert len(rows) == 3 and len({r["task_id"] for r in rows}) == 3
-        assert {r["rater"] for r in rows} == {con.execute("SELECT id FROM raters WHERE name='alice'").fetchone()[0]}
+        (alice,) = rating_rows.list_raters(st, name="alice")
+        assert {r["rater"] for r in rows} == {alice["id"]}
         # the schema refuses a second vote by the same rater on the same task, whatever the code does
-        with pytest.raises(sqlite3.IntegrityError, match="UNIQUE"):
-            con.execute("INSERT INTO votes (campaign_id, task_id, rater, choice, comment, created_at, updated_at)"
-                        " VALUES (?,?,?,?,?,?,?)", (camps["votes"], rows[0]["task_id"], rows[0]["rater"], "right", "",
-                                                     0, 0))
+        with pytest.raises(IntegrityError, match="(?i)unique"):
+            write(st, insert(votes_table).values(campaign_id=camps["votes"], task_id=rows[0]["task_id"],
+                                                 rater=rows[0]["rater"], choice="right", comment="", created_at=0,
+                                                 updated_at=0))
 
 
 def test_vote_then_read_results_reveals_nothing_until_published(locked, client):
@@ -207,8 +214,8 @@ def test_typing_other_names_makes_no_new_raters(locked, client):
         out = eve.predict(camps["open"], "", f"fake{i}", key, "", api_name="/vote_left")
         assert out[4] == key and ("Rating as **eve**" in out[3] or "Nothing left" in out[0])
     assert len(raters_of(home, camps["open"])) == 1
-    with db(home) as con:
-        assert con.execute("SELECT COUNT(*) FROM raters WHERE kind='open'").fetchone()[0] == 1
+    with db(home) as st:
+        assert len(rating_rows.list_raters(st, kind="open")) == 1
     # a key whose signature does not check out is no key at all
     forged = key.split(".")[0] + "." + "0" * 64
     with pytest.raises(Exception, match="enter your name"):
@@ -299,12 +306,10 @@ def test_rated_texts_load_nothing_remote(locked, client):
 
 # ---- identities revealed after a vote, only where the campaign allows it (issue 16 item 8) --------
 def test_reveal_after_vote_only_where_allowed_and_only_own_voted_tasks(ws, store, tmp_path, capsys, monkeypatch):
-    import sqlite3
-
     from evals import rating
     from sft_core import cli
     from sft_core.store import Store
-    from tests.test_rating import make_eval
+    from tests.test_rating import make_eval, old_campaigns_db
     ev = make_eval(ws, store, 3)
     blind = rating.create_campaign(ev, ["prompt", "rag"], ws=ws, store=store, seed=1)
     shown = rating.create_campaign(ev, ["prompt", "rag"], ws=ws, store=store, seed=2, reveal_after_vote=True)
@@ -317,7 +322,7 @@ def test_reveal_after_vote_only_where_allowed_and_only_own_voted_tasks(ws, store
         rating.vote(cid, t["task_id"], "ann", "left", ws=ws, store=store)
         tasks[cid] = t["task_id"]
     assert rating.reveal(blind, tasks[blind], "ann", ws=ws, store=store) is None  # the campaign keeps them hidden
-    row = store.query_one("SELECT system_left, system_right FROM rating_tasks WHERE id=?", (tasks[shown],))
+    row = rating_rows.get_task(store, tasks[shown])
     assert rating.reveal(shown, tasks[shown], "ann", ws=ws, store=store) == {"left": row["system_left"],
                                                                            "right": row["system_right"]}
     # a task id alone reveals nothing: not to another rater, not for a task of another campaign
@@ -338,16 +343,7 @@ def test_reveal_after_vote_only_where_allowed_and_only_own_voted_tasks(ws, store
     listing = {ln.split()[0]: ln for ln in capsys.readouterr().out.splitlines()}
     assert "reveals systems after each vote" in listing[cid] and "reveals" not in listing[blind]
     # an older database gets the column, off
-    db = tmp_path / "old.db"
-    con = sqlite3.connect(db)
-    con.execute("CREATE TABLE campaigns (id TEXT PRIMARY KEY, eval_id TEXT NOT NULL, systems TEXT NOT NULL,"
-                " show_reference INTEGER NOT NULL DEFAULT 1, created_at REAL NOT NULL, name TEXT NOT NULL DEFAULT '',"
-                " open_rating INTEGER NOT NULL DEFAULT 0, published_at REAL, closed_at REAL,"
-                " guidelines TEXT NOT NULL DEFAULT '')")
-    con.execute("INSERT INTO campaigns (id, eval_id, systems, created_at) VALUES ('camp-old', 'ev', '[]', 0)")
-    con.commit()
-    con.close()
-    st = Store(f"sqlite:///{db}")
+    st = Store(old_campaigns_db(tmp_path / "old.db", "name", "open_rating", "published_at", "closed_at", "guidelines"))
     assert rating.get_campaign("camp-old", store=st)["reveal_after_vote"] == 0
     st.close()
 
@@ -364,10 +360,9 @@ def test_vote_reveals_systems_over_the_api_only_where_allowed(locked, client):
         cid, token = camps[cid_key], tokens[cid_key]
         prompt, left, right, progress, key = rita.predict(cid, token, "", None, api_name="/rate_next")
         assert "prompt" not in (left + right + progress) and "rag" not in (left + right + progress)
-        with db(home) as con:  # the task on screen: the one assigned to rita and not yet voted on
-            task = con.execute("SELECT t.* FROM rating_tasks t JOIN rating_assignments a ON a.task_id=t.id "
-                               "JOIN raters r ON r.id=a.rater LEFT JOIN votes v ON v.task_id=t.id AND v.rater=a.rater "
-                               "WHERE t.campaign_id=? AND r.name='rita' AND v.id IS NULL", (cid,)).fetchone()
+        with db(home) as st:  # the task on screen: the one assigned to rita (this campaign's invite), not voted on
+            (rita_id,) = (r["id"] for r in rating_rows.list_raters(st, name="rita", campaign_id=cid))
+            task = rating_rows.pending_task(st, cid, rita_id)
         out = rita.predict(cid, token, "", None, "", api_name="/vote_right")
         saved = out[6]
         assert "Saved: **B is better**" in saved, out

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
@@ -24,7 +23,7 @@ def seed_five_system_eval(ws, store, eval_id: str = "ev-five", n: int = 30) -> s
     """token_f1 rises with the system's position in SYSTEMS (raft:run-1 best by 0.15 a row over sft+rag:run-1,
     far beyond the per-row noise of sd 0.05), so the verdict is raft:run-1, clearly."""
     from evals import stats
-    from sft_core.store import dumps
+    from sft_core.db import evals as eval_rows
     from sft_core.workspace import write_jsonl
     rng = np.random.default_rng(0)
     path = ws.evals_dir(eval_id)
@@ -54,9 +53,7 @@ def seed_five_system_eval(ws, store, eval_id: str = "ev-five", n: int = 30) -> s
     cfg = {"dataset": "d", "dataset_version": "v", "split": "test", "systems": SYSTEMS, "metrics": ["token_f1"],
            "kb": "kb", "base_model": "m", "judge": "http://judge.example/v1", "judge_model": "j",
            "decoding": {"max_new_tokens": 64}}
-    store.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path, config)"
-                  " VALUES (?,?,?,?,?,?,?,?,?)", (eval_id, "d", "v", "test", dumps(SYSTEMS), "succeeded", time.time(),
-                                                  str(path), dumps(cfg)))
+    eval_rows.insert_eval(store, eval_id, "d", "v", "test", SYSTEMS, str(path), cfg, status="succeeded")
     return eval_id
 
 
@@ -230,12 +227,12 @@ def test_self_contained_and_deterministic(rendered):
 def test_unknown_or_unscored_eval_is_a_clear_error(rendered, tmp_path):
     from evals import report
     from sft_core import StudioError
+    from sft_core.db import evals as eval_rows
     with pytest.raises(StudioError, match="unknown eval 'ev-nope'"):
         report.write_report("ev-nope", rendered["ws"], rendered["store"], tmp_path)
     store = rendered["store"]
-    store.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path, config)"
-                  " VALUES (?,?,?,?,?,?,?,?,?)", ("ev-running", "d", "v", "test", "[]", "running", time.time(),
-                                                  str(tmp_path / "ev-running"), "{}"))
+    eval_rows.insert_eval(store, "ev-running", "d", "v", "test", [], str(tmp_path / "ev-running"), {},
+                          status="running")
     with pytest.raises(StudioError, match="eval ev-running has no scores yet"):
         report.write_report("ev-running", rendered["ws"], store, tmp_path / "out")
     assert not (tmp_path / "out").exists()  # nothing half-written

@@ -8,6 +8,7 @@ votes): no model is loaded, so the tests take seconds, not minutes.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -31,7 +32,7 @@ def seed_eval(ws, store, eval_id: str = "eval-ui", n_rows: int = 6) -> str:
     sft answers with the reference (token F1 1.0), rag with half of it, prompt with none of it; sft is
     the slowest on latency (0.9 s vs 0.3/0.5 s) and the shortest (6 tokens vs 14/20)."""
     from evals import runner
-    from sft_core.store import dumps
+    from sft_core.db import evals as eval_rows
     from sft_core.workspace import write_jsonl
     path = ws.evals_dir(eval_id)
     path.mkdir(parents=True)
@@ -49,9 +50,7 @@ def seed_eval(ws, store, eval_id: str = "eval-ui", n_rows: int = 6) -> str:
     write_jsonl(path / "outputs.jsonl", rows)
     cfg = {"dataset": "d", "dataset_version": "v", "split": "test", "systems": SYSTEMS, "metrics": ["token_f1"],
            "kb": None, "base_model": "m", "judge": None, "decoding": {"max_new_tokens": 64}}
-    store.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path, config)"
-                  " VALUES (?,?,?,?,?,?,?,?,?)", (eval_id, "d", "v", "test", dumps(SYSTEMS), "succeeded", time.time(),
-                                                  str(path), dumps(cfg)))
+    eval_rows.insert_eval(store, eval_id, "d", "v", "test", SYSTEMS, str(path), cfg, status="succeeded")
     runner.score_eval(eval_id, ws, store)
     return eval_id
 
@@ -59,10 +58,12 @@ def seed_eval(ws, store, eval_id: str = "eval-ui", n_rows: int = 6) -> str:
 def seed_votes(ws, store, campaign: str, rater: str, n: int) -> list[dict]:
     """``n`` votes by one rater following RULE; returns what was voted (pair, winner) for hand counts."""
     from evals import rating
+    from sft_core.db import ratings as rating_rows
     done = []
     for _ in range(n):
         t = rating.next_task(campaign, rater, ws=ws, store=store)
-        row = store.query_one("SELECT system_left, system_right FROM rating_tasks WHERE id=?", (t["task_id"],))
+        task = rating_rows.get_task(store, t["task_id"])
+        row = {"system_left": task["system_left"], "system_right": task["system_right"]}
         winner = RULE[frozenset((row["system_left"], row["system_right"]))]
         choice = "tie" if winner == "tie" else "left" if row["system_left"] == winner else "right"
         rating.vote(campaign, t["task_id"], rater, choice, ws=ws, store=store)
@@ -194,6 +195,7 @@ GUIDELINES = "Prefer the **correct** answer; length does not matter."
 
 def seed_home(home: Path) -> dict:
     from evals import rating
+    from sft_core.db import runs as run_rows
     from sft_core.store import Store
     from sft_core.workspace import Workspace
     ws = Workspace.at(home)
@@ -202,8 +204,7 @@ def seed_home(home: Path) -> dict:
         run_dir = ws.runs_dir("live-run")
         run_dir.mkdir(parents=True)
         (run_dir / "events.jsonl").write_text("")  # the worker has not logged yet
-        st.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                   "VALUES ('live-run', 'd', 'v', 'm', 'running', ?, ?)", (time.time(), str(run_dir)))
+        run_rows.insert_run(st, "live-run", "d", "v", "m", str(run_dir), {}, status="running")
         eval_id = seed_eval(ws, st)
         cid = rating.create_campaign(eval_id, ws=ws, store=st, seed=1, open_rating=True, name="ui campaign",
                                      guidelines=GUIDELINES)
@@ -332,17 +333,31 @@ def test_results_follow_votes_without_repicking(face, browser):
 
 def _votes_since_seed(home: Path, seeded: dict) -> int:
     """Votes other tests of this module cast on the campaign (they share the app)."""
-    import sqlite3
-    with sqlite3.connect(home / "studio.db") as con:
-        n = con.execute("SELECT COUNT(*) FROM votes WHERE campaign_id=?", (seeded["campaign"],)).fetchone()[0]
+    from sft_core.db import ratings as rating_rows
+    with _db(home) as st:
+        n = rating_rows.count_votes(st, campaign_id=seeded["campaign"])
     return n - len(seeded["votes"])
 
 
+@contextlib.contextmanager
 def _db(home: Path):
-    import sqlite3
-    con = sqlite3.connect(home / "studio.db")
-    con.row_factory = sqlite3.Row
-    return con
+    """A Store of its own on the database the app (another process) writes."""
+    from sft_core.store import Store
+    from sft_core.workspace import Workspace
+    st = Store(Workspace.at(home).db_url)
+    try:
+        yield st
+    finally:
+        st.close()
+
+
+def _votes_by(st, name: str, campaign_id: str | None = None) -> list[dict]:
+    """The votes (with their task's systems) of the raters named ``name`` (of one campaign), in the order cast."""
+    from sft_core.db import ratings as rating_rows
+    ids = {r["id"] for r in rating_rows.list_raters(st, name=name)}
+    if campaign_id is not None:
+        return [v for v in rating_rows.votes_with_tasks(st, campaign_id) if v["rater"] in ids]
+    return sorted((v for rid in ids for v in rating_rows.votes(st, rater=rid)), key=lambda v: v["id"])
 
 
 @pytest.mark.browser
@@ -357,8 +372,9 @@ def test_rate_tab_a_b_guidelines_progress_undo_and_keys(face, browser):
     page.locator("#rate-next").click()
     progress = page.locator("#rate-progress")
     progress.get_by_text("keys-rater").wait_for(timeout=30000)
-    with _db(home) as con:
-        total = con.execute("SELECT COUNT(*) FROM rating_tasks WHERE campaign_id=?", (seeded["campaign"],)).fetchone()[0]
+    from sft_core.db import ratings as rating_rows
+    with _db(home) as st:
+        total = rating_rows.count_tasks(st, seeded["campaign"])
     assert f"task 1 of {total}" in progress.inner_text(), progress.inner_text()
     assert page.locator("#rate-a-title").inner_text().strip() == "A" and page.locator("#rate-b-title").inner_text().strip() == "B"
     assert "A is better (1)" in page.locator("#vote-left").inner_text()
@@ -377,9 +393,8 @@ def test_rate_tab_a_b_guidelines_progress_undo_and_keys(face, browser):
     assert f"task 2 of {total}" in progress.inner_text()
 
     def my_votes():
-        with _db(home) as con:
-            return [tuple(r) for r in con.execute(
-                "SELECT v.task_id, v.choice FROM votes v JOIN raters r ON r.id=v.rater WHERE r.name='keys-rater'")]
+        with _db(home) as st:
+            return [(v["task_id"], v["choice"]) for v in _votes_by(st, "keys-rater")]
     (task_id, choice), = my_votes()
     assert choice == "right"
 
@@ -399,10 +414,10 @@ def test_rate_tab_a_b_guidelines_progress_undo_and_keys(face, browser):
     page.keyboard.press("1")
     page.locator("#rate-saved").get_by_text("Vote changed").wait_for(timeout=30000)
     assert my_votes() == [(task_id, "left")]  # replaced, not added
-    with _db(home) as con:
-        history = con.execute("SELECT h.choice FROM vote_history h JOIN votes v ON v.id=h.vote_id "
-                              "WHERE v.task_id=?", (task_id,)).fetchall()
-    assert [h[0] for h in history] == ["right"]
+    with _db(home) as st:
+        history = [h["choice"] for v in rating_rows.votes(st, task_id=task_id)
+                   for h in rating_rows.history(st, vote_id=v["id"])]
+    assert history == ["right"]
     assert "1 rated" in progress.inner_text() and "task 2 of" in progress.inner_text()
     shot(page, "rate-after-undo")
 

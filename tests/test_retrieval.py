@@ -7,6 +7,7 @@ import pytest
 
 from sft_core import cli, retrieval
 from sft_core.config import RetrievalConfig
+from sft_core.db import kbs as kbs_db
 
 
 def tiny_pdf(path, text: str) -> None:
@@ -54,7 +55,7 @@ def test_ingest_every_type_and_search(ws, store, docs):
             assert kb.search(q, k=1, mode=mode)[0].doc_id == doc, (mode, q)
     tea = next(c for c in kb.chunks if c["doc_id"] == "tea.html")
     assert "var x" not in tea["text"] and "Matcha" in tea["text"]  # HTML text only, no script/style
-    assert store.query_one("SELECT n_docs FROM kbs WHERE name='kb1'")["n_docs"] == 6
+    assert kbs_db.get(store, "kb1")["n_docs"] == 6
 
 
 def test_chunks_overlap_and_cite_positions(ws, store, tmp_path):

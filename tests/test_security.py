@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from sft_core.db import evals as evals_db
 from sft_core.safety import AdminSessions, csv_cell, safe_markdown
 from tests.test_app import start_app, stop_app
 
@@ -211,8 +212,7 @@ def test_export_csv_neutralises_formulas(ws, store):
     outs = [{"set": "domain", "row_id": "r1", "system": s, "instruction": "=cmd|' /C calc'!A0",
              "reference": "ref", "output": out} for s, out in (("prompt", "=HYPERLINK(\"http://x\")"), ("rag", "@SUM(1)"))]
     (path / "outputs.jsonl").write_text("".join(json.dumps(o) + "\n" for o in outs))
-    store.execute("INSERT INTO evals (id, dataset, dataset_version, split, systems, status, created_at, path) "
-                  "VALUES ('eval-csv', 'd', 'v', 'test', ?, 'succeeded', 0, ?)", (json.dumps(["prompt", "rag"]), str(path)))
+    evals_db.insert_eval(store, "eval-csv", "d", "v", "test", ["prompt", "rag"], str(path), {}, status="succeeded")
     campaign = rating.create_campaign("eval-csv", ws=ws, store=store, seed=0)
     inv = rating.create_invites(campaign, ["+rater"], ws=ws, store=store)[0]
     task = rating.next_task(campaign, inv["rater"], ws=ws, store=store)

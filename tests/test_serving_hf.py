@@ -6,6 +6,7 @@ import os
 import pytest
 
 from sft_core.config import DecodingConfig, ServeConfig
+from sft_core.db import runs as runs_db
 from sft_core.serving import GenRequest, get_engine
 from sft_core.serving.adapters import AdapterRegistry
 from sft_core.serving.base import EngineError, cut_at_stop
@@ -49,8 +50,7 @@ def test_registry_refuses_adapter_dir_linked_outside_workspace(ws, store, tmp_pa
     (outside / "adapter_config.json").write_text('{"r": 8}')
     ws.runs_dir("run-evil").mkdir(parents=True)
     os.symlink(outside, ws.runs_dir("run-evil", "adapter"))
-    store.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path) "
-                  "VALUES ('run-evil', 'd', 'v', 'm', 'succeeded', 0, 'x')")
+    runs_db.insert_run(store, "run-evil", "d", "v", "m", "x", {}, status="succeeded")
     with pytest.raises(EngineError, match="outside the workspace"):
         AdapterRegistry(ws, store).resolve("run-evil")
 

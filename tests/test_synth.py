@@ -16,6 +16,7 @@ import json
 import pytest
 
 from sft_core import StudioError, cli, data, jobs, retrieval, synth
+from sft_core.db import datasets as datasets_db, jobs as jobs_db
 from sft_core.records import make_record
 from tests.test_judge import ScriptedOpenAI, closed_port
 
@@ -152,7 +153,7 @@ def test_filters_off_or_relaxed_keep_what_they_dropped(ws, store, tmp_path, gen_
     assert (c["ungrounded"], c["answerable_closed_book"], c["leaked"], c["near_duplicate"]) == (0, 0, 0, 1)
     questions = {r["instruction"] for r in out["pairs"]}
     assert {CLOSED_Q, "Who invented Quux tea?", LEAK_Q} <= questions  # no other dataset: nothing leaks
-    assert store.query("SELECT 1 FROM datasets") == [] and store.query("SELECT 1 FROM jobs") == []
+    assert datasets_db.list_versions(store) == [] and jobs_db.count(store) == 0
     small = synth.preview(_cfg(generator=gen_server.url), ws=ws, store=store, n_pairs=4)  # 4 pairs / 2 per chunk
     assert small["counts"]["chunks"] == 2
 
@@ -193,7 +194,7 @@ def test_real_hf_engine_on_the_tiny_model(ws, store, tmp_path, tiny_model_dir):
                             engine, ws=ws, store=store)
     finally:
         engine.close()
-    assert store.query("SELECT 1 FROM datasets") == [] and not ws.datasets_dir().exists()
+    assert datasets_db.list_versions(store) == [] and not ws.datasets_dir().exists()
 
 
 def test_synth_job_and_cli_end_to_end(ws, store, tmp_path, gen_server, monkeypatch, capsys):
@@ -237,7 +238,7 @@ def test_bad_inputs_are_one_line_errors_and_store_nothing(ws, store, tmp_path, g
         assert cli.main(["data", "synth", *argv]) == 1, argv
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and msg in err and "\n" not in err, (argv, err)
-    assert store.query("SELECT 1 FROM jobs") == [] and store.query("SELECT 1 FROM datasets") == []
+    assert jobs_db.count(store) == 0 and datasets_db.list_versions(store) == []
 
 
 def test_split_needs_two_documents_and_sampling_spreads_over_them():

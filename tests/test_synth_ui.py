@@ -50,7 +50,8 @@ def seed(home: Path) -> None:
     """The knowledge base, a dataset, and two finished runs (plain and RAFT) as the store records them."""
     from sft_core import data, retrieval
     from sft_core.config import TrainConfig, load_config, to_dict
-    from sft_core.store import Store, dumps
+    from sft_core.db import runs
+    from sft_core.store import Store
     from sft_core.workspace import Workspace
     ws = Workspace.at(home)
     st = Store(ws.db_url)
@@ -68,9 +69,8 @@ def seed(home: Path) -> None:
             cfg = load_config(TrainConfig, overrides={"dataset": "plain-ds", "run_name": run_id, "mode": mode, **raft})
             ws.runs_dir(run_id, "adapter").mkdir(parents=True)
             (ws.runs_dir(run_id, "adapter") / "adapter_config.json").write_text("{}")
-            st.execute("INSERT INTO runs (id, dataset, dataset_version, base_model, status, created_at, path, config) "
-                       "VALUES (?, 'plain-ds', ?, 'm', 'succeeded', ?, ?, ?)",
-                       (run_id, dv.version, now + i, str(ws.runs_dir(run_id)), dumps(to_dict(cfg))))
+            runs.insert_run(st, run_id, "plain-ds", dv.version, "m", str(ws.runs_dir(run_id)), to_dict(cfg),
+                            status="succeeded", created_at=now + i)
     finally:
         st.close()
 
@@ -103,11 +103,12 @@ def wait_value(page, elem_id: str, value: str, timeout: float = 30000) -> None:
 
 
 def datasets_in_store(home: Path) -> list[str]:
+    from sft_core.db import datasets
     from sft_core.store import Store
     from sft_core.workspace import Workspace
     st = Store(Workspace.at(home).db_url)
     try:
-        return [r["name"] for r in st.query("SELECT name FROM datasets")]
+        return [r["name"] for r in datasets.list_versions(st)]
     finally:
         st.close()
 

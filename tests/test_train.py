@@ -9,6 +9,7 @@ import torch
 
 from sft_core import data, jobs, train
 from sft_core.config import ConfigError, DataConfig, TrainConfig, load_config
+from sft_core.db import jobs as jobs_db, runs as runs_db
 from sft_core.store import Store
 from sft_core.workspace import Workspace
 from tests.memorise import require, training_until_memorised
@@ -223,7 +224,7 @@ def test_bad_configs_refused_before_start(ws, store, tmp_path, tiny_model_dir, f
     with pytest.raises(ConfigError) as e:
         jobs.submit_train(tiny_cfg(tiny_model_dir, **{field: value}), ws, store)
     assert e.value.where == field and needle in str(e.value)
-    assert store.query("SELECT * FROM jobs") == [] and store.query("SELECT * FROM runs") == []
+    assert jobs_db.count(store) == 0 and runs_db.list_runs(store) == []
     assert not ws.runs_dir().exists() or not any(ws.runs_dir().iterdir())
 
 
@@ -274,7 +275,7 @@ def test_early_stopping_without_eval_split_is_refused(ws, store, tmp_path, tiny_
     with pytest.raises(ConfigError) as e:
         jobs.submit_train(tiny_cfg(tiny_model_dir, dataset="noeval", early_stopping_patience=2), ws, store)
     assert e.value.where == "early_stopping_patience" and "no eval rows" in str(e.value)
-    assert store.query("SELECT * FROM runs") == []
+    assert runs_db.list_runs(store) == []
 
 
 def test_early_stopping_trains_and_stops(ws, store, tiny_model_dir):
@@ -297,7 +298,7 @@ def test_early_stopping_trains_and_stops(ws, store, tiny_model_dir):
     assert state["best_model_checkpoint"] and state["best_metric"] == min(e["eval_loss"] for e in evals[:-1])
     assert m["eval_loss"] == pytest.approx(state["best_metric"])  # the best checkpoint was loaded at the end
     assert (run_dir / "adapter" / "adapter_model.safetensors").exists()
-    assert store.query_one("SELECT status FROM runs WHERE id=?", (run_id,))["status"] == "succeeded"
+    assert runs_db.get(store, run_id)["status"] == "succeeded"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -406,8 +407,8 @@ def test_cli_train_refuses_before_the_run_starts(module_home, zorbia, tiny_model
             monkeypatch.delenv(k, raising=False)
         else:
             monkeypatch.setenv(k, v)
-    runs_before = store.query("SELECT id FROM runs")
+    runs_before = runs_db.ids(store)
     rc, out, err = _cli("train", "--dataset", zorbia, "--base-model", tiny_model_dir, "--max-steps", "3", *argv)
     assert rc == 1
     assert err.startswith(f"error: {where}: ") and needle in err and "Traceback" not in err, err
-    assert store.query("SELECT id FROM runs") == runs_before  # nothing queued
+    assert runs_db.ids(store) == runs_before  # nothing queued

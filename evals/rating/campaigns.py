@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import itertools
 import random
-import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
 
 from evals.rating.common import MAX_GUIDELINES, RatingError, campaign_row, ctx
-from sft_core.store import Store, dumps, loads
+from sft_core.db import evals as eval_rows, ratings as rating_rows
+from sft_core.store import Store, loads
 from sft_core.workspace import Workspace, read_jsonl
 
 
@@ -34,7 +34,7 @@ def create_campaign(eval_id: str, systems: list[str] | None = None, ws: Workspac
     guidelines = (guidelines or "").strip()
     if len(guidelines) > MAX_GUIDELINES:
         raise RatingError(f"guidelines are {len(guidelines)} characters; the limit is {MAX_GUIDELINES}", "guidelines")
-    ev = store.query_one("SELECT * FROM evals WHERE id=?", (eval_id,))
+    ev = eval_rows.get(store, eval_id)
     if ev is None:
         raise RatingError(f"unknown eval {eval_id!r}", "eval")
     systems = _check_systems(eval_id, loads(ev["systems"]), systems)
@@ -43,14 +43,9 @@ def create_campaign(eval_id: str, systems: list[str] | None = None, ws: Workspac
     tasks = _draw_tasks(cid, Path(ev["path"]), systems, rng)
     if not tasks:
         raise RatingError(f"eval {eval_id} has no rows answered by all of {', '.join(systems)}", "eval")
-    with store.tx() as con:
-        con.execute("INSERT INTO campaigns (id, eval_id, systems, show_reference, created_at, name, open_rating,"
-                    " guidelines, reveal_after_vote) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (cid, eval_id, dumps(systems), int(show_reference), time.time(),
-                     name or f"{eval_id}: {' vs '.join(systems)}", int(bool(open_rating)), guidelines,
-                     int(bool(reveal_after_vote))))
-        con.executemany("INSERT INTO rating_tasks (id, campaign_id, row_id, system_left, system_right, prompt, reference,"
-                        " output_left, output_right) VALUES (?,?,?,?,?,?,?,?,?)", tasks)
+    rating_rows.add_campaign(store, cid, eval_id, systems, name or f"{eval_id}: {' vs '.join(systems)}",
+                             show_reference=show_reference, open_rating=open_rating, guidelines=guidelines,
+                             reveal_after_vote=reveal_after_vote, tasks=tasks)  # one transaction
     return cid
 
 
@@ -67,8 +62,9 @@ def _check_systems(eval_id: str, have: list[str], systems: list[str] | None) -> 
     return systems
 
 
-def _draw_tasks(cid: str, eval_dir: Path, systems: list[str], rng: random.Random) -> list[tuple]:
-    """rating_tasks rows: each domain row answered by both systems of a pair, sides drawn from ``rng``."""
+def _draw_tasks(cid: str, eval_dir: Path, systems: list[str], rng: random.Random) -> list[dict]:
+    """rating_tasks rows of campaign ``cid``: each domain row answered by both systems of a pair, sides
+    drawn from ``rng``."""
     outputs = [o for o in read_jsonl(eval_dir / "outputs.jsonl") if o.get("set", "domain") == "domain"]
     by_row: dict[str, dict] = defaultdict(dict)
     for o in outputs:
@@ -82,16 +78,15 @@ def _draw_tasks(cid: str, eval_dir: Path, systems: list[str], rng: random.Random
             left, right = (a, b) if rng.random() < 0.5 else (b, a)
             o = answers[a]
             prompt = o["instruction"] + (f"\n\nContext:\n{o['context']}" if o.get("context") else "")
-            tasks.append((uuid.uuid4().hex, cid, rid, left, right, prompt, o.get("reference"),
-                          answers[left]["output"], answers[right]["output"]))
+            tasks.append({"id": uuid.uuid4().hex, "campaign_id": cid, "row_id": rid, "system_left": left,
+                          "system_right": right, "prompt": prompt, "reference": o.get("reference"),
+                          "output_left": answers[left]["output"], "output_right": answers[right]["output"]})
     return tasks
 
 
 def list_campaigns(ws: Workspace | None = None, store: Store | None = None) -> list[dict]:
     ws, store = ctx(ws, store)
-    return store.query("SELECT c.*, (SELECT COUNT(*) FROM rating_tasks t WHERE t.campaign_id=c.id) AS n_tasks,"
-                       " (SELECT COUNT(*) FROM votes v WHERE v.campaign_id=c.id) AS n_votes"
-                       " FROM campaigns c ORDER BY created_at DESC")
+    return rating_rows.list_campaigns(store)
 
 
 def get_campaign(campaign_id: str, ws: Workspace | None = None, store: Store | None = None) -> dict:
@@ -110,7 +105,7 @@ def publish(campaign_id: str, ws: Workspace | None = None, store: Store | None =
     then reads the counts would learn which system is on which side."""
     ws, store = ctx(ws, store)
     campaign_row(store, campaign_id)
-    store.execute("UPDATE campaigns SET published_at=? WHERE id=? AND published_at IS NULL", (time.time(), campaign_id))
+    rating_rows.publish(store, campaign_id)
     return campaign_row(store, campaign_id)
 
 
@@ -118,5 +113,5 @@ def close(campaign_id: str, ws: Workspace | None = None, store: Store | None = N
     """End the rating: no new tasks or votes; the results become visible to raters."""
     ws, store = ctx(ws, store)
     campaign_row(store, campaign_id)
-    store.execute("UPDATE campaigns SET closed_at=? WHERE id=? AND closed_at IS NULL", (time.time(), campaign_id))
+    rating_rows.close(store, campaign_id)
     return campaign_row(store, campaign_id)

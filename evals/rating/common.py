@@ -3,6 +3,7 @@ workspace/store pair, the campaign lookup and the input checks."""
 from __future__ import annotations
 
 from sft_core import StudioError
+from sft_core.db import ratings as rating_rows
 from sft_core.store import Store, open_store
 from sft_core.workspace import Workspace
 
@@ -17,11 +18,11 @@ class RatingError(StudioError):
 
 def ctx(ws: Workspace | None, store: Store | None) -> tuple[Workspace, Store]:
     ws = ws or Workspace.from_env()
-    return ws, store or open_store(ws.db_url)  # Store adds the later campaigns columns (store.LATER_COLUMNS)
+    return ws, store or open_store(ws.db_url)  # opening the store brings an older database's tables up to date
 
 
 def campaign_row(store: Store, campaign_id: str) -> dict:
-    c = store.query_one("SELECT * FROM campaigns WHERE id=?", (campaign_id,))
+    c = rating_rows.get_campaign(store, campaign_id)
     if c is None:
         raise RatingError(f"unknown campaign {campaign_id!r}", "campaign")
     return c

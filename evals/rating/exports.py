@@ -8,9 +8,15 @@ import json
 from pathlib import Path
 
 from evals.rating.common import RatingError, campaign_row, ctx
+from sft_core.db import ratings as rating_rows
 from sft_core.safety import csv_cell
 from sft_core.store import Store
 from sft_core.workspace import Workspace, atomic_write_text
+
+FIELDS = ("rater", "choice", "comment", "created_at", "updated_at", "task_id", "row_id", "system_left", "system_right",
+          "prompt", "reference", "output_left", "output_right", "rater_name")  # a JSONL line's keys, in order
+CSV_FIELDS = ["task_id", "row_id", "rater", "choice", "comment", "system_left", "system_right", "prompt", "reference",
+              "output_left", "output_right", "created_at", "updated_at", "rater_name"]
 
 
 def export_votes(campaign_id: str, fmt: str, out_path: str | Path, ws: Workspace | None = None,
@@ -20,11 +26,7 @@ def export_votes(campaign_id: str, fmt: str, out_path: str | Path, ws: Workspace
     campaign_row(store, campaign_id)
     if fmt not in ("csv", "jsonl", "dpo"):
         raise RatingError(f"format must be csv, jsonl or dpo, got {fmt!r}", "format")
-    rows = store.query("SELECT v.rater, v.choice, v.comment, v.created_at, v.updated_at, t.id AS task_id, t.row_id, "
-                       "t.system_left, t.system_right, t.prompt, t.reference, t.output_left, t.output_right, "
-                       "COALESCE(r.name, v.rater) AS rater_name "
-                       "FROM votes v JOIN rating_tasks t ON t.id=v.task_id LEFT JOIN raters r ON r.id=v.rater "
-                       "WHERE v.campaign_id=? ORDER BY v.id", (campaign_id,))
+    rows = [{k: v[k] for k in FIELDS} for v in rating_rows.votes_with_tasks(store, campaign_id, texts=True)]
     out_path = Path(out_path)
     if fmt == "dpo":
         lines = []
@@ -38,10 +40,8 @@ def export_votes(campaign_id: str, fmt: str, out_path: str | Path, ws: Workspace
     if fmt == "jsonl":
         return atomic_write_text(out_path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     buf = io.StringIO()
-    fields = ["task_id", "row_id", "rater", "choice", "comment", "system_left", "system_right", "prompt", "reference",
-              "output_left", "output_right", "created_at", "updated_at", "rater_name"]
-    w = csv.DictWriter(buf, fieldnames=fields)
+    w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
     w.writeheader()
     for r in rows:
-        w.writerow({k: csv_cell(r[k]) for k in fields})  # OWASP: no cell starts a formula
+        w.writerow({k: csv_cell(r[k]) for k in CSV_FIELDS})  # OWASP: no cell starts a formula
     return atomic_write_text(out_path, buf.getvalue())

@@ -11,10 +11,10 @@ import hashlib
 import hmac
 import os
 import secrets
-import time
 import uuid
 
 from evals.rating.common import RatingError, campaign_row, check_rater, check_rating_open, ctx
+from sft_core.db import ratings as rating_rows
 from sft_core.store import Store
 from sft_core.workspace import Workspace
 
@@ -37,8 +37,7 @@ def create_invites(campaign_id: str, names: list[str], ws: Workspace | None = No
     with store.tx() as con:
         for n in names:
             token, rid = secrets.token_urlsafe(24), f"inv-{secrets.token_hex(8)}"
-            con.execute("INSERT INTO raters (id, kind, name, campaign_id, token_sha256, created_at) VALUES (?,?,?,?,?,?)",
-                        (rid, "invite", n, campaign_id, _sha256(token), time.time()))
+            rating_rows.add_rater(con, rid, "invite", n, campaign_id=campaign_id, token_sha256=_sha256(token))
             out.append({"rater": rid, "name": n, "token": token})
     return out
 
@@ -49,8 +48,7 @@ def invite_rater(token: str, ws: Workspace | None = None, store: Store | None = 
     token = (token or "").strip()
     if not token or len(token) > 200:
         return None
-    return store.query_one("SELECT id, name, campaign_id FROM raters WHERE token_sha256=? AND kind='invite'"
-                           " AND revoked_at IS NULL", (_sha256(token),))
+    return rating_rows.invite_by_token_hash(store, _sha256(token))
 
 
 def _secret(ws: Workspace) -> bytes:
@@ -83,7 +81,7 @@ def open_rater(name: str, ws: Workspace | None = None, store: Store | None = Non
     ws, store = ctx(ws, store)
     name = check_rater(name)
     rid = f"open-{secrets.token_hex(8)}"
-    store.execute("INSERT INTO raters (id, kind, name, created_at) VALUES (?,?,?,?)", (rid, "open", name, time.time()))
+    rating_rows.add_rater(store, rid, "open", name)
     return rid, f"{rid}.{_sign(ws, rid)}"
 
 
@@ -95,7 +93,7 @@ def open_key_rater(key: str, ws: Workspace | None = None, store: Store | None = 
     rid, sig = key.split(".")
     if not hmac.compare_digest(sig, _sign(ws, rid)):
         return None
-    return store.query_one("SELECT id, name FROM raters WHERE id=? AND kind='open' AND revoked_at IS NULL", (rid,))
+    return rating_rows.live_open_rater(store, rid)
 
 
 def hf_rater(username: str, display_name: str | None = None, ws: Workspace | None = None,
@@ -104,6 +102,5 @@ def hf_rater(username: str, display_name: str | None = None, ws: Workspace | Non
     ws, store = ctx(ws, store)
     username = check_rater(username)
     rid = f"hf:{username}"
-    store.execute("INSERT OR IGNORE INTO raters (id, kind, name, created_at) VALUES (?,?,?,?)",
-                  (rid, "hf", (display_name or username).strip()[:100] or username, time.time()))
+    rating_rows.ensure_rater(store, rid, "hf", (display_name or username).strip()[:100] or username)
     return rid

@@ -12,6 +12,7 @@ import numpy as np
 from evals.rating.common import campaign_row, ctx
 from evals.rating.statistics import (PRIOR_SD, Z95, cohen_kappa, fit_bradley_terry, krippendorff_alpha, mle_exists,
                                      posterior_cov, to_rating)
+from sft_core.db import evals as eval_rows, ratings as rating_rows
 from sft_core.store import Store, loads
 from sft_core.workspace import Workspace, read_jsonl
 
@@ -35,8 +36,7 @@ def results(campaign_id: str, ws: Workspace | None = None, store: Store | None =
     ws, store = ctx(ws, store)
     camp = campaign_row(store, campaign_id)
     systems = loads(camp["systems"])
-    votes = store.query("SELECT v.*, t.system_left, t.system_right, t.row_id FROM votes v JOIN rating_tasks t "
-                        "ON t.id=v.task_id WHERE v.campaign_id=? ORDER BY v.id", (campaign_id,))
+    votes = rating_rows.votes_with_tasks(store, campaign_id)
     matches = _matches(votes, systems)
     votes_per_system = {s: sum(1 for v in votes if s in (v["system_left"], v["system_right"])) for s in systems}
     board, warnings = _leaderboard(systems, votes, votes_per_system, matches, prior_sd)
@@ -130,7 +130,7 @@ def _rater_agreement(votes: list[dict]) -> dict:
 
 def _judge_agreement(store: Store, camp: dict, votes: list[dict]) -> tuple[float, int] | None:
     """(share of human left/right/tie votes on judged (row, pair)s that match the judge's verdict, how many)."""
-    ev = store.query_one("SELECT path FROM evals WHERE id=?", (camp["eval_id"],))
+    ev = eval_rows.get(store, camp["eval_id"])
     judged = read_jsonl(Path(ev["path"]) / "judge.jsonl") if ev else []
     if not judged:
         return None

@@ -10,10 +10,9 @@ demo. Only for that rater's own voted tasks, never before the vote; and a reveal
 longer be changed (``change_vote`` refuses), since the rater has seen the names."""
 from __future__ import annotations
 
-import time
-
 from evals.rating.assignment import choose_task, task_loads
 from evals.rating.common import RatingError, campaign_row, check_rater, check_rating_open, check_vote, ctx
+from sft_core.db import ratings as rating_rows
 from sft_core.store import Store
 from sft_core.workspace import Workspace
 
@@ -23,36 +22,29 @@ def next_task(campaign_id: str, rater: str, ws: Workspace | None = None, store: 
 
     A task handed out but not yet voted on comes back first (a page reload must not skip it); else
     ``assignment.choose_task`` picks one from every task's assignment counts. The choice and the
-    assignment are one transaction."""
+    assignment are one write transaction, serialised per campaign (``rating_rows.lock_campaign``: on
+    PostgreSQL too), so raters asking at once never read the same counts."""
     ws, store = ctx(ws, store)
     rater = check_rater(rater)
     camp = campaign_row(store, campaign_id)
     check_rating_open(camp)
     with store.tx() as con:
-        pending = con.execute(
-            "SELECT t.* FROM rating_tasks t JOIN rating_assignments a ON a.task_id=t.id AND a.rater=? "
-            "LEFT JOIN votes v ON v.task_id=t.id AND v.rater=? WHERE t.campaign_id=? AND v.id IS NULL "
-            "ORDER BY a.assigned_at LIMIT 1", (rater, rater, campaign_id)).fetchone()
-        task = dict(pending) if pending else None
+        rating_rows.lock_campaign(con, campaign_id)
+        task = rating_rows.pending_task(con, campaign_id, rater)
         if task is None:
-            rows = con.execute(
-                "SELECT t.id, t.row_id, t.system_left, t.system_right, COUNT(a.rater) AS n_assigned,"
-                " SUM(a.rater = ?) AS mine FROM rating_tasks t LEFT JOIN rating_assignments a ON a.task_id=t.id"
-                " WHERE t.campaign_id=? GROUP BY t.id", (rater, campaign_id)).fetchall()
-            best = choose_task(task_loads(rows), f"{campaign_id}:{rater}")
+            best = choose_task(task_loads(rating_rows.task_loads(con, campaign_id, rater)), f"{campaign_id}:{rater}")
             if best is None:
                 return None
-            task = dict(con.execute("SELECT * FROM rating_tasks WHERE id=?", (best,)).fetchone())
-            con.execute("INSERT INTO rating_assignments (task_id, rater, assigned_at) VALUES (?,?,?)",
-                        (task["id"], rater, time.time()))
+            task = rating_rows.get_task(con, best)
+            rating_rows.assign(con, task["id"], rater)
         return _payload(con, camp, task, rater)
 
 
 def _payload(con, camp: dict, task: dict, rater: str) -> dict:
     """Only what the rater needs: the task id is a random uuid, the order is fixed per task.
     ``progress``: votes cast (``done``), tasks left (``remaining``), ``total`` in the campaign."""
-    done = con.execute("SELECT COUNT(*) FROM votes WHERE campaign_id=? AND rater=?", (camp["id"], rater)).fetchone()[0]
-    total = con.execute("SELECT COUNT(*) FROM rating_tasks WHERE campaign_id=?", (camp["id"],)).fetchone()[0]
+    done = rating_rows.count_votes(con, camp["id"], rater)
+    total = rating_rows.count_tasks(con, camp["id"])
     return {"task_id": task["id"], "prompt": task["prompt"],
             "reference": task["reference"] if camp["show_reference"] else None,
             "left": task["output_left"], "right": task["output_right"],
@@ -67,13 +59,11 @@ def last_vote(campaign_id: str, rater: str, ws: Workspace | None = None, store: 
     rater = check_rater(rater)
     camp = campaign_row(store, campaign_id)
     check_rating_open(camp)
-    with store.tx() as con:
-        row = con.execute("SELECT t.*, v.choice AS vote_choice, v.comment AS vote_comment FROM votes v "
-                          "JOIN rating_tasks t ON t.id=v.task_id WHERE v.campaign_id=? AND v.rater=? "
-                          "ORDER BY v.updated_at DESC, v.id DESC LIMIT 1", (campaign_id, rater)).fetchone()
+    with store.read() as con:  # one snapshot: the vote and the progress beside it
+        row = rating_rows.last_vote(con, campaign_id, rater)
         if row is None:
             return None
-        return {**_payload(con, camp, dict(row), rater), "choice": row["vote_choice"], "comment": row["vote_comment"]}
+        return {**_payload(con, camp, row, rater), "choice": row["vote_choice"], "comment": row["vote_comment"]}
 
 
 def vote(campaign_id: str, task_id: str, rater: str, choice: str, comment: str = "",
@@ -81,17 +71,15 @@ def vote(campaign_id: str, task_id: str, rater: str, choice: str, comment: str =
     ws, store = ctx(ws, store)
     rater, comment = check_rater(rater), check_vote(choice, comment)
     check_rating_open(campaign_row(store, campaign_id))
-    with store.tx() as con:
-        task = con.execute("SELECT id FROM rating_tasks WHERE id=? AND campaign_id=?", (task_id, campaign_id)).fetchone()
-        if task is None:
+    with store.tx() as con:  # the checks and the insert: one write transaction, serialised per campaign
+        rating_rows.lock_campaign(con, campaign_id)
+        if rating_rows.get_task(con, task_id, campaign_id) is None:
             raise RatingError(f"task {task_id!r} is not part of campaign {campaign_id}", "task")
-        if not con.execute("SELECT 1 FROM rating_assignments WHERE task_id=? AND rater=?", (task_id, rater)).fetchone():
+        if not rating_rows.is_assigned(con, task_id, rater):
             raise RatingError("this task was not assigned to you; press Next to get one", "task")
-        if con.execute("SELECT 1 FROM votes WHERE task_id=? AND rater=?", (task_id, rater)).fetchone():
+        if rating_rows.get_vote(con, task_id, rater) is not None:
             raise RatingError("you already voted on this task; use change_vote to change it", "task")
-        now = time.time()
-        con.execute("INSERT INTO votes (campaign_id, task_id, rater, choice, comment, created_at, updated_at)"
-                    " VALUES (?,?,?,?,?,?,?)", (campaign_id, task_id, rater, choice, comment, now, now))
+        rating_rows.add_vote(con, campaign_id, task_id, rater, choice, comment)
 
 
 def reveal(campaign_id: str, task_id: str, rater: str, ws: Workspace | None = None,
@@ -103,8 +91,7 @@ def reveal(campaign_id: str, task_id: str, rater: str, ws: Workspace | None = No
     rater = check_rater(rater)
     if not campaign_row(store, campaign_id)["reveal_after_vote"]:
         return None
-    row = store.query_one("SELECT t.system_left, t.system_right FROM rating_tasks t JOIN votes v ON v.task_id=t.id "
-                          "WHERE t.id=? AND t.campaign_id=? AND v.rater=?", (task_id, campaign_id, rater))
+    row = rating_rows.voted_task_systems(store, campaign_id, task_id, rater)
     return {"left": row["system_left"], "right": row["system_right"]} if row else None
 
 
@@ -120,11 +107,8 @@ def change_vote(campaign_id: str, task_id: str, rater: str, choice: str, comment
         raise RatingError(f"campaign {campaign_id} shows the systems after each vote, so a vote cannot be changed "
                           "(it would no longer be blind)", "vote")
     with store.tx() as con:
-        old = con.execute("SELECT * FROM votes WHERE task_id=? AND rater=? AND campaign_id=?",
-                          (task_id, rater, campaign_id)).fetchone()
+        rating_rows.lock_campaign(con, campaign_id)
+        old = rating_rows.get_vote(con, task_id, rater, campaign_id)
         if old is None:
             raise RatingError(f"you have no vote on task {task_id!r} to change; use vote", "task")
-        con.execute("INSERT INTO vote_history (vote_id, choice, comment, changed_at) VALUES (?,?,?,?)",
-                    (old["id"], old["choice"], old["comment"], time.time()))
-        con.execute("UPDATE votes SET choice=?, comment=?, updated_at=? WHERE id=?",
-                    (choice, comment, time.time(), old["id"]))
+        rating_rows.replace_vote(con, old, choice, comment)

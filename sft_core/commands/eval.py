@@ -5,6 +5,7 @@ import sys
 
 from sft_core import StudioError
 from sft_core.commands.follow import follow_job
+from sft_core.db import evals as eval_rows
 from sft_core.store import loads, open_store
 from sft_core.workspace import Workspace
 
@@ -51,7 +52,7 @@ def cmd_eval(args) -> int:
 
 def cmd_list(args) -> int:
     ws = Workspace.from_env()
-    rows = open_store(ws.db_url).query("SELECT * FROM evals ORDER BY created_at DESC")
+    rows = eval_rows.list_evals(open_store(ws.db_url))
     if not rows:
         print("no evals yet: `sft-studio eval --dataset NAME --systems prompt,rag`")
     for r in rows:
@@ -63,7 +64,7 @@ def cmd_report(args) -> int:
     from evals import report
     ws = Workspace.from_env()
     store = open_store(ws.db_url)
-    row = store.query_one("SELECT * FROM evals WHERE id=?", (args.eval_id,))
+    row = eval_rows.get(store, args.eval_id)
     if row is None:
         raise StudioError(f"unknown eval {args.eval_id!r}", "eval")
     if not (ws.evals_dir(args.eval_id) / "scores.json").exists():

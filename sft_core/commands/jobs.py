@@ -3,8 +3,10 @@ export) is a job in one queue; this is its view from the command line."""
 from __future__ import annotations
 
 import json
+import time
 
 from sft_core import StudioError, jobs
+from sft_core.db import jobs as job_rows
 from sft_core.store import open_store
 from sft_core.workspace import Workspace
 
@@ -18,8 +20,8 @@ def _ctx():
 
 def cmd_list(args) -> int:
     ws, store = _ctx()
-    where = "" if args.all else "WHERE status IN ('queued','running') OR created_at > strftime('%s','now') - 86400"
-    rows = store.query(f"SELECT * FROM jobs {where} ORDER BY created_at DESC, rowid DESC LIMIT ?", (args.limit,))
+    rows = (job_rows.recent(store, args.limit) if args.all
+            else job_rows.live_or_since(store, time.time() - 86400, args.limit))
     if not rows:
         print("no jobs" + ("" if args.all else " in the last 24 hours (--all shows older ones)"))
     for job in rows:

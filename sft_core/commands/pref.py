@@ -12,6 +12,7 @@ import threading
 
 from sft_core import StudioError, jobs
 from sft_core.config import DataConfig, PreferenceConfig, add_arguments, load_config, overrides_from_args
+from sft_core.db import jobs as job_rows, runs as run_rows
 from sft_core.store import open_store
 from sft_core.workspace import Workspace
 
@@ -77,7 +78,7 @@ def cmd_train(args) -> int:
         stop.set()
         progress()
     print(file=sys.stderr)
-    row = store.query_one("SELECT * FROM jobs WHERE id=?", (job["id"],))
+    row = job_rows.get(store, job["id"])
     print(f"run {run_id}: {status}" + (f" — {row['error']}" if row.get("error") else ""))
     if status != "succeeded":
         return 1
@@ -90,7 +91,7 @@ def cmd_train(args) -> int:
 def cmd_lineage(args) -> int:
     from sft_core import pref_train
     ws, store = _ctx()
-    if store.query_one("SELECT 1 FROM runs WHERE id=?", (args.run_id,)) is None:
+    if not run_rows.exists(store, args.run_id):
         raise StudioError(f"unknown run {args.run_id!r} (see `sft-studio runs list`)", "run")
     steps = pref_train.lineage_of_run(args.run_id, ws, store)
     print(json.dumps(steps, indent=2) if args.json else pref_train.format_lineage(steps))

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from sft_core import StudioError, jobs
 from sft_core.config import TrainConfig, add_arguments, load_config, overrides_from_args
+from sft_core.db import jobs as job_rows, runs as run_rows
 from sft_core.store import loads, open_store
 from sft_core.workspace import Workspace, read_jsonl
 
@@ -19,7 +20,7 @@ def _ctx():
 
 
 def _run(store, run_id: str) -> dict:
-    run = store.query_one("SELECT * FROM runs WHERE id=?", (run_id,))
+    run = run_rows.get(store, run_id)
     if run is None:
         raise StudioError(f"unknown run {run_id!r} (see `sft-studio runs list`)", "run")
     return run
@@ -136,7 +137,7 @@ def cmd_train(args) -> int:
         stop.set()
         progress()
     print(file=sys.stderr)
-    row = store.query_one("SELECT * FROM jobs WHERE id=?", (job["id"],))
+    row = job_rows.get(store, job["id"])
     print(f"run {run_id}: {status}" + (f" — {row['error']}" if row.get("error") else ""))
     if status != "succeeded":
         return 1
@@ -179,7 +180,7 @@ def _stage_for_hub(run_dir: Path, out: Path) -> None:
 def cmd_list(args) -> int:
     ws, store = _ctx()
     jobs.reconcile(store, ws=ws)
-    rows = store.query("SELECT * FROM runs ORDER BY created_at DESC")
+    rows = run_rows.list_runs(store)
     if not rows:
         print("no runs yet: `sft-studio train --dataset NAME`")
     for r in rows:

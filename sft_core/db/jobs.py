@@ -120,3 +120,16 @@ def live_or_since(db, since: float, limit: int = 50) -> list[dict]:
     """Queued and running jobs, and any created after ``since``; newest first."""
     q = select(T).where(T.c.status.in_(ACTIVE) | (T.c.created_at > since))
     return rows(db, q.order_by(*_NEWEST).limit(limit))
+
+
+def count(db, kind: str | tuple[str, ...] | None = None, status: str | tuple[str, ...] | None = None) -> int:
+    """How many jobs (of these kinds, in these states)."""
+    from sqlalchemy import func
+
+    from sft_core.db import scalar
+    q = select(func.count()).select_from(T)
+    if kind is not None:
+        q = q.where(T.c.kind.in_((kind,) if isinstance(kind, str) else kind))
+    if status is not None:
+        q = q.where(T.c.status.in_((status,) if isinstance(status, str) else status))
+    return scalar(db, q)

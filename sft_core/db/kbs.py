@@ -27,3 +27,8 @@ def list_kbs(db, newest_first: bool = False) -> list[dict]:
 
 def names(db, newest_first: bool = False) -> list[str]:
     return column(db, select(T.c.name).order_by(T.c.updated_at.desc() if newest_first else T.c.name))
+
+
+def get(db, name: str) -> dict | None:
+    from sft_core.db import one
+    return one(db, select(T).where(T.c.name == name))
