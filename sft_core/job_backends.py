@@ -318,5 +318,12 @@ def backend_for_ref(ref: str, env: Mapping[str, str] | None = None) -> LocalBack
     if ref.startswith("local:"):
         return LocalBackend()
     if ref.startswith("ray:"):
-        return RayBackend((os.environ if env is None else env).get("RAY_ADDRESS"))
+        return _ray_backend((os.environ if env is None else env).get("RAY_ADDRESS"))
     raise StudioError(f"unknown worker reference {ref!r}", "ref")
+
+
+@functools.lru_cache(maxsize=8)
+def _ray_backend(address: str | None) -> RayBackend:
+    """One backend (and job client, whose creation is an HTTP round trip) per address: reconcile asks
+    about every running Ray job each time it runs."""
+    return RayBackend(address)

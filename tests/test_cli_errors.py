@@ -129,9 +129,7 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 @pytest.fixture
 def seeded(ws, store):
     """A succeeded run with an adapter, a rating campaign and an eval without scores, for the --out cases."""
-    from sqlalchemy import insert
-
-    from sft_core.db import evals as eval_rows, runs as run_rows, schema, write
+    from sft_core.db import evals as eval_rows, ratings as rating_rows, runs as run_rows
     now = time.time()
     run_dir = ws.runs_dir("run-ok")
     (run_dir / "adapter").mkdir(parents=True)
@@ -140,8 +138,8 @@ def seeded(ws, store):
                         created_at=now)
     eval_rows.insert_eval(store, "ev-ok", "d", "v", "test", ["prompt", "rag"], str(ws.evals_dir("ev-ok")), {},
                           status="running")
-    write(store, insert(schema.campaigns).values(id="camp-ok", eval_id="ev-ok", systems=json.dumps(["prompt", "rag"]),
-                                                 created_at=now))
+    rating_rows.add_campaign(store, "camp-ok", "ev-ok", ["prompt", "rag"], name="", show_reference=True,
+                             open_rating=False, guidelines="", reveal_after_vote=False, tasks=[])
     return ws
 
 

@@ -35,7 +35,7 @@ def _wait(pred, what: str, timeout: float = JOB_S, detail=lambda: ""):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = pred()
-        if value is not None and value is not False:
+        if value:
             return value
         time.sleep(0.3)
     pytest.fail(f"{what}: not within {timeout:.0f}s. {detail()}")
@@ -123,23 +123,26 @@ def home(module_home, tiny_model_dir, ray_url):  # noqa: F811
 
 @pytest.fixture(autouse=True)
 def leave_nothing_running(home):
-    """After each test: its workers killed, its live job rows settled (they would hold the queue's
-    accelerator slot), and no Ray job left pending or running on the head (2 CPUs, 1 per job)."""
+    """After each test: no Ray job of its left pending or running on the head (2 CPUs, 1 per job; each is
+    stopped, its worker killed) and no live job row (it would hold the queue's accelerator slot)."""
     yield
     ws, store, url = home
     import psutil
-    procs = _worker_processes(str(ws.root))
-    for p in procs:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(procs, timeout=30)
+    client = RayBackend(url)
+
+    def settled() -> bool:
+        live = [j for j in client.ask("list_jobs") if str(getattr(j.status, "value", j.status)) in LIVE]
+        for j in live:
+            client.ask("stop_job", j.submission_id)
+        for p in _worker_processes(str(ws.root)):  # the workers themselves: no step, no checkpoint first
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        return not live
+    _wait(settled, "the Ray jobs the test left to end", 120)
     for job in jobs_db.live(store):
         jobs._finish(store, job, "failed", "left behind by a test", ws)
-    client = RayBackend(url)
-    _wait(lambda: not [j for j in client.ask("list_jobs") if str(getattr(j.status, "value", j.status)) in LIVE],
-          "Ray jobs left by the test to end", 120)
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +199,9 @@ def test_eval_of_the_adapter_runs_as_a_ray_job(home, trained, tiny_model_dir, mo
     outs = read_jsonl(ws.evals_dir(eval_id) / "outputs.jsonl")
     keys = [(o["row_id"], o["system"]) for o in outs]
     assert len(keys) == len(set(keys)) == 2 * len(systems) and {s for _, s in keys} == set(systems), keys
-    assert all(isinstance(o["output"], str) and o["completion_tokens"] > 0 for o in outs), outs
+    # what a random tiny model says is its floats' business: answered, within max_new_tokens
+    assert all(isinstance(o["output"], str) and o["prompt_tokens"] > 0 and 0 <= o["completion_tokens"] <= 8
+               and o["latency_s"] > 0 for o in outs), outs
     assert (ws.evals_dir(eval_id) / "scores.json").exists() and (ws.evals_dir(eval_id) / "report.md").exists()
     assert f"eval {eval_id}: attempt 1" in log.read_text()  # the worker's output, in the job's log
 
