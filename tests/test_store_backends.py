@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
-import os
 import sqlite3
 import subprocess
 import sys
@@ -17,7 +16,7 @@ import pytest
 from sqlalchemy import func, inspect, select, update
 from sqlalchemy.exc import IntegrityError
 
-from sft_core import db, jobs
+from sft_core import db
 from sft_core.db import evals as eval_rows, jobs as job_rows, migrations, ratings, runs as run_rows, schema
 from sft_core.store import Store, StoreError
 from tests import pg_server

@@ -32,9 +32,13 @@ _V0_LATER_COLUMNS = {
 
 
 def _v1_complete_version_0(op: Operations, con: Connection) -> None:
-    """Version 0 databases may predate some columns: add those they lack."""
+    """Version 0 databases may predate some tables (the rating ones came later; the old store created a
+    missing table on open) and some columns: add those they lack. Tables created here have the current
+    shape, which the later steps leave as it is."""
     from sqlalchemy import Float
     have_tables = set(inspect(con).get_table_names())
+    schema.metadata.create_all(con, tables=[t for name, t in schema.metadata.tables.items()
+                                            if name not in have_tables])
     for table, cols in _V0_LATER_COLUMNS.items():
         if table not in have_tables:
             continue
@@ -50,11 +54,14 @@ def _v1_complete_version_0(op: Operations, con: Connection) -> None:
 def _v2_status_checks_and_worker_ref(op: Operations, con: Connection) -> None:
     """Status enums enforced by the schema (runs, evals; jobs had its CHECK already) and the jobs'
     ``worker_ref`` (where the worker runs: a local pid or a Ray submission)."""
-    with op.batch_alter_table("runs") as b:
-        b.create_check_constraint("runs_status_check", f"status IN {schema.RUN_STATUSES!r}")
-    with op.batch_alter_table("evals") as b:
-        b.create_check_constraint("evals_status_check", f"status IN {schema.EVAL_STATUSES!r}")
-    op.add_column("jobs", Column("worker_ref", Text()))
+    ins = inspect(con)
+    for table, values in (("runs", schema.RUN_STATUSES), ("evals", schema.EVAL_STATUSES)):
+        name = f"{table}_status_check"
+        if name not in {c.get("name") for c in ins.get_check_constraints(table)}:  # absent unless step 1 made the table
+            with op.batch_alter_table(table) as b:
+                b.create_check_constraint(name, f"status IN {values!r}")
+    if "worker_ref" not in {c["name"] for c in ins.get_columns("jobs")}:
+        op.add_column("jobs", Column("worker_ref", Text()))
 
 
 STEPS: list[Callable[[Operations, Connection], None]] = [_v1_complete_version_0, _v2_status_checks_and_worker_ref]
