@@ -29,6 +29,22 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
+def _warm() -> None:
+    """Pool initializer: imports happen before the clock starts."""
+    import evals.rating  # noqa: F401
+    import sft_core.jobs  # noqa: F401
+
+
+def _ready(_) -> None:
+    time.sleep(0.3)
+
+
+def _pool(ctx, n: int):
+    pool = ctx.Pool(n, initializer=_warm)
+    pool.map(_ready, range(2 * n), chunksize=1)  # every worker has started and imported
+    return pool
+
+
 def _claimer(url: str) -> int:
     from sft_core import jobs
     from sft_core.db import jobs as job_rows
@@ -70,14 +86,14 @@ def run_backend(name: str, url: str, home: Path, args) -> dict:
         con.execute(schema.jobs.insert(), [dict(id=f"j{i:05d}", kind="kb_build", status="queued", ref=f"kb{i}",
                                                 payload="{}", created_at=now + i * 1e-3) for i in range(args.jobs)])
     ctx = mp.get_context("spawn")
-    with ctx.Pool(args.clients) as pool:
+    with _pool(ctx, args.clients) as pool:
         t0 = time.perf_counter()
         claimed = pool.map(_claimer, [url] * args.clients)
         claim_s = time.perf_counter() - t0
     assert sum(claimed) == args.jobs and not job_rows.with_status(st, "queued"), claimed
     ws = Workspace.at(home)
     cid = rating.create_campaign(make_eval(ws, st, 20), SYSTEMS, ws=ws, store=st)  # 60 tasks
-    with ctx.Pool(args.clients) as pool:
+    with _pool(ctx, args.clients) as pool:
         t0 = time.perf_counter()
         votes = pool.map(_voter, [(url, cid, f"rater{i}", args.votes_each) for i in range(args.clients)])
         vote_s = time.perf_counter() - t0
