@@ -33,7 +33,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from evals import calibration, rating, runner  # noqa: E402
 from sft_core import jobs, pref_train, preference  # noqa: E402
-from sft_core.config import PreferenceConfig, TrainConfig, load_config  # noqa: E402
+from sft_core.config import PreferenceConfig, StudioSettings, TrainConfig, load_config  # noqa: E402
 from sft_core.db import jobs as job_rows, runs as run_rows  # noqa: E402
 from sft_core.example import build_example  # noqa: E402
 from sft_core.store import Store  # noqa: E402
@@ -66,7 +66,8 @@ def train_sft(ws: Workspace, store: Store, run_id: str) -> str:
 
 def evaluate(ws: Workspace, store: Store, split: str, systems: list[str], rows: int, judge: bool) -> str:
     eval_id = runner.create_eval("pydocs", systems, split=split, limit=rows, judge="local" if judge else None,
-                                 max_new_tokens=96, general=False, ws=ws, store=store)
+                                 max_new_tokens=96, general=False, ws=ws, store=store,
+                                 settings=StudioSettings.from_env())
     run_job(runner.submit_eval(eval_id, ws, store), ws, store)
     return eval_id
 
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stamp("preference dataset from the votes")
     dv = preference.build_from_campaign(campaign, "concision", eval_fraction=0.15, ws=ws, store=store)
-    rep = preference.report(dv.name, dv.version, ws, store)
+    rep = preference.report(dv.name, dv.version, ws=ws, store=store)
     print(preference.format_report(rep))
     result["dataset"] = {k: rep[k] for k in ("pairs", "splits", "counts", "leakage")}
 

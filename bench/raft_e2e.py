@@ -38,7 +38,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from evals import runner  # noqa: E402
 from sft_core import jobs, retrieval, synth  # noqa: E402
-from sft_core.config import TrainConfig, load_config  # noqa: E402
+from sft_core.config import StudioSettings, TrainConfig, load_config  # noqa: E402
 from sft_core.db import datasets as dataset_rows, jobs as job_rows, runs as run_rows  # noqa: E402
 from sft_core.example import build_example  # noqa: E402
 from sft_core.store import Store  # noqa: E402
@@ -99,7 +99,7 @@ def train(ws: Workspace, store: Store, run_id: str, dataset: str, max_steps: int
 
 def evaluate(ws: Workspace, store: Store, dataset: str, split: str, systems: list[str], limit: int) -> dict:
     eval_id = runner.create_eval(dataset, systems, split=split, kb=KB, limit=limit, max_new_tokens=96,
-                                 general=False, ws=ws, store=store)
+                                 general=False, ws=ws, store=store, settings=StudioSettings.from_env())
     wall = run_job(runner.submit_eval(eval_id, ws, store), ws, store)
     scores = json.loads((ws.evals_dir(eval_id) / "scores.json").read_text())
     dom = scores["sets"]["domain"]["summary"]

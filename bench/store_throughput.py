@@ -62,13 +62,14 @@ def _claimer(url: str) -> int:
 
 
 def _voter(args) -> int:
-    url, cid, rater, n_votes = args
+    url, home, cid, rater, n_votes = args
     from evals import rating
     from sft_core.store import Store
-    st = Store(url)
+    from sft_core.workspace import Workspace
+    ws, st = Workspace.at(home), Store(url)
     for i in range(n_votes):
-        t = rating.next_task(cid, rater, store=st)
-        rating.vote(cid, t["task_id"], rater, "left" if i % 3 else "tie", store=st)
+        t = rating.next_task(cid, rater, ws, store=st)
+        rating.vote(cid, t["task_id"], rater, "left" if i % 3 else "tie", ws=ws, store=st)
     return n_votes
 
 
@@ -95,7 +96,7 @@ def run_backend(name: str, url: str, home: Path, args) -> dict:
     cid = rating.create_campaign(make_eval(ws, st, 20), SYSTEMS, ws=ws, store=st)  # 60 tasks
     with _pool(ctx, args.clients) as pool:
         t0 = time.perf_counter()
-        votes = pool.map(_voter, [(url, cid, f"rater{i}", args.votes_each) for i in range(args.clients)])
+        votes = pool.map(_voter, [(url, str(ws.root), cid, f"rater{i}", args.votes_each) for i in range(args.clients)])
         vote_s = time.perf_counter() - t0
     from sqlalchemy import func, select
     n_votes = db.scalar(st, select(func.count()).select_from(schema.votes))

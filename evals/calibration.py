@@ -79,12 +79,11 @@ def _one_judge(items: list[tuple[str, str, str]], n_boot: int, seed: int) -> dic
     return out
 
 
-def judge_calibration(campaign_id: str, ws: Workspace | None = None, store: Store | None = None,
+def judge_calibration(campaign_id: str, ws: Workspace, store: Store | None = None,
                       n_boot: int = 1000, seed: int = 0) -> dict | None:
     """Judge-vs-human agreement per judge for a campaign; None when no judged pair was voted on."""
     from evals import rating
     from sft_core.preference import judge_identity
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     camp = rating.get_campaign(campaign_id, ws=ws, store=store)
     if n_boot < 1:
@@ -115,10 +114,9 @@ def judge_calibration(campaign_id: str, ws: Workspace | None = None, store: Stor
             "method": METHOD + f" ({n_boot} resamples)"}
 
 
-def calibration_for_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = None,
+def calibration_for_eval(eval_id: str, ws: Workspace, store: Store | None = None,
                          n_boot: int = 1000) -> list[dict]:
     """The calibration of every campaign on this eval that has judged, voted pairs (for the eval report)."""
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)  # opening it brings an older database's tables up to date
     out = []
     for cid in rating_rows.campaign_ids(store, eval_id):

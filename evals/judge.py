@@ -184,14 +184,13 @@ class Judge:
         return [{"score": parse_score(r), "raw": r} for r in replies]
 
 
-def judge_eval(eval_id: str, engine=None, url: str | None = None, model: str | None = None,
-               ws: Workspace | None = None, store: Store | None = None, limit: int | None = None,
+def judge_eval(eval_id: str, engine=None, url: str | None = None, model: str | None = None, *,
+               ws: Workspace, store: Store | None = None, limit: int | None = None,
                api_key: str | None = None) -> Path:
     """Pairwise judgements for every pair of systems and a rubric score for every system, on every
     domain row (or the first ``limit`` when one is configured: the eval's ``judge_limit``) ->
     judge.jsonl and judge_rubric.jsonl. The summary and the report state how many rows were judged.
     Returns judge.jsonl's path."""
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     row = eval_rows.get(store, eval_id)
     if row is None:

@@ -176,10 +176,9 @@ def _examples(outputs: list[dict], systems: list[str]) -> list[dict]:
             for r in list(by_row.values())[:MAX_EXAMPLES]]
 
 
-def build_report(eval_id: str, ws: Workspace | None = None, store: Store | None = None) -> Report:
+def build_report(eval_id: str, ws: Workspace, store: Store | None = None) -> Report:
     """Everything the report shows, read once from the eval's directory and the store."""
     from evals.calibration import calibration_for_eval
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     row = eval_rows.get(store, eval_id)
     if row is None:
@@ -277,10 +276,9 @@ def render_html(report: Report) -> str:
     return _env().get_template("report.html.j2").render(r=report)
 
 
-def write_report(eval_id: str, ws: Workspace | None = None, store: Store | None = None,
+def write_report(eval_id: str, ws: Workspace, store: Store | None = None,
                  out_dir: str | Path | None = None) -> tuple[Path, Path]:
     """Build the report once and write report.html and report.md (to the eval's directory, or ``out_dir``)."""
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     rep = build_report(eval_id, ws, store)
     html_doc, md = render_html(rep), render_markdown(rep)  # both rendered before anything is written

@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from sft_core import StudioError
-from sft_core.config import DecodingConfig
+from sft_core.config import DecodingConfig, StudioSettings
 from sft_core.db import evals as eval_rows, jobs as job_rows, runs as run_rows
 from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, append_jsonl, atomic_write_json, read_jsonl
@@ -46,19 +46,19 @@ class EvalError(StudioError):
 def create_eval(dataset: str, systems: list[str], split: str = "test", kb: str | None = None,
                 limit: int | None = None, metrics: list[str] | None = None, judge: bool | str | None = None,
                 few_shot: int = 0, max_new_tokens: int = 128, base_model: str | None = None,
-                general: bool = True, ws: Workspace | None = None, store: Store | None = None,
-                judge_model: str | None = None, judge_limit: int | None = None) -> str:
+                general: bool = True, *, ws: Workspace, store: Store | None = None,
+                judge_model: str | None = None, judge_limit: int | None = None,
+                settings: StudioSettings | None = None) -> str:
     """Check everything, then create the eval's directory, manifest and row (nothing runs yet).
 
     ``judge``: None/False (no judge), True or "local" (the local engine), or the URL of an
     OpenAI-compatible endpoint (model ``judge_model``; key from SFT_STUDIO_JUDGE_API_KEY or
     OPENAI_API_KEY at run time, never stored). External endpoints (``openai:*`` systems, a judge
-    URL) get a pre-flight request last, right before anything is written: a dead one stores nothing."""
+    URL) get a pre-flight request last, right before anything is written: a dead one stores nothing.
+    ``base_model``: the systems' base model; without it, the studio's default (``settings.base_model``)."""
     from evals import judge as J
     from sft_core import data, jobs
-    from sft_core.config import StudioSettings
     jobs.check_backend()  # a job backend that cannot take the eval: refused before anything is written
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     checked = S.check_systems(systems, store, kb, check_endpoints=False)
     judge_to = J.judge_target(judge)
@@ -71,25 +71,25 @@ def create_eval(dataset: str, systems: list[str], split: str = "test", kb: str |
     bad = [m for m in (metrics or []) if m not in M.METRICS]
     if bad:
         raise EvalError(f"unknown metric(s) {', '.join(bad)}; choose from {', '.join(M.METRICS)}", "metrics")
-    dv = data.get_version(dataset, None, ws, store)
+    dv = data.get_version(dataset, None, ws=ws, store=store)
     from sft_core.preference import KIND as PREFERENCE, dataset_kind
     if dataset_kind(dv) == PREFERENCE:  # pairs have no reference answer to score against
         raise EvalError(f"{dv.name}@{dv.version} is a preference dataset (prompt/chosen/rejected pairs), not rows with "
                         "a reference answer: evaluate on the instruction dataset the pairs came from", "dataset")
-    rows = data.load_split(dataset, split, dv.version, ws, store)  # raises if the split is missing
+    rows = data.load_split(dataset, split, dv.version, ws=ws, store=store)  # raises if the split is missing
     if not rows:
         raise EvalError(f"split {split!r} of {dataset} is empty", "split")
     if kb:
         from sft_core.retrieval import open_kb
         open_kb(kb, ws)
-    base = base_model or StudioSettings.from_env().base_model
+    base = _base_model(base_model, settings)
     for s in checked:
         if s.adapter:
             run = run_rows.get(store, s.adapter)
             if run["base_model"] != base:
                 raise EvalError(f"run {s.adapter} was trained on {run['base_model']}, not on {base}", "systems")
     if few_shot:
-        data.load_split(dataset, "train", dv.version, ws, store)  # few-shot examples come from train
+        data.load_split(dataset, "train", dv.version, ws=ws, store=store)  # few-shot examples come from train
     S.preflight(checked)  # network last: every local check has passed
     if judge_to and judge_to != "local":
         J.check_endpoint_for_judge(judge_to)
@@ -107,6 +107,16 @@ def create_eval(dataset: str, systems: list[str], split: str = "test", kb: str |
     atomic_write_json(path / "manifest.json", manifest)
     eval_rows.insert_eval(store, eval_id, dataset, dv.version, split, cfg["systems"], str(path), cfg)
     return eval_id
+
+
+def _base_model(base_model: str | None, settings: StudioSettings | None) -> str:
+    """The base model asked for, else the studio's default (the caller's settings)."""
+    if base_model:
+        return base_model
+    if settings is None:
+        raise EvalError("no base model: give base_model or the studio settings (their default base model)",
+                        "base_model")
+    return settings.base_model
 
 
 def _versions() -> dict:
@@ -258,7 +268,7 @@ def generate_answers(todo: list[tuple], ctx: S.Context, decoding: DecodingConfig
 def eval_sets(cfg: dict, ws: Workspace, store: Store) -> dict[str, list[dict]]:
     """The rows an eval answers: {"domain": the split (first ``limit``), "general": the general set}."""
     from sft_core import data
-    rows = data.load_split(cfg["dataset"], cfg["split"], cfg["dataset_version"], ws, store)
+    rows = data.load_split(cfg["dataset"], cfg["split"], cfg["dataset_version"], ws=ws, store=store)
     if cfg.get("limit"):
         rows = rows[: int(cfg["limit"])]
     sets = {"domain": rows}
@@ -284,26 +294,28 @@ def eval_context(cfg: dict, ws: Workspace, store: Store, systems: list[S.System]
     ctx.raft = {s.run: RaftSettings(**stored[s.run]) if s.run in stored else S.raft_settings(s.run, store)
                 for s in systems if s.kind == "raft"}
     if cfg.get("few_shot"):
-        ctx.few_shot = data.load_split(cfg["dataset"], "train", cfg["dataset_version"], ws, store)[: int(cfg["few_shot"])]
+        ctx.few_shot = data.load_split(cfg["dataset"], "train", cfg["dataset_version"],
+                                       ws=ws, store=store)[: int(cfg["few_shot"])]
     return ctx
 
 
-def _start_engine(cfg: dict, ws: Workspace, store: Store):
-    """The engine for the eval's base model, as the app starts it (SFT_STUDIO_ENGINE, SFT_STUDIO_ENGINE_URL)."""
-    from sft_core.config import StudioSettings
+def _start_engine(cfg: dict, ws: Workspace, store: Store, settings: StudioSettings | None):
+    """The engine for the eval's base model, as the app starts it (``settings.engine``, ``settings.engine_url``:
+    SFT_STUDIO_ENGINE, SFT_STUDIO_ENGINE_URL where the entry point read them)."""
     from sft_core.serving import get_engine
-    settings = StudioSettings.from_env()
+    if settings is None:
+        raise EvalError("no engine given and no studio settings to start one with (engine, engine_url)", "engine")
     return get_engine(cfg["base_model"], ws, store, engine=settings.engine, url=settings.engine_url or None)
 
 
-def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = None, engine=None,
-             progress=None) -> dict:
+def run_eval(eval_id: str, ws: Workspace, store: Store | None = None, engine=None,
+             progress=None, *, settings: StudioSettings | None = None) -> dict:
     """Generate the missing outputs, score, judge (if asked) and write the report. Returns the scores.
 
     An engine passed in is the caller's; one this function had to start (no ``engine`` given and a
-    system, or the local judge, needs it) is closed before it returns."""
+    system, or the local judge, needs it) is started from ``settings`` (engine, engine_url) and closed
+    before it returns."""
     from evals import judge as J
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     row = eval_rows.get(store, eval_id)
     if row is None:
@@ -328,7 +340,7 @@ def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = No
         todo = missing_answers(sets, systems, done)
         local = {j[2].name: j[2] for j in todo if j[2].kind != "openai"}
         if local and engine is None:
-            engine = owned = _start_engine(cfg, ws, store)
+            engine = owned = _start_engine(cfg, ws, store, settings)
         for system in local.values():
             if system.adapter:  # load each adapter once, before the first request that needs it
                 try:
@@ -344,7 +356,7 @@ def run_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = No
         summary = score_eval(eval_id, ws, store)
         if judge_to == "local":
             if engine is None:  # every system was external: start the local engine for the judge
-                engine = owned = _start_engine(cfg, ws, store)
+                engine = owned = _start_engine(cfg, ws, store, settings)
             J.judge_eval(eval_id, engine=engine, ws=ws, store=store, limit=cfg.get("judge_limit"))
         elif judge_to:
             J.judge_eval(eval_id, url=judge_to, model=cfg.get("judge_model"), api_key=J.judge_api_key(),
@@ -399,9 +411,8 @@ def score_eval(eval_id: str, ws: Workspace, store: Store) -> dict:
     return result
 
 
-def eval_status(eval_id: str, ws: Workspace | None = None, store: Store | None = None) -> dict:
+def eval_status(eval_id: str, ws: Workspace, store: Store | None = None) -> dict:
     """For the UI: progress, the results table and examples (read from disk: survives reloads)."""
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     row = eval_rows.get(store, eval_id)
     if row is None:
@@ -442,14 +453,13 @@ def needs_local_engine(cfg: dict) -> bool:
     return any(S.parse_system(n).kind != "openai" for n in cfg["systems"]) or J.judge_target(cfg.get("judge")) == "local"
 
 
-def submit_eval(eval_id: str, ws: Workspace | None = None, store: Store | None = None) -> str:
+def submit_eval(eval_id: str, ws: Workspace, store: Store | None = None) -> str:
     """Queue the (created or interrupted) eval as a job; returns the job id.
 
     The state is checked in the transaction that queues: an eval that is queued or running already, or
     has a live job, is refused, so two clicks never queue it twice."""
     from sft_core import jobs
     jobs.check_backend()
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     jobs.reconcile(store, ws=ws)
     with store.tx() as con:
@@ -523,7 +533,7 @@ def job_entry(ctx, payload: dict) -> None:
               f"{'the app' + chr(39) + 's at ' + link['url'] if engine is not None else 'own (started on demand)'}",
               flush=True)
         try:
-            run_eval(eval_id, ctx.ws, ctx.store, engine=engine, progress=progress)
+            run_eval(eval_id, ctx.ws, ctx.store, engine=engine, progress=progress, settings=ctx.settings)
             return
         except (EngineError, EvalError) as e:
             if engine is None or getattr(e, "where", None) not in ("engine", "vllm", "engine_url"):
@@ -540,8 +550,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m evals.runner")
     ap.add_argument("--eval-id", required=True)
     args = ap.parse_args(argv)
+    ws = Workspace.from_env()
     try:
-        run_eval(args.eval_id)
+        run_eval(args.eval_id, ws, open_store(ws.db_url), settings=StudioSettings.from_env())
     except StudioError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

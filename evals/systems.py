@@ -20,10 +20,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sft_core import StudioError
 from sft_core.db import runs as run_rows
 from sft_core.records import prompt_messages
+
+if TYPE_CHECKING:
+    from sft_core.store import Store
+    from sft_core.workspace import Workspace
 
 DEFAULT_SYSTEM_PROMPT = "You are a concise, accurate assistant. Answer in one or two sentences."
 KINDS = ("prompt", "rag", "sft", "sft+rag", "raft", "openai")
@@ -193,8 +198,8 @@ def build_messages(system: System, record: dict, ctx: Context) -> tuple[list[dic
     return msgs + [m for m in prompt_messages(record) if m["role"] != "system"], []
 
 
-def chat_request(system_name: str, message: str, kb: str | None = None, ws=None, store=None,
-                 tokenizer=None) -> dict:
+def chat_request(system_name: str, message: str, kb: str | None = None, *, ws: Workspace,
+                 store: Store | None = None, tokenizer=None) -> dict:
     """For the Chat tab: one message under one system -> {messages, adapter, passages}."""
     from sft_core.retrieval import open_kb
     from sft_core.records import make_record
@@ -204,8 +209,6 @@ def chat_request(system_name: str, message: str, kb: str | None = None, ws=None,
     raft = {}
     if system.kind == "raft":
         from sft_core.store import open_store
-        from sft_core.workspace import Workspace
-        ws = ws or Workspace.from_env()
         store = store or open_store(ws.db_url)
         raft[system.run] = raft_settings(system.run, store)
         if tokenizer is None:  # the budget in the tokens the run was trained with: its base model's

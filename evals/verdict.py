@@ -199,9 +199,8 @@ def card_markdown(scores: dict | None) -> str:
     return "\n\n".join(_card_lines(scores))
 
 
-def eval_scores(eval_id: str, ws: Workspace | None = None, store: Store | None = None) -> dict | None:
+def eval_scores(eval_id: str, ws: Workspace, store: Store | None = None) -> dict | None:
     """The eval's scores.json, or None while it is not scored (or for an unknown eval)."""
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     row = eval_rows.get(store, eval_id)
     path = Path(row["path"]) / "scores.json" if row else None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-from pathlib import Path
 
 from sft_core.config import DataConfig
 from sft_core.data import DatasetVersion, import_records
@@ -106,10 +105,9 @@ def corpus_text(o: dict) -> str:
     return f"{o['id']}{o['signature']}\n\n{o['doc']}"
 
 
-def build_example(ws: Workspace | None = None, store: Store | None = None, name: str = "pydocs") -> dict:
+def build_example(ws: Workspace, store: Store | None = None, name: str = "pydocs") -> dict:
     """Write the corpus and import the dataset (same version when nothing changed)."""
     import json
-    ws = ws or Workspace.from_env()
     objects = collect_objects()
     corpus = ws.root / "example" / "corpus.jsonl"
     lines = "".join(json.dumps({"id": o["id"], "title": o["id"], "text": corpus_text(o)}, ensure_ascii=False) + "\n"

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from sft_core import StudioError, gpu, job_backends
-from sft_core.config import TrainConfig, load_config, to_dict
+from sft_core.config import TrainConfig, to_dict
 from sft_core.job_backends import _alive, _proc_start, _same_process  # noqa: F401 (tests use them)
 from sft_core.db import jobs as job_rows, runs as run_rows, evals as eval_rows
 from sft_core.store import Store, loads, open_store
@@ -204,10 +204,9 @@ def new_run_id(cfg: TrainConfig) -> str:
     return f"{cfg.dataset[:40]}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
 
 
-def submit_train(cfg: TrainConfig, ws: Workspace | None = None, store: Store | None = None) -> str:
+def submit_train(cfg: TrainConfig, ws: Workspace, store: Store | None = None) -> str:
     """Validate (before any process starts), create the run directory and queue the job."""
     from sft_core.train import validate_train_config
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     check_backend(cfg.num_gpus)
     facts = validate_train_config(cfg, ws, store)
@@ -235,13 +234,12 @@ def _insert_job(con, kind: str, ref: str, payload: dict) -> str:
     return job_rows.insert_job(con, kind, ref, payload)
 
 
-def submit(kind: str, ref: str, payload: dict | None = None, ws: Workspace | None = None,
+def submit(kind: str, ref: str, payload: dict | None = None, *, ws: Workspace,
            store: Store | None = None) -> str:
     """Queue a job of a registered kind (evals use this)."""
     if kind not in JOB_KINDS:
         raise JobError(f"unknown job kind {kind!r}", "kind")
     check_backend()
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     with store.tx() as con:
         return _insert_job(con, kind, ref, payload or {})
@@ -255,10 +253,9 @@ def latest_job(ref: str, store: Store, kind: str | None = None) -> dict | None:
     return job_rows.latest(store, ref, kind)
 
 
-def cancel(run_id: str, ws: Workspace | None = None, store: Store | None = None, kind: str | None = None) -> str:
+def cancel(run_id: str, ws: Workspace, store: Store | None = None, kind: str | None = None) -> str:
     """Cancel a run's (or eval's) queued or running job — of ``kind`` when given; with none, the newest live
     job of the ref, else its newest job. Returns the job's new state."""
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     with store.tx() as con:
         job = job_rows.latest(con, run_id, kind, live_first=True)
@@ -293,10 +290,9 @@ def _runs_launcher(pid: int) -> bool:
         return False
 
 
-def resume(run_id: str, ws: Workspace | None = None, store: Store | None = None) -> str:
+def resume(run_id: str, ws: Workspace, store: Store | None = None) -> str:
     """Queue a failed or cancelled run again; it continues from its last checkpoint."""
     from sft_core.train import last_checkpoint
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     reconcile(store, ws=ws)
     run = run_rows.get(store, run_id)
@@ -317,13 +313,12 @@ def resume(run_id: str, ws: Workspace | None = None, store: Store | None = None)
         return _insert_job(con, "train", run_id, {"resume": True})
 
 
-def reconcile(store: Store, watched: set[str] | None = None, ws: Workspace | None = None) -> list[str]:
+def reconcile(store: Store, watched: set[str] | None = None, *, ws: Workspace) -> list[str]:
     """Settle running jobs that nobody is watching any more. Returns the ids whose state changed.
 
     A worker that ended while its watcher was gone (app restart, closed terminal) gets the status it
     recorded itself (the kind's ``outcome``); one that vanished (kill -9, out of memory, machine
     restart) or stopped heartbeating (hung, or its pid now belongs to another process) is failed."""
-    ws = ws or Workspace.from_env()
     settled = []
     for job in job_rows.with_status(store, "running"):
         if watched and job["id"] in watched:
@@ -347,17 +342,17 @@ def reconcile(store: Store, watched: set[str] | None = None, ws: Workspace | Non
             status, error = "failed", "worker process disappeared (killed, out of memory, or machine restart)"
         else:
             status, error = "failed", f"worker stopped reporting for {silent:.0f}s"
-        if _finish(store, job, status, error, ws):
+        if _finish(store, job, status, error, ws=ws):
             settled.append(job["id"])
     return settled
 
 
-def _finish(store: Store, job: dict, status: str, error: str | None = None, ws: Workspace | None = None) -> bool:
+def _finish(store: Store, job: dict, status: str, error: str | None = None, *, ws: Workspace) -> bool:
     if not job_rows.finish(store, job["id"], status, error):
         return False  # someone else settled it first
     kind = JOB_KINDS.get(job["kind"])
     if kind and kind.on_finish:
-        kind.on_finish(job, status, ws or Workspace.from_env(), store)
+        kind.on_finish(job, status, ws, store)
     return True
 
 
@@ -410,14 +405,14 @@ def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], N
     try:
         argv = kind.build_command(job, ws, store)
     except StudioError as e:
-        _finish(store, job, "failed", str(e), ws)
+        _finish(store, job, "failed", str(e), ws=ws)
         return "failed"
     log_path = _log_path(job, ws, store)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     try:
         backend = job_backends.backend_from_env()
     except StudioError as e:
-        _finish(store, job, "failed", str(e), ws)
+        _finish(store, job, "failed", str(e), ws=ws)
         return "failed"
     gpu_env = {}
     if backend.name == "local":  # on a cluster, the scheduler picks the node and its GPUs
@@ -429,7 +424,7 @@ def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], N
     try:
         handle = backend.start(argv, env, log_path, num_gpus=cluster_gpus(job, store), job_id=job["id"])
     except StudioError as e:  # the cluster went away between submit and start
-        _finish(store, job, "failed", str(e), ws)
+        _finish(store, job, "failed", str(e), ws=ws)
         return "failed"
     pid = getattr(handle, "pid", None)
     job_rows.set_worker(store, job["id"], pid, _proc_start(pid) if pid else None, handle.ref)
@@ -453,7 +448,7 @@ def run_job(job: dict, ws: Workspace, store: Store, on_output: Callable[[str], N
         status, err = "cancelled", None
     else:
         status, err = "failed", _error_reason(job, ws, store) or getattr(handle, "reason", None) or _describe_exit(code)
-    _finish(store, job, status, err, ws)
+    _finish(store, job, status, err, ws=ws)
     return status
 
 
@@ -496,10 +491,10 @@ def _prepare_gpus(job: dict, kind: JobKind, ws: Workspace, store: Store, log_pat
             with open(log_path, "a") as f:
                 f.write(f"GPU {','.join(map(str, devices))}: waiting for the inference engine to give it up\n")
         if not gpu.wait_for_engines(ws, devices, timeout_s=gpu.YIELD_TIMEOUT_S, beat=beat, cancelled=cancelled):
-            _finish(store, job, "cancelled", None, ws)
+            _finish(store, job, "cancelled", None, ws=ws)
             return {}, "cancelled"
     except StudioError as e:
-        _finish(store, job, "failed", str(e), ws)
+        _finish(store, job, "failed", str(e), ws=ws)
         return {}, "failed"
     return gpu.device_env(devices, inv), None
 
@@ -555,7 +550,7 @@ def _watch_job(job: dict, ws: Workspace, store: Store) -> None:
         run_job(job, ws, store)
     except Exception as e:  # the job must not stay 'running' because its watcher broke
         log.exception("job %s watcher failed", job["id"])
-        _finish(store, job, "failed", f"watcher error: {type(e).__name__}: {e}", ws)
+        _finish(store, job, "failed", f"watcher error: {type(e).__name__}: {e}", ws=ws)
 
 
 def start_dispatcher(ws: Workspace, store: Store) -> threading.Thread:

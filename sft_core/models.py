@@ -108,9 +108,8 @@ def is_model_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / "config.json").is_file()
 
 
-def resolve_model(name: str, ws: Workspace | None = None) -> Path:
+def resolve_model(name: str, ws: Workspace) -> Path:
     """Map a model name, local directory or hub id to a local directory with config.json."""
-    ws = ws or Workspace.from_env()
     if not name:
         raise ModelError("no model given", "base_model")
     if name == EMBEDDED_MODEL:
@@ -137,8 +136,7 @@ def resolve_model(name: str, ws: Workspace | None = None) -> Path:
                          "use the embedded model or a local model directory", "base_model") from None
 
 
-def list_models(ws: Workspace | None = None) -> list[ModelInfo]:
-    ws = ws or Workspace.from_env()
+def list_models(ws: Workspace) -> list[ModelInfo]:
     shared = os.environ.get("SFT_STUDIO_MODEL_CACHE")
     conv = Path(shared) / EMBEDDED_MODEL if shared else ws.models_dir(EMBEDDED_MODEL)
     out = [ModelInfo(EMBEDDED_MODEL, str(conv) if is_model_dir(conv) else None, "embedded",

@@ -31,7 +31,7 @@ import uuid
 from pathlib import Path
 
 from sft_core import StudioError, preference, train
-from sft_core.config import ConfigError, PreferenceConfig, load_config, to_dict
+from sft_core.config import ConfigError, PreferenceConfig, StudioSettings, load_config, to_dict
 from sft_core.db import runs as run_rows
 from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, append_jsonl, atomic_dir, atomic_write_json, safe_name
@@ -88,22 +88,23 @@ def _from_run(cfg: PreferenceConfig, ws: Workspace, store: Store) -> dict:
     return {"run": run, "adapter": adapter, "base_dir": run_base_dir, "base_hash": now, "manifest": manifest}
 
 
-def validate_pref_config(cfg: PreferenceConfig, ws: Workspace | None = None, store: Store | None = None) -> dict:
-    """Every check that can fail before training starts; returns the resolved facts written to config.json."""
+def validate_pref_config(cfg: PreferenceConfig, ws: Workspace, store: Store | None = None, *,
+                         settings: StudioSettings | None = None) -> dict:
+    """Every check that can fail before training starts; returns the resolved facts written to config.json.
+
+    Without ``from_run`` or ``base_model`` the run trains on the studio's default base model: ``settings``'s."""
     from sft_core import models
-    from sft_core.config import StudioSettings
     cfg.validate()
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
-    dv = preference.require_preference(cfg.dataset, cfg.dataset_version or None, ws, store)
-    train_pairs = preference.load_pairs(dv.name, "train", dv.version, ws, store)
+    dv = preference.require_preference(cfg.dataset, cfg.dataset_version or None, ws=ws, store=store)
+    train_pairs = preference.load_pairs(dv.name, "train", dv.version, ws=ws, store=store)
     if not train_pairs:
         raise ConfigError(f"dataset {dv.name}@{dv.version} has no training pairs", "dataset")
     start = _from_run(cfg, ws, store) if cfg.from_run else None
     if start:
         base_name, model_dir, base_hash = start["run"]["base_model"], start["base_dir"], start["base_hash"]
     else:
-        base_name = cfg.base_model or StudioSettings.from_env().base_model
+        base_name = cfg.base_model or _default_base(settings)
         try:
             model_dir = models.resolve_model(base_name, ws)
         except StudioError as e:
@@ -132,6 +133,13 @@ def validate_pref_config(cfg: PreferenceConfig, ws: Workspace | None = None, sto
             "prompts_over_max_length": too_long, "lineage": steps}
 
 
+def _default_base(settings: StudioSettings | None) -> str:
+    if settings is None:
+        raise ConfigError("no base model: set base_model or from_run (or give the studio settings, whose default "
+                          "base model the run then trains on)", "base_model")
+    return settings.base_model
+
+
 def new_run_id(cfg: PreferenceConfig) -> str:
     if cfg.run_name:
         return safe_name(cfg.run_name, "run_name")
@@ -139,13 +147,13 @@ def new_run_id(cfg: PreferenceConfig) -> str:
     return f"{cfg.dataset[:36]}-{loss}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
 
 
-def submit_pref_run(cfg: PreferenceConfig, ws: Workspace | None = None, store: Store | None = None) -> str:
+def submit_pref_run(cfg: PreferenceConfig, ws: Workspace, store: Store | None = None, *,
+                    settings: StudioSettings | None = None) -> str:
     """Validate (before any process starts), create the run directory, insert the run and its queued job."""
     from sft_core import jobs
     jobs.check_backend(cfg.num_gpus)
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
-    facts = validate_pref_config(cfg, ws, store)
+    facts = validate_pref_config(cfg, ws, store, settings=settings)
     run_id = new_run_id(cfg)
     run_dir = ws.runs_dir(run_id)
     if run_dir.exists() or run_rows.exists(store, run_id):
@@ -166,15 +174,14 @@ def submit_pref_run(cfg: PreferenceConfig, ws: Workspace | None = None, store: S
     return run_id
 
 
-def train_on_votes(campaign_id: str, from_run: str | None = None, name: str | None = None,
-                   ws: Workspace | None = None, store: Store | None = None, **overrides):
+def train_on_votes(campaign_id: str, from_run: str | None = None, name: str | None = None, *,
+                   ws: Workspace, store: Store | None = None, **overrides):
     """The Results tab's "train on these votes": the campaign's pairs as a dataset version, then a queued
     preference run from ``from_run`` (default: the campaign's one adapter system). Returns (version, run id).
 
     The run's options are checked before the dataset is built; a dataset built from valid votes stays stored
     even if the run is then refused (it is a complete version of its own)."""
     from evals import rating
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     camp = rating.get_campaign(campaign_id, ws=ws, store=store)
     if not from_run:
@@ -209,9 +216,8 @@ def _run_record(run_id: str, ws: Workspace, store: Store) -> tuple[dict | None, 
     return run, {}
 
 
-def lineage_of_run(run_id: str, ws: Workspace | None = None, store: Store | None = None) -> list[dict]:
+def lineage_of_run(run_id: str, ws: Workspace, store: Store | None = None) -> list[dict]:
     """base -> SFT run -> preference dataset (its campaign or eval) -> preference run, as a list of steps."""
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     run, rec = _run_record(run_id, ws, store)
     if run is None:
@@ -368,8 +374,8 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
         torch.set_num_threads(train.cpu_threads())
     torch.manual_seed(cfg.seed)
 
-    train_pairs = preference.load_pairs(cfg.dataset, "train", spec["dataset_version"], ws, store)
-    eval_pairs = preference.load_pairs(cfg.dataset, "eval", spec["dataset_version"], ws, store)
+    train_pairs = preference.load_pairs(cfg.dataset, "train", spec["dataset_version"], ws=ws, store=store)
+    eval_pairs = preference.load_pairs(cfg.dataset, "eval", spec["dataset_version"], ws=ws, store=store)
     train_ds = preference.to_trl(train_pairs)
     eval_ds = preference.to_trl(eval_pairs) if eval_pairs else None
     tok = models.load_tokenizer(spec["model_dir"])

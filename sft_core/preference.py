@@ -78,13 +78,13 @@ def refuse_for_sft(dv) -> None:
                           "with `sft-studio pref train --dataset NAME` (preference tuning), not SFT", "dataset")
 
 
-def require_preference(name: str, version: str | None = None, ws: Workspace | None = None,
+def require_preference(name: str, version: str | None = None, *, ws: Workspace,
                        store: Store | None = None):
     """The dataset version, if it is a preference dataset (else an error naming what to do)."""
     from sft_core import data
     from sft_core.config import ConfigError
     try:
-        dv = data.get_version(name, version or None, ws, store)
+        dv = data.get_version(name, version or None, ws=ws, store=store)
     except StudioError as e:
         raise ConfigError(e.message, "dataset") from None
     if dataset_kind(dv) != KIND:
@@ -94,10 +94,10 @@ def require_preference(name: str, version: str | None = None, ws: Workspace | No
     return dv
 
 
-def load_pairs(name: str, split: str, version: str | None = None, ws: Workspace | None = None,
+def load_pairs(name: str, split: str, version: str | None = None, *, ws: Workspace,
                store: Store | None = None) -> list[dict]:
     """The pairs of one split ([] when the version has no such split, e.g. no held-out pairs)."""
-    dv = require_preference(name, version, ws, store)
+    dv = require_preference(name, version, ws=ws, store=store)
     p = dv.path / f"{safe_name(split, 'split')}.jsonl"
     return read_jsonl(p) if p.exists() else []
 
@@ -177,7 +177,7 @@ def leakage(pairs: list[dict], dataset: str | None, version: str | None, ws: Wor
     if not dataset:
         return {}
     try:
-        dv = data.get_version(dataset, version or None, ws, store)
+        dv = data.get_version(dataset, version or None, ws=ws, store=store)
     except StudioError:
         return {}
     keys = Counter(_prompt_key(p["prompt"]) for p in pairs)
@@ -185,17 +185,17 @@ def leakage(pairs: list[dict], dataset: str | None, version: str | None, ws: Wor
     for split in sorted(dv.splits):
         if split == "train" or not dv.splits.get(split):
             continue
-        rows = data.load_split(dv.name, split, dv.version, ws, store)
+        rows = data.load_split(dv.name, split, dv.version, ws=ws, store=store)
         row_keys = {data.normalised_key({"instruction": user_content(r), "context": None}) for r in rows}
         out[f"{dv.name}@{dv.version}:{split}"] = sum(n for k, n in keys.items() if k in row_keys)
     return out
 
 
-def _token_stats(pairs: list[dict], model: str) -> dict | None:
+def _token_stats(pairs: list[dict], model: str, ws: Workspace) -> dict | None:
     """Lengths in the model's tokens (prompt; prompt + the longer side), to choose max_length."""
     try:
         from sft_core.models import load_tokenizer, resolve_model
-        tok = load_tokenizer(resolve_model(model))
+        tok = load_tokenizer(resolve_model(model, ws))
     except StudioError:
         return None
     prompt_n, total_n = [], []
@@ -238,14 +238,13 @@ def _store_version(name: str, raw: list[dict], counts: Counter, source: dict, so
                         "were dropped")
     report = {"ok": True, "kind": KIND, "policy": POLICY, "source": source, "pairs": len(pairs),
               "splits": {s: len(v) for s, v in splits.items()}, "counts": dict(sorted(counts.items())),
-              "leakage": leak, "tokens": _token_stats(pairs, cfg.model), "warnings": warnings}
+              "leakage": leak, "tokens": _token_stats(pairs, cfg.model, ws), "warnings": warnings}
     return data.import_records(splits, name, cfg=DataConfig(eval_fraction=eval_fraction, test_fraction=0.0, seed=seed,
                                                             model=cfg.model),
                                ws=ws, store=store, source=source_label, report=report, fmt=KIND)
 
 
-def _ctx(ws, store):
-    ws = ws or Workspace.from_env()
+def _ctx(ws: Workspace, store: Store | None) -> tuple[Workspace, Store]:
     return ws, store or open_store(ws.db_url)
 
 
@@ -257,7 +256,7 @@ def _eval_prompts(ev: dict, ws: Workspace, store: Store) -> dict[str, list[dict]
     if not cfg.get("dataset"):
         return {}
     try:
-        rows = data.load_split(cfg["dataset"], cfg.get("split", "test"), cfg.get("dataset_version"), ws, store)
+        rows = data.load_split(cfg["dataset"], cfg.get("split", "test"), cfg.get("dataset_version"), ws=ws, store=store)
     except StudioError:
         return {}
     return {r["id"]: prompt_messages(r) for r in rows}
@@ -273,8 +272,8 @@ def _eval(store: Store, eval_id: str) -> dict:
 # ------------------------------------------------------------------------------------------------
 # Sources
 # ------------------------------------------------------------------------------------------------
-def build_from_campaign(campaign_id: str, name: str, eval_fraction: float = 0.1, seed: int = 42,
-                        ws: Workspace | None = None, store: Store | None = None, cfg: DataConfig | None = None):
+def build_from_campaign(campaign_id: str, name: str, eval_fraction: float = 0.1, seed: int = 42, *,
+                        ws: Workspace, store: Store | None = None, cfg: DataConfig | None = None):
     """A preference dataset version from a campaign's decisive votes. Returns data.DatasetVersion."""
     from evals import rating
     ws, store = _ctx(ws, store)
@@ -318,8 +317,8 @@ def judge_identity(eval_cfg: dict) -> str:
     return f"{eval_cfg.get('judge_model') or 'default'} @ {where}"
 
 
-def build_from_judge(eval_id: str, name: str, eval_fraction: float = 0.1, seed: int = 42,
-                     ws: Workspace | None = None, store: Store | None = None, cfg: DataConfig | None = None):
+def build_from_judge(eval_id: str, name: str, eval_fraction: float = 0.1, seed: int = 42, *,
+                     ws: Workspace, store: Store | None = None, cfg: DataConfig | None = None):
     """A preference dataset version from an eval's position-consistent judge verdicts."""
     ws, store = _ctx(ws, store)
     safe_name(name, "name")
@@ -435,7 +434,7 @@ def parse_file_row(row: dict, f: str, n: int, issues: list) -> dict | None:
 
 
 def build_from_file(path: str | Path, name: str, eval_fraction: float = 0.1, seed: int = 42,
-                    against: str | None = None, ws: Workspace | None = None, store: Store | None = None,
+                    against: str | None = None, *, ws: Workspace, store: Store | None = None,
                     cfg: DataConfig | None = None):
     """A preference dataset version from a TRL-format file (JSONL, JSON, CSV, Parquet, a saved `datasets` dir).
 
@@ -459,7 +458,7 @@ def build_from_file(path: str | Path, name: str, eval_fraction: float = 0.1, see
     if not raw:
         raise PreferenceError("no preference pairs found, nothing stored", f)
     if against:
-        data.get_version(against, None, ws, store)  # an unknown dataset is an error, not "no leakage"
+        data.get_version(against, None, ws=ws, store=store)  # an unknown dataset is an error, not "no leakage"
     counts = Counter(rows=len(raw))
     source = {"kind": "file", "file": Path(path).name, "against": against}
     return _store_version(name, raw, counts, source, Path(path).name, eval_fraction, seed, (against, None), ws, store,
@@ -469,8 +468,8 @@ def build_from_file(path: str | Path, name: str, eval_fraction: float = 0.1, see
 # ------------------------------------------------------------------------------------------------
 # Reading a version's report (CLI, UI)
 # ------------------------------------------------------------------------------------------------
-def report(name: str, version: str | None = None, ws: Workspace | None = None, store: Store | None = None) -> dict:
-    dv = require_preference(name, version, ws, store)
+def report(name: str, version: str | None = None, *, ws: Workspace, store: Store | None = None) -> dict:
+    dv = require_preference(name, version, ws=ws, store=store)
     return json.loads((dv.path / "report.json").read_text()) | {"name": dv.name, "version": dv.version}
 
 

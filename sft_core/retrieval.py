@@ -217,7 +217,7 @@ class KnowledgeBase:
         self._rerankers: dict[str, object] = {}
 
     @classmethod
-    def load(cls, name: str, ws: Workspace | None = None) -> "KnowledgeBase":
+    def load(cls, name: str, ws: Workspace) -> "KnowledgeBase":
         return open_kb(name, ws)
 
     # -- searching ---------------------------------------------------------------------------
@@ -287,9 +287,8 @@ INDEX_FIELDS = ("chunk_tokens", "chunk_overlap", "embedder", "text_field")  # Re
 _KBS: dict[str, tuple[float, KnowledgeBase]] = {}
 
 
-def open_kb(name: str, ws: Workspace | None = None) -> KnowledgeBase:
+def open_kb(name: str, ws: Workspace) -> KnowledgeBase:
     """Load a knowledge base (cached per process until its manifest changes)."""
-    ws = ws or Workspace.from_env()
     path = ws.kb_dir(safe_name(name, "knowledge base"))
     mf = path / "manifest.json"
     if not mf.exists():
@@ -310,11 +309,10 @@ def open_kb(name: str, ws: Workspace | None = None) -> KnowledgeBase:
     return kb
 
 
-def build_kb(paths: list[str | Path], name: str, cfg: RetrievalConfig | None = None, ws: Workspace | None = None,
+def build_kb(paths: list[str | Path], name: str, cfg: RetrievalConfig | None = None, *, ws: Workspace,
              store: Store | None = None) -> BuildResult:
     """Create or update a knowledge base from files/folders. Unchanged files are not re-embedded."""
     safe_name(name, "name")
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     final = ws.kb_dir(name)
     old_manifest = json.loads((final / "manifest.json").read_text()) if (final / "manifest.json").exists() else None
@@ -407,8 +405,7 @@ def build_kb(paths: list[str | Path], name: str, cfg: RetrievalConfig | None = N
     return BuildResult(name, n_docs, len(new_chunks), len(to_embed), reused, indexed, removed, problems)
 
 
-def list_kbs(ws: Workspace | None = None, store: Store | None = None) -> list[dict]:
-    ws = ws or Workspace.from_env()
+def list_kbs(ws: Workspace, store: Store | None = None) -> list[dict]:
     from sft_core.db import kbs as kb_rows
     return kb_rows.list_kbs(store or open_store(ws.db_url))
 
@@ -489,7 +486,7 @@ def evaluate_retrieval(kb: KnowledgeBase, records: list[dict], ks: tuple[int, ..
 # ------------------------------------------------------------------------------------------------
 # Index builds as jobs (light: they declare no accelerator, so they may run beside a training run)
 # ------------------------------------------------------------------------------------------------
-def submit_build(paths: list[str | Path], name: str, ws: Workspace | None = None, store: Store | None = None,
+def submit_build(paths: list[str | Path], name: str, ws: Workspace, store: Store | None = None,
                  stage: bool = True, config: dict | None = None) -> str:
     """Queue a ``kb_build`` job. With ``stage`` (the app) the documents are first copied into the
     workspace, because uploads are temporary files of the web server; the CLI indexes them in place.
@@ -499,7 +496,6 @@ def submit_build(paths: list[str | Path], name: str, ws: Workspace | None = None
     import uuid
     from sft_core import jobs
     safe_name(name, "name")
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Callable
 
 from sft_core import StudioError
-from sft_core.config import ConfigError, DecodingConfig, opt
+from sft_core.config import ConfigError, DecodingConfig, StudioSettings, opt
 from sft_core.db import datasets as dataset_rows, jobs as job_rows, runs as run_rows
 from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, read_jsonl, safe_name, sha256_json
@@ -403,14 +403,13 @@ def _closed_book_messages(question: str) -> list[dict]:
     return [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT}, {"role": "user", "content": question}]
 
 
-def synthesize(cfg: SynthConfig, engine=None, ws: Workspace | None = None, store: Store | None = None,
+def synthesize(cfg: SynthConfig, engine=None, *, ws: Workspace, store: Store | None = None,
                chunks: list[dict] | None = None, progress: Callable[..., None] | None = None) -> SynthResult:
     """Generate and filter (steps 1-3 of the module docstring); stores nothing. ``chunks`` overrides the
     sample (a preview takes the first few). ``progress(done, total, **extra)`` after each answer."""
     from sft_core.records import make_record
     from sft_core.retrieval import open_kb
     from evals.metrics.core import token_f1
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     kb = open_kb(cfg.kb, ws)
     chunks = chunks if chunks is not None else sample_chunks(kb.chunks, cfg.n_chunks, cfg.seed)
@@ -508,7 +507,7 @@ def split_by_document(records: list[dict], cfg: SynthConfig) -> dict[str, list[d
             "test_seen": pick(seen[:n_seen])}
 
 
-def run_synth(cfg: SynthConfig, engine=None, ws: Workspace | None = None, store: Store | None = None,
+def run_synth(cfg: SynthConfig, engine=None, *, ws: Workspace, store: Store | None = None,
               progress: Callable[..., None] | None = None) -> SynthResult:
     """Generate, filter, split and store a dataset version (the ``synth`` job's work). Nothing is stored
     unless every step succeeds."""
@@ -516,10 +515,9 @@ def run_synth(cfg: SynthConfig, engine=None, ws: Workspace | None = None, store:
 
     from sft_core import data
     from sft_core.config import DataConfig
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     cfg.validate()
-    res = synthesize(cfg, engine, ws, store, progress=progress)
+    res = synthesize(cfg, engine, ws=ws, store=store, progress=progress)
     if not res.kept:
         raise SynthError(f"no pair survived the filters ({res.summary()}); nothing stored", "generator")
     try:
@@ -527,7 +525,7 @@ def run_synth(cfg: SynthConfig, engine=None, ws: Workspace | None = None, store:
     except SynthError as e:  # too few documents left: say what the filters took
         raise SynthError(f"{e}; {res.summary()}; nothing stored", e.where) from None
     dcfg = DataConfig(eval_fraction=0.0, test_fraction=0.0, seed=cfg.seed)
-    stats, warns = data.quality(splits, dcfg, cfg.name)
+    stats, warns = data.quality(splits, dcfg, cfg.name, ws=ws)
     report = {"ok": True, "stats": stats, "warnings": [asdict(w) for w in warns[:data.MAX_REPORTED]],
               "synth": {"kb": cfg.kb, "generator": res.generator, "counts": res.counts,
                         "config": asdict(cfg), "dropped": res.dropped[:200], "created_at": time.time()}}
@@ -540,16 +538,27 @@ def run_synth(cfg: SynthConfig, engine=None, ws: Workspace | None = None, store:
 # ------------------------------------------------------------------------------------------------
 # Service functions (UI, CLI) and the job
 # ------------------------------------------------------------------------------------------------
-def resolve_local_model(cfg: SynthConfig, store: Store) -> str:
+def _adapter_base(cfg: SynthConfig, store: Store) -> str | None:
+    """The base model of the adapter's run (refusing an unfinished run or a mismatched base_model); None
+    without an adapter."""
+    if not cfg.adapter:
+        return None
+    run = run_rows.finished(store, cfg.adapter, SynthError, "adapter")
+    if cfg.base_model and cfg.base_model != run["base_model"]:
+        raise SynthError(f"run {cfg.adapter} was trained on {run['base_model']}, not {cfg.base_model}", "adapter")
+    return run["base_model"]
+
+
+def resolve_local_model(cfg: SynthConfig, store: Store, settings: StudioSettings | None = None) -> str:
     """The base model the local generator runs: the adapter's run's (refusing an unfinished run or a
-    mismatched base_model), else base_model, else the studio's default."""
-    from sft_core.config import StudioSettings
-    if cfg.adapter:
-        run = run_rows.finished(store, cfg.adapter, SynthError, "adapter")
-        if cfg.base_model and cfg.base_model != run["base_model"]:
-            raise SynthError(f"run {cfg.adapter} was trained on {run['base_model']}, not {cfg.base_model}", "adapter")
-        return run["base_model"]
-    return cfg.base_model or StudioSettings.from_env().base_model
+    mismatched base_model), else base_model, else the studio's default (``settings.base_model``)."""
+    base = _adapter_base(cfg, store) or cfg.base_model
+    if base:
+        return base
+    if settings is None:
+        raise SynthError("no base model for the local generator: set base_model (or give the studio settings, "
+                         "whose default base model it then runs)", "base_model")
+    return settings.base_model
 
 
 def check(cfg: SynthConfig, ws: Workspace, store: Store):
@@ -562,7 +571,7 @@ def check(cfg: SynthConfig, ws: Workspace, store: Store):
         raise SynthError(f"knowledge base {cfg.kb!r} has {kb.n_docs} document(s); a test split held out by document "
                          "needs at least 2", "kb")
     if cfg.generator == "local":
-        resolve_local_model(cfg, store)
+        _adapter_base(cfg, store)  # the adapter's run: finished, on the base model asked for
     else:
         from evals.judge import judge_api_key
         from evals.systems import check_endpoint
@@ -572,13 +581,12 @@ def check(cfg: SynthConfig, ws: Workspace, store: Store):
     return kb
 
 
-def submit_synth(cfg: SynthConfig, ws: Workspace | None = None, store: Store | None = None) -> str:
+def submit_synth(cfg: SynthConfig, ws: Workspace, store: Store | None = None) -> str:
     """Check ``cfg`` (see ``check``) and queue a ``synth`` job (ref = the dataset name); returns the job id.
     A local generator takes the accelerator slot; an external one does not."""
     from sft_core import jobs
     from sft_core.config import to_dict
     jobs.check_backend()
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     check(cfg, ws, store)
     with store.tx() as con:
@@ -589,16 +597,16 @@ def submit_synth(cfg: SynthConfig, ws: Workspace | None = None, store: Store | N
                                                          "accelerator": cfg.generator == "local"})
 
 
-def open_engine(cfg: SynthConfig, ws: Workspace, store: Store):
+def open_engine(cfg: SynthConfig, ws: Workspace, store: Store, settings: StudioSettings | None):
     """(engine, owned) for a local generator: the app's running engine when it serves the base model,
-    else one started here (owned: the caller closes it). (None, False) for an endpoint."""
+    else one started here from ``settings`` (owned: the caller closes it). (None, False) for an endpoint."""
     if cfg.generator != "local":
         return None, False
     from evals.runner import _attach_app_engine, _start_engine
-    spec = {"base_model": resolve_local_model(cfg, store)}
+    spec = {"base_model": resolve_local_model(cfg, store, settings)}
     engine = _attach_app_engine(spec, ws, store)
     if engine is None:
-        engine = _start_engine(spec, ws, store)
+        engine = _start_engine(spec, ws, store, settings)
     try:
         if cfg.adapter:
             engine.load_adapter(cfg.adapter)
@@ -608,22 +616,22 @@ def open_engine(cfg: SynthConfig, ws: Workspace, store: Store):
     return engine, True
 
 
-def preview(cfg: SynthConfig, engine=None, ws: Workspace | None = None, store: Store | None = None,
-            n_pairs: int = PREVIEW_PAIRS) -> dict:
+def preview(cfg: SynthConfig, engine=None, *, ws: Workspace, store: Store | None = None,
+            n_pairs: int = PREVIEW_PAIRS, settings: StudioSettings | None = None) -> dict:
     """About ``n_pairs`` pairs from the first chunks of the sample, through every filter, stored nowhere:
     {"pairs": [record], "dropped": [{question, answer, source, reason, ...}], "counts": {...}, "summary": str}.
-    ``engine``: the caller's (the app's) for a local generator; None starts one for the call."""
-    ws = ws or Workspace.from_env()
+    ``engine``: the caller's (the app's) for a local generator; None starts one for the call (from
+    ``settings``: the default base model, engine and engine_url)."""
     store = store or open_store(ws.db_url)
     kb = check(cfg, ws, store)
     chunks = sample_chunks(kb.chunks, cfg.n_chunks, cfg.seed)[:max(1, math.ceil(n_pairs / cfg.questions_per_chunk))]
     owned = False
     if engine is None and cfg.generator == "local":
-        engine, owned = open_engine(cfg, ws, store)
+        engine, owned = open_engine(cfg, ws, store, settings)
     elif engine is not None and cfg.adapter:
         engine.load_adapter(cfg.adapter)
     try:
-        res = synthesize(cfg, engine, ws, store, chunks=chunks)
+        res = synthesize(cfg, engine, ws=ws, store=store, chunks=chunks)
     finally:
         if owned:
             engine.close()
@@ -640,9 +648,9 @@ def job_entry(ctx, payload: dict) -> None:
         ctx.progress(done, total, **extra)
 
     ctx.progress(0, 1, force=True, unit="chunks", step="starting the generator")
-    engine, owned = open_engine(cfg, ctx.ws, ctx.store)
+    engine, owned = open_engine(cfg, ctx.ws, ctx.store, ctx.settings)
     try:
-        res = run_synth(cfg, engine, ctx.ws, ctx.store, progress=progress)
+        res = run_synth(cfg, engine, ws=ctx.ws, store=ctx.store, progress=progress)
     finally:
         if owned:
             engine.close()

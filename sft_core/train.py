@@ -14,9 +14,7 @@ in raft mode each prompt carries passages from the knowledge base, sft_core/raft
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -45,16 +43,15 @@ def _linear_module_names(model_dir: Path) -> set[str]:
     return {name.rsplit(".", 1)[-1] for name, mod in model.named_modules() if isinstance(mod, torch.nn.Linear)}
 
 
-def validate_train_config(cfg: TrainConfig, ws: Workspace | None = None, store=None) -> dict:
+def validate_train_config(cfg: TrainConfig, ws: Workspace, store=None) -> dict:
     """Every check that can fail before training starts; returns resolved facts (model dir, dataset version).
 
     Raises ConfigError naming the field."""
     from sft_core import data, models
     from sft_core.records import prompt_messages
     cfg.validate()
-    ws = ws or Workspace.from_env()
     try:
-        dv = data.get_version(cfg.dataset, cfg.dataset_version or None, ws, store)
+        dv = data.get_version(cfg.dataset, cfg.dataset_version or None, ws=ws, store=store)
     except StudioError as e:
         raise ConfigError(e.message, "dataset") from None
     from sft_core.preference import refuse_for_sft
@@ -83,7 +80,7 @@ def validate_train_config(cfg: TrainConfig, ws: Workspace | None = None, store=N
     if cfg.mode == "raft":
         facts["kb_sha256"] = _validate_raft_kb(cfg, ws)
     tok = models.load_tokenizer(model_dir)
-    train = data.load_split(dv.name, "train", dv.version, ws, store)
+    train = data.load_split(dv.name, "train", dv.version, ws=ws, store=store)
     shortest = min(len(tok.apply_chat_template(prompt_messages(r), tokenize=True, add_generation_prompt=True,
                                                return_dict=True)["input_ids"]) for r in train[:2000])
     if cfg.max_length <= shortest:
@@ -422,9 +419,9 @@ def run(run_dir: Path, resume: bool = False, job_id: str | None = None, store=No
     torch.manual_seed(cfg.seed)
 
     _phase(run_dir, "loading data")
-    train_rows = data.load_split(cfg.dataset, "train", spec["dataset_version"], ws, store)
+    train_rows = data.load_split(cfg.dataset, "train", spec["dataset_version"], ws=ws, store=store)
     try:
-        eval_rows = data.load_split(cfg.dataset, "eval", spec["dataset_version"], ws, store)
+        eval_rows = data.load_split(cfg.dataset, "eval", spec["dataset_version"], ws=ws, store=store)
     except StudioError:
         eval_rows = []
     model_dir = spec["model_dir"]

@@ -30,6 +30,7 @@ import traceback
 from pathlib import Path
 
 from sft_core import StudioError
+from sft_core.config import StudioSettings
 from sft_core.db import jobs as job_rows
 from sft_core.store import Store, loads, open_store
 from sft_core.workspace import Workspace, atomic_write_json
@@ -66,8 +67,11 @@ def log_path(ws: Workspace, job_id: str) -> Path:
 
 
 class WorkerContext:
-    def __init__(self, job_id: str, store: Store, ws: Workspace):
-        self.job_id, self.store, self.ws = job_id, store, ws
+    """One job's services, and the context its kind works in: workspace, store, the studio's settings (read
+    once by the worker's entry point: the default base model, how to start an engine)."""
+
+    def __init__(self, job_id: str, store: Store, ws: Workspace, settings: StudioSettings):
+        self.job_id, self.store, self.ws, self.settings = job_id, store, ws, settings
         job = job_rows.get(store, job_id)
         if job is None:
             raise StudioError(f"unknown job {job_id!r}", "job")
@@ -137,8 +141,8 @@ def _entry(kind: str):
     return getattr(importlib.import_module(module), fn)
 
 
-def run(job_id: str, store: Store, ws: Workspace) -> int:
-    ctx = WorkerContext(job_id, store, ws).start()
+def run(job_id: str, store: Store, ws: Workspace, settings: StudioSettings) -> int:
+    ctx = WorkerContext(job_id, store, ws, settings).start()
     code, error = EXIT_FAILED, None
     try:
         _entry(ctx.kind)(ctx, ctx.payload)
@@ -166,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     ws = Workspace.at(args.home)
     store = open_store(args.db_url)
     try:
-        return run(args.job_id, store, ws)
+        return run(args.job_id, store, ws, StudioSettings.from_env())
     finally:
         store.close()
 

@@ -362,7 +362,7 @@ def test_eval_then_blind_vote_moves_leaderboard(app, browser):
 
 def train_values(**overrides) -> list:
     """The Train tab's option fields, in form order, as the API takes them (defaults + overrides)."""
-    from app import TRAIN_FORM_SKIP
+    from ui.train_form import TRAIN_FORM_SKIP
     from sft_core.config import TrainConfig, fields_for_form
     out = []
     for f in fields_for_form(TrainConfig):

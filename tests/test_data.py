@@ -135,11 +135,11 @@ def test_malformed_matrix(tmp_path, ws, capsys):
     assert datasets_db.list_versions(store) == []
 
 
-def test_every_bad_row_is_reported(tmp_path):
+def test_every_bad_row_is_reported(tmp_path, ws):
     rows = [json.dumps({"instruction": "q", "output": "a"}), "not json", json.dumps({"instruction": "", "output": "a"}),
             json.dumps({"instruction": "q", "output": 3}), json.dumps({"instruction": "q2", "output": "a2"})]
     p = tmp_path / "mixed.jsonl"; p.write_text("\n".join(rows) + "\n")
-    report = data.check_file(p)
+    report = data.check_file(p, ws=ws)
     assert [(i.line, i.field) for i in report.errors] == [(2, None), (3, "instruction"), (4, "output")]
     assert report.n_valid == 2 and not report.ok
 
@@ -168,23 +168,23 @@ def test_versions_are_content_addressed_and_never_overwritten(tmp_path, ws, stor
         data.get_version("other", ws=ws, store=store)
 
 
-def test_split_is_deterministic_and_groups_duplicates(cfg):
+def test_split_is_deterministic_and_groups_duplicates(cfg, ws):
     recs = [data.make_record(f"question {i}", f"answer {i}") for i in range(50)]
     recs += [data.make_record("Question 1!", "other answer")]  # same normalised question as "question 1"
     a, b = data.split_records(recs, cfg), data.split_records(list(reversed(recs)), cfg)
     assert {s: sorted(r["id"] for r in rs) for s, rs in a.items()} == {s: sorted(r["id"] for r in rs) for s, rs in b.items()}
     where = {r["instruction"]: s for s, rs in a.items() for r in rs}
     assert where["question 1"] == where["Question 1!"]
-    assert all(v == 0 for v in data.quality(a, cfg, "x")[0]["leakage"].values())
+    assert all(v == 0 for v in data.quality(a, cfg, "x", ws=ws)[0]["leakage"].values())
 
 
 # ---- quality report ---------------------------------------------------------------------------
-def test_quality_report_finds_duplicates_pii_and_leakage(tmp_path, cfg):
+def test_quality_report_finds_duplicates_pii_and_leakage(tmp_path, cfg, ws):
     rows = [{"instruction": q, "output": a} for q, a, _ in ROWS]
     rows += [rows[0], {"instruction": "what is 2+2", "output": "four"}]
     rows += [{"instruction": "Contact?", "output": "Mail jane.doe@example.com or call +1 415-555-0132"},
              {"instruction": "Card?", "output": "Use 4111 1111 1111 1111 to pay"}]
-    report = data.check_file(_jsonl(tmp_path / "q.jsonl", rows), cfg)
+    report = data.check_file(_jsonl(tmp_path / "q.jsonl", rows), cfg, ws=ws)
     st = report.stats
     assert report.ok
     assert st["duplicates_exact"] == 1 and st["duplicates_normalised"] >= 2
@@ -196,12 +196,12 @@ def test_quality_report_finds_duplicates_pii_and_leakage(tmp_path, cfg):
     assert "likely PII" in text and "duplicates" in text
 
     leaky = {"train": [data.make_record("What is X?", "x")], "test": [data.make_record("what is x", "x")]}
-    assert data.quality(leaky, cfg, "f")[0]["leakage"] == {"test": 1}
+    assert data.quality(leaky, cfg, "f", ws=ws)[0]["leakage"] == {"test": 1}
 
 
-def test_over_long_rows_are_reported(tmp_path):
+def test_over_long_rows_are_reported(tmp_path, ws):
     p = _jsonl(tmp_path / "long.jsonl", [{"instruction": "word " * 300, "output": "ok"}, {"instruction": "q", "output": "a"}])
-    report = data.check_file(p, DataConfig(max_tokens=64))
+    report = data.check_file(p, DataConfig(max_tokens=64), ws=ws)
     assert report.stats["over_long"] == 1
     assert any(i.line == 1 and "over-long" in i.message for i in report.warnings)
 
@@ -246,7 +246,7 @@ def _qa_csv(path: Path, header=("question", "answer")) -> Path:
     return path
 
 
-def test_question_answer_csv_is_mapped_without_being_told(tmp_path):
+def test_question_answer_csv_is_mapped_without_being_told(tmp_path, ws):
     """The support-desk CSV of issue #16: it used to fail with "rows read: 1" and CLI advice."""
     p = _qa_csv(tmp_path / "support.csv")
     recs, issues, fmt = data.load_records(p)
@@ -254,14 +254,14 @@ def test_question_answer_csv_is_mapped_without_being_told(tmp_path):
     assert _canon(recs) == [(q, a, None) for q, a, _ in ROWS]
     assert [(i.severity, i.message) for i in issues] == [
         ("warning", "columns mapped by their names: question → instruction, answer → response")]
-    report = data.check_file(p, DataConfig(max_tokens=512))
+    report = data.check_file(p, DataConfig(max_tokens=512), ws=ws)
     assert report.ok and report.n_valid == len(ROWS) == report.n_rows
     assert "rows read: **6**" in format_report(report)
 
 
-def test_undetectable_table_says_what_to_do_in_words(tmp_path):
+def test_undetectable_table_says_what_to_do_in_words(tmp_path, ws):
     p = _qa_csv(tmp_path / "odd.csv", header=("foo", "bar"))
-    report = data.check_file(p)
+    report = data.check_file(p, ws=ws)
     assert not report.ok
     text = format_report(report)
     assert "odd.csv:2: cannot tell which fields hold the question and the answer (fields: bar, foo)" in text
@@ -346,13 +346,13 @@ def test_import_reads_the_file_once_and_tokenizes_each_row_once(tmp_path, ws, st
 def test_check_then_import_reads_the_file_once(tmp_path, ws, store, cfg, counted):
     """The check-then-save flow (CLI `data import`, the app's Data tab) can keep what the check read."""
     p = _jsonl(tmp_path / "flow.jsonl", [{"instruction": q, "output": a} for q, a, _ in ROWS])
-    checked = data.check(p, cfg)
+    checked = data.check(p, cfg, ws=ws)
     assert checked.report.ok and checked.report.stats["splits"] == {s: len(r) for s, r in checked.splits.items()}
     v = data.import_checked(checked, "flow", ws=ws, store=store)
     assert v.splits == checked.report.stats["splits"]
     assert _one_pass(counted, p, len(ROWS)) == (1, 1, 0)
     assert json.loads((v.path / "report.json").read_text()) == checked.report.to_dict()
-    bad = data.check(_jsonl(tmp_path / "bad.jsonl", [{"instruction": "q", "output": " "}]), cfg)
+    bad = data.check(_jsonl(tmp_path / "bad.jsonl", [{"instruction": "q", "output": " "}]), cfg, ws=ws)
     with pytest.raises(data.DataError, match=r"bad.jsonl:1 \[output\]: empty"):
         data.import_checked(bad, "bad", ws=ws, store=store)
     assert [r["name"] for r in datasets_db.list_versions(store)] == ["flow"]
@@ -365,7 +365,7 @@ def test_cli_import_reads_the_file_once(tmp_path, ws, counted, capsys):
     assert _one_pass(counted, p, len(ROWS)) == (1, 1, 0)
 
 
-def test_token_lengths_in_batches_match_one_conversation_at_a_time(monkeypatch):
+def test_token_lengths_in_batches_match_one_conversation_at_a_time(monkeypatch, ws):
     from sft_core.data import stats
     from sft_core.records import to_messages
     recs = [data.make_record(f"question {i} " + "word " * i, f"answer {i}", system="Be brief." if i % 2 else None,
@@ -373,11 +373,11 @@ def test_token_lengths_in_batches_match_one_conversation_at_a_time(monkeypatch):
     recs.append(data.make_record("bye", "ciao", messages=[
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
         {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]))
-    tok = models.load_tokenizer(models.resolve_model(DataConfig().model))
+    tok = models.load_tokenizer(models.resolve_model(DataConfig().model, ws))
     one_at_a_time = [len(tok.apply_chat_template(to_messages(r), tokenize=True, return_dict=True)["input_ids"])
                      for r in recs]
     monkeypatch.setattr(stats, "TOKEN_BATCH", 3)  # several batches, the last one short
-    assert stats._token_lengths(recs, DataConfig().model) == one_at_a_time
+    assert stats._token_lengths(recs, DataConfig().model, ws) == one_at_a_time
     assert len(set(one_at_a_time)) > 3  # the records differ in length, so a mix-up of rows would show
 
 

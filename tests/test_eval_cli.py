@@ -4,7 +4,7 @@
 No model runs here: systems are ``openai:*`` against ``tests.test_judge.ScriptedOpenAI``, a scripted
 OpenAI-compatible server on 127.0.0.1 standing in for a remote model (a boundary that cannot exist
 in this sandbox). For the ``prompt`` system the eval's engine attaches to the same server
-(``SFT_STUDIO_ENGINE_URL``), so the messages the runner builds are seen exactly as sent.
+(the settings' ``engine_url``, SFT_STUDIO_ENGINE_URL), so the messages the runner builds are seen exactly as sent.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import pytest
 from evals import runner
 from evals import systems as S
 from sft_core import StudioError, data
+from sft_core.config import StudioSettings
 from sft_core.cli import main
 from sft_core.db import evals as evals_db
 from sft_core.workspace import read_jsonl
@@ -79,7 +80,7 @@ def test_dead_endpoint_is_refused_before_anything_is_stored(ws, store, monkeypat
     dead = f"http://127.0.0.1:{closed_port()}/v1"
     monkeypatch.setenv("SFT_STUDIO_OPENAI_BASE_URL", dead)
     with pytest.raises(StudioError, match=f"openai:ref: cannot reach the endpoint {re.escape(dead)}"):
-        runner.create_eval("tiny", ["prompt", "openai:ref"], limit=2, ws=ws, store=store)
+        runner.create_eval("tiny", ["prompt", "openai:ref"], limit=2, ws=ws, store=store, settings=StudioSettings())
     assert nothing_stored(ws, store)
     # the same through the CLI: one clear line, exit 1
     assert main(["eval", "--dataset", "tiny", "--systems", "openai:ref", "--limit", "2"]) == 1
@@ -94,7 +95,7 @@ def test_openai_system_answers_are_recorded(ws, store, server, monkeypatch):
     server.api_key = "sk-test"
     import_tiny(ws, store)
     eval_id = runner.create_eval("tiny", ["openai:zorbia"], limit=3, metrics=["exact_match", "token_f1"],
-                                 general=False, ws=ws, store=store)
+                                 general=False, ws=ws, store=store, settings=StudioSettings())
     runner.run_eval(eval_id, ws, store)
     test = data.load_split("tiny", "test", ws=ws, store=store)
     # outputs.jsonl is in completion order (requests run concurrently in the eval's window): compare by row
@@ -116,7 +117,7 @@ def test_openai_system_answers_are_recorded(ws, store, server, monkeypatch):
 def test_few_shot_examples_from_train_deterministic(ws, store, server, monkeypatch):
     """`prompt` with few_shot=2: the first 2 train rows, as user/assistant turns between the system
     prompt and the question, identical on every build and in every eval."""
-    monkeypatch.setenv("SFT_STUDIO_ENGINE_URL", server.base)  # the engine: attached to the scripted server
+    settings = StudioSettings(engine_url=server.base)  # the engine: attached to the scripted server
     import_tiny(ws, store)
     train = data.load_split("tiny", "train", ws=ws, store=store)
     test = data.load_split("tiny", "test", ws=ws, store=store)
@@ -124,8 +125,8 @@ def test_few_shot_examples_from_train_deterministic(ws, store, server, monkeypat
     for _ in range(2):
         server.requests.clear()
         eval_id = runner.create_eval("tiny", ["prompt"], limit=2, few_shot=2, metrics=["exact_match"],
-                                     general=False, ws=ws, store=store)
-        runner.run_eval(eval_id, ws, store)
+                                     general=False, ws=ws, store=store, settings=settings)
+        runner.run_eval(eval_id, ws, store, settings=settings)
         sent.append(sorted((r["messages"] for r in server.requests), key=lambda m: m[-1]["content"]))
         outs = {o["row_id"]: o for o in read_jsonl(ws.evals_dir(eval_id) / "outputs.jsonl")}  # completion order
         assert len(outs) == 2 and all(outs[r["id"]]["output"] == f"You asked: {r['instruction']}" for r in test[:2])

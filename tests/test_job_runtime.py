@@ -18,6 +18,7 @@ from sqlalchemy import insert, update
 
 from evals import runner
 from sft_core import jobs
+from sft_core.config import StudioSettings
 from sft_core.db import evals as evals_db, jobs as jobs_db, runs as runs_db, write
 from sft_core.db.schema import jobs as jobs_table
 from sft_core.workspace import read_jsonl
@@ -39,7 +40,8 @@ def slow_server(monkeypatch):
 
 def _new_eval(ws, store) -> str:
     import_tiny(ws, store, test_rows=ROWS)
-    return runner.create_eval("tiny", SYSTEMS, metrics=["exact_match"], general=False, ws=ws, store=store)
+    return runner.create_eval("tiny", SYSTEMS, metrics=["exact_match"], general=False, ws=ws, store=store,
+                              settings=StudioSettings())
 
 
 def _watch(ws, store):
@@ -110,7 +112,8 @@ def test_eval_worker_outlives_its_watcher_and_reconcile_settles_it(ws, store, sl
     _assert_complete(ws, eval_id)
 
     # the same, but the worker dies too (kill -9 while unwatched): failed by reconcile, resumable
-    eval2 = runner.create_eval("tiny", SYSTEMS, metrics=["exact_match"], general=False, ws=ws, store=store)
+    eval2 = runner.create_eval("tiny", SYSTEMS, metrics=["exact_match"], general=False, ws=ws, store=store,
+                               settings=StudioSettings())
     job2 = runner.submit_eval(eval2, ws, store)
     job = jobs.claim(store)
     proc = subprocess.Popen(jobs.JOB_KINDS["eval"].build_command(job, ws, store), start_new_session=True,
@@ -183,7 +186,7 @@ def test_accelerator_jobs_wait_light_jobs_do_not(ws, store):
     assert jobs.claim(store)["id"] == "j2"  # the index build runs beside it
     assert jobs.claim(store)["id"] == "j3"  # so does an eval of remote systems (second light slot)
     assert jobs.claim(store) is None
-    jobs._finish(store, jobs.job_row("j0", store), "succeeded")
+    jobs._finish(store, jobs.job_row("j0", store), "succeeded", ws=ws)
     assert jobs.claim(store)["id"] == "j1"  # now the eval
 
 

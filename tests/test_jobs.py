@@ -124,7 +124,7 @@ def test_vanished_worker_found_by_reconcile(queue_env, tiny_model_dir):
     dead = subprocess.Popen(["true"])
     dead.wait()
     write(store, update(jobs_table).where(jobs_table.c.id == job["id"]).values(pid=dead.pid))
-    assert jobs.reconcile(store) == [job["id"]]
+    assert jobs.reconcile(store, ws=ws) == [job["id"]]
     row = jobs_db.get(store, job["id"])
     assert row["status"] == "failed" and "disappeared" in row["error"]
     assert runs_db.get(store, run_id)["status"] == "failed"

@@ -26,6 +26,7 @@ import pytest
 from evals import judge as J
 from evals import runner
 from sft_core import StudioError, data
+from sft_core.config import StudioSettings
 from sft_core.db import evals as evals_db
 from sft_core.records import make_record
 from sft_core.serving.base import GenResult
@@ -224,7 +225,8 @@ def test_eval_with_judge_endpoint(ws, store, server, monkeypatch):
     monkeypatch.setenv("SFT_STUDIO_OPENAI_BASE_URL", server.url)
     import_tiny(ws, store)
     eval_id = runner.create_eval("tiny", ["openai:zorbia", "openai:echo"], limit=3, metrics=["token_f1", "exact_match"],
-                                 judge=server.url, judge_model="scripted-judge", ws=ws, store=store)
+                                 judge=server.url, judge_model="scripted-judge", ws=ws, store=store,
+                                 settings=StudioSettings())
     summary = runner.run_eval(eval_id, ws, store)
     path = ws.evals_dir(eval_id)
     outs = {(o["row_id"], o["system"]): o for o in read_jsonl(path / "outputs.jsonl") if o["set"] == "domain"}
@@ -264,13 +266,14 @@ def test_eval_with_judge_endpoint(ws, store, server, monkeypatch):
 
 def test_local_judge_when_every_system_is_external(ws, store, server, monkeypatch):
     """`judge=True` (the local engine) with only openai:* systems: run_eval starts the engine itself
-    for the judge; here it attaches (SFT_STUDIO_ENGINE_URL) to the scripted server as the engine."""
+    for the judge; here it attaches (the settings' engine_url, SFT_STUDIO_ENGINE_URL) to the scripted server as
+    the engine."""
     monkeypatch.setenv("SFT_STUDIO_OPENAI_BASE_URL", server.url)
-    monkeypatch.setenv("SFT_STUDIO_ENGINE_URL", server.base)
+    settings = StudioSettings(engine_url=server.base)
     import_tiny(ws, store)
     eval_id = runner.create_eval("tiny", ["openai:zorbia", "openai:echo"], limit=2, metrics=["exact_match"],
-                                 judge=True, general=False, ws=ws, store=store)
-    summary = runner.run_eval(eval_id, ws, store)
+                                 judge=True, general=False, ws=ws, store=store, settings=settings)
+    summary = runner.run_eval(eval_id, ws, store, settings=settings)
     verdicts = read_jsonl(ws.evals_dir(eval_id) / "judge.jsonl")
     assert [v["winner"] for v in verdicts] == ["a", "tie"]
     assert summary["judge"]["rubric"]["openai:zorbia"]["n"] == 2
@@ -283,7 +286,7 @@ def test_dead_judge_endpoint_stores_nothing(ws, store, server, monkeypatch):
     import_tiny(ws, store)
     dead = f"http://127.0.0.1:{closed_port()}/v1"
     with pytest.raises(StudioError, match=f"the judge: cannot reach the endpoint {dead}"):
-        runner.create_eval("tiny", ["openai:zorbia"], judge=dead, ws=ws, store=store)
+        runner.create_eval("tiny", ["openai:zorbia"], judge=dead, ws=ws, store=store, settings=StudioSettings())
     with pytest.raises(StudioError, match="--judge-model needs --judge"):
         runner.create_eval("tiny", ["openai:zorbia"], judge_model="x", ws=ws, store=store)
     assert evals_db.ids(store) == []
@@ -296,14 +299,16 @@ def test_judge_covers_every_row_unless_limited(ws, store, server, monkeypatch):
     monkeypatch.setenv("SFT_STUDIO_OPENAI_BASE_URL", server.url)
     import_tiny(ws, store, test_rows=[(f"Question number {i}?", f"Answer {i}.") for i in range(55)])
     full = runner.create_eval("tiny", ["openai:zorbia", "openai:echo"], metrics=["exact_match"], general=False,
-                              judge=server.url, judge_model="scripted-judge", ws=ws, store=store)
+                              judge=server.url, judge_model="scripted-judge", ws=ws, store=store,
+                              settings=StudioSettings())
     j = runner.run_eval(full, ws, store)["judge"]
     assert len(read_jsonl(ws.evals_dir(full) / "judge.jsonl")) == 55 and j["pairwise"]["n"] == 55
     assert (j["rows_judged"], j["rows_total"], j["limit"]) == (55, 55, None)
     assert "Judged 55 of 55 domain rows." in (ws.evals_dir(full) / "report.md").read_text()
 
     part = runner.create_eval("tiny", ["openai:zorbia", "openai:echo"], metrics=["exact_match"], general=False,
-                              judge=server.url, judge_model="scripted-judge", judge_limit=2, ws=ws, store=store)
+                              judge=server.url, judge_model="scripted-judge", judge_limit=2, ws=ws, store=store,
+                              settings=StudioSettings())
     j = runner.run_eval(part, ws, store)["judge"]
     assert (j["rows_judged"], j["rows_total"], j["limit"]) == (2, 55, 2)
     assert "Judged 2 of 55 domain rows (judge limit 2)." in (ws.evals_dir(part) / "report.md").read_text()

@@ -88,7 +88,7 @@ def test_phone_inside_a_card_is_not_reported_twice():
     assert found == [("email", "jo@ex.com"), ("card", "4111 1111 1111 1111"), ("phone", "555-123-4567")]
 
 
-def test_a_large_check_does_not_hold_the_interpreter(tmp_path):
+def test_a_large_check_does_not_hold_the_interpreter(tmp_path, ws):
     """The app runs data_check in a worker thread; /healthz and other requests answer as long as no
     single C call holds the GIL. Before the fix one EMAIL search over a 100,000-letter field held it
     for ~13 s. Here the main thread measures its longest wait while a check of a file at the field
@@ -102,7 +102,7 @@ def test_a_large_check_does_not_hold_the_interpreter(tmp_path):
     result = {}
 
     def work():
-        result["report"] = data.check_file(p, cfg)
+        result["report"] = data.check_file(p, cfg, ws=ws)
         done.set()
 
     def longest_wait(target) -> tuple[float, float]:
@@ -123,7 +123,7 @@ def test_a_large_check_does_not_hold_the_interpreter(tmp_path):
 
     def trivial():
         for _ in range(20):
-            data.check_file(small, cfg)
+            data.check_file(small, cfg, ws=ws)
         done.set()
 
     base_worst, _ = longest_wait(trivial)  # scheduler noise on this machine, same run
@@ -196,7 +196,7 @@ def test_a_file_whose_size_lies_is_cut_at_the_limit(tmp_path, monkeypatch):
 # Limits: rows
 # ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("suffix, first_over", [(".jsonl", 11), (".json", 11), (".csv", 12), (".parquet", None)])
-def test_reading_stops_at_the_row_limit(suffix, first_over, tmp_path):
+def test_reading_stops_at_the_row_limit(suffix, first_over, tmp_path, ws):
     """Before the fix every row was read (and a flood of invalid lines produced one issue each)."""
     import pandas as pd
     rows = [{"instruction": f"q{i}", "output": "a"} for i in range(25)]
@@ -207,7 +207,7 @@ def test_reading_stops_at_the_row_limit(suffix, first_over, tmp_path):
     errs = [i for i in issues if i.severity == "error"]
     assert len(errs) == 1 and "more than 10 rows (max_rows)" in errs[0].message and errs[0].line == first_over, errs
     assert len(recs) == (0 if suffix == ".parquet" else 10)  # Parquet: refused from the footer's row count
-    report = data.check_file(p, DataConfig(max_rows=10))
+    report = data.check_file(p, DataConfig(max_rows=10), ws=ws)
     assert not report.ok
 
 
@@ -230,7 +230,7 @@ def test_hf_dir_row_limit(tmp_path):
 # ------------------------------------------------------------------------------------------------
 # Limits: field length
 # ------------------------------------------------------------------------------------------------
-def test_field_over_the_length_limit_is_an_error_naming_line_and_field(tmp_path):
+def test_field_over_the_length_limit_is_an_error_naming_line_and_field(tmp_path, ws):
     """Before the fix a field of any length was accepted (and its PII scan was quadratic)."""
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x" * 101}]
     p = _jsonl(tmp_path / "long.jsonl", [OK, {"instruction": "y" * 101, "output": "a"}, {"messages": msgs},
@@ -240,7 +240,7 @@ def test_field_over_the_length_limit_is_an_error_naming_line_and_field(tmp_path)
     assert errs[0].startswith("long.jsonl:2 [instruction]: 101 characters, over the limit of 100 (max_field_chars)")
     assert errs[1].startswith("long.jsonl:3 [messages[1].content]: 101 characters"), errs
     assert len(errs) == 2 and len(recs) == 2  # at the limit: accepted
-    report = data.check_file(p, DataConfig(max_field_chars=100))
+    report = data.check_file(p, DataConfig(max_field_chars=100), ws=ws)
     assert not report.ok
     csv_p = tmp_path / "long.csv"
     csv_p.write_text("instruction,output\nq," + "w" * 101 + "\n")
@@ -251,7 +251,7 @@ def test_field_over_the_length_limit_is_an_error_naming_line_and_field(tmp_path)
 # ------------------------------------------------------------------------------------------------
 # Limits: JSON nesting
 # ------------------------------------------------------------------------------------------------
-def test_deeply_nested_json_is_an_error_naming_file_and_line(tmp_path):
+def test_deeply_nested_json_is_an_error_naming_file_and_line(tmp_path, ws):
     """Before the fix a 200,000-deep JSON document raised a raw RecursionError out of check_file."""
     deep = '{"a":' * 200_000 + "1" + "}" * 200_000
     p = tmp_path / "deep.json"
@@ -264,7 +264,7 @@ def test_deeply_nested_json_is_an_error_naming_file_and_line(tmp_path):
     q.write_text(json.dumps(OK) + "\n" + deep + "\n" + json.dumps(OK) + "\n")
     recs, issues, _ = data.load_records(q)
     assert len(recs) == 2 and _errors(issues)[0].startswith("deep.jsonl:2: JSON nested deeper than 64 levels")
-    report = data.check_file(p)
+    report = data.check_file(p, ws=ws)
     assert not report.ok
 
 
@@ -327,6 +327,7 @@ APP_SCRIPT = r"""
 import io, json, sys, threading, time
 import app
 from fastapi.testclient import TestClient
+from ui.data import data_check
 limit = int(sys.argv[2])
 c = TestClient(app.make_app())
 out = {"max_file_size": c.get("/config").json().get("max_file_size")}
@@ -334,7 +335,7 @@ out["upload_over"] = c.post("/gradio_api/upload", files={"files": ("x.jsonl", io
 out["upload_under"] = c.post("/gradio_api/upload", files={"files": ("x.jsonl", io.BytesIO(b"x" * 1000))}).status_code
 done = threading.Event()
 def work():  # what Gradio's worker thread runs for the "Check" button
-    out["report"] = app.data_check(sys.argv[1], "auto", "")[0][:300]
+    out["report"] = data_check(sys.argv[1], "auto", "")[0][:300]
     done.set()
 base = []
 for _ in range(50):  # a trivial request, same process and run: the machine's own latency

@@ -44,14 +44,14 @@ class FakeEngine:
 
 
 def test_chat_line_under_each_answer_latency_tokens_and_truncated(monkeypatch):
-    import app
-    monkeypatch.setattr(app, "STUDIO", types.SimpleNamespace(engine=FakeEngine, settings=types.SimpleNamespace(
+    from ui import chat, common
+    monkeypatch.setattr(common, "_studio", types.SimpleNamespace(engine=FakeEngine, settings=types.SimpleNamespace(
         admin_password="", demo_mode=False)))
-    monkeypatch.setattr(app, "_system_messages", lambda system, message, kb: {
+    monkeypatch.setattr(chat, "_system_messages", lambda system, message, kb: {
         "messages": [{"role": "user", "content": message}], "adapter": None if system == "prompt" else "good"})
 
     async def collect():
-        return [out async for out in app.chat_send("hi", "prompt", "sft:good", None, None, None, 0.0, 16, None,
+        return [out async for out in chat.chat_send("hi", "prompt", "sft:good", None, None, None, 0.0, 16, None,
                                                    [], [], [], [])]
     outs = asyncio.run(collect())
     assert all(len(o) == 12 for o in outs)  # 4 histories, 4 passage lists, 4 answer lines
@@ -61,26 +61,26 @@ def test_chat_line_under_each_answer_latency_tokens_and_truncated(monkeypatch):
     assert re.fullmatch(r'<span class="chat-info">1\.2 s · 2 tokens</span>', last[8]), last[8]
     assert "1.2 s · 16 tokens" in last[9] and "⚠ truncated at 16 tokens" in last[9], last[9]
     assert "truncated" not in last[8] and last[10:] == ("", "")
-    assert app.answer_info({}, 16) == ""  # an engine that reports nothing: no line
+    assert chat.answer_info({}, 16) == ""  # an engine that reports nothing: no line
 
 
 def test_eval_timer_sends_nothing_twice_and_a_finished_eval_says_how_long(monkeypatch, ws, store):
-    import app
     from sqlalchemy import insert, update
 
     from sft_core.db import evals as eval_rows, schema, write
     from tests.test_results_ui import seed_eval
-    monkeypatch.setattr(app, "STUDIO", types.SimpleNamespace(ws=ws, store=store, settings=types.SimpleNamespace(
+    from ui import common, evaluate
+    monkeypatch.setattr(common, "_studio", types.SimpleNamespace(ws=ws, store=store, settings=types.SimpleNamespace(
         admin_password=""), stage_download=lambda p: str(p)))
     eval_id = seed_eval(ws, store)
     now = time.time()
     write(store, insert(schema.jobs).values(id="job-e", kind="eval", status="succeeded", ref=eval_id,
                                             created_at=now - 100, started_at=now - 95, ended_at=now - 3,
                                             progress=json.dumps({"done": 27, "total": 27, "eta_s": 0.0})))
-    first = app.eval_tick(eval_id, None, None)
+    first = evaluate.eval_tick(eval_id, None, None)
     summary = first[0]
     assert "took 1m32s" in summary and "ETA" not in summary, summary
-    again = app.eval_tick(eval_id, None, first[-1])
+    again = evaluate.eval_tick(eval_id, None, first[-1])
     import gradio as gr
     assert all(isinstance(v, type(gr.skip())) and v == gr.skip() for v in again[:-1]), again[:-1]
     # while it runs, the bar with its ETA; once the eval row is done but the job is not: the report is written
@@ -88,25 +88,25 @@ def test_eval_timer_sends_nothing_twice_and_a_finished_eval_says_how_long(monkey
     write(store, update(schema.jobs).where(schema.jobs.c.id == "job-e").values(status="running", ended_at=None,
                                                                                progress=progress))
     eval_rows.set_status(store, eval_id, "running")
-    assert "ETA 20s" in app.eval_poll(eval_id)[0] and "<progress" in app.eval_poll(eval_id)[0]
+    assert "ETA 20s" in evaluate.eval_poll(eval_id)[0] and "<progress" in evaluate.eval_poll(eval_id)[0]
     eval_rows.set_status(store, eval_id, "succeeded")
-    line = app.eval_poll(eval_id)[0]
+    line = evaluate.eval_poll(eval_id)[0]
     assert "writing the report" in line and "ETA" not in line, line
 
 
 def test_knowledge_scores_in_words():
-    import app
+    from ui.passages import _hits_markdown
     hits = [{"text": "## Sprockets\nSprockets are oiled monthly.", "source": "/x/widgets.md", "doc_id": "widgets",
              "position": "chunk 1", "score": 0.0328, "title": "Sprockets"},
             {"text": "Frobnicators.", "source": "/x/widgets.md", "doc_id": "widgets", "position": "chunk 0",
              "score": 0.0161, "title": ""}]
-    out = app._hits_markdown(hits, "sprockets", mode="hybrid", rrf_k=60)
+    out = _hits_markdown(hits, "sprockets", mode="hybrid", rrf_k=60)
     # the top score of hybrid search is 2/(60+1) = 0.0328: ranked first by keywords and by meaning
     assert "fused rank score 0.033 (most 0.033)" in out and "relevance 100%" in out and "relevance 49%" in out
     assert out.count("widgets.md") == 2 and "/x/" not in out  # the file name once per hit, no folder
     assert '<span class="passage-title">Sprockets</span>' in out
-    assert "cosine similarity 0.810" in app._hits_markdown([{**hits[0], "score": 0.81}], None, mode="dense")
-    assert "BM25 score 7.25" in app._hits_markdown([{**hits[0], "score": 7.25}], None, mode="bm25")
+    assert "cosine similarity 0.810" in _hits_markdown([{**hits[0], "score": 0.81}], None, mode="dense")
+    assert "BM25 score 7.25" in _hits_markdown([{**hits[0], "score": 7.25}], None, mode="bm25")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def seed_home(home: Path, base_dir: Path) -> dict:
         make_adapter(base_dir, ws.runs_dir("good", "adapter"))
         run_rows.insert_run(st, "good", "d", dv.version, str(base_dir), str(ws.runs_dir("good")), {},
                             status="succeeded")
-        rows = data.load_split("d", "test", dv.version, ws, st)
+        rows = data.load_split("d", "test", dv.version, ws=ws, store=st)
         path = ws.evals_dir("ev1")
         path.mkdir(parents=True)
         write_jsonl(path / "outputs.jsonl", [
@@ -229,7 +229,7 @@ def test_train_on_these_votes_then_the_lineage_on_the_train_tab(loop_app, browse
 
 @pytest.mark.browser
 def test_train_tab_preference_mode_form_from_the_config(loop_app, browser):
-    from app import PREF_FORM_SKIP
+    from ui.train_form import PREF_FORM_SKIP
     from sft_core.config import PreferenceConfig, fields_for_form
     url, home, seeded = loop_app
     page = browser.new_page(viewport={"width": 1280, "height": 1300})

@@ -159,7 +159,7 @@ def dpo(module_home, tiny_model_dir, sft_run, pairs_version):
     from trl.trainer.utils import use_adapter
     ws, store = module_home
     tok = preference_tokenizer(tiny_model_dir)
-    held_out = preference.load_pairs("endings", "eval", pairs_version.version, ws, store)
+    held_out = preference.load_pairs("endings", "eval", pairs_version.version, ws=ws, store=store)
     assert len(held_out) >= 8
     ref = pair_logps(peft_model(tiny_model_dir, ws.runs_dir(sft_run, "adapter")), tok, held_out)
     seen: dict = {"checks": []}
@@ -510,7 +510,7 @@ def test_file_formats_plain_conversational_implicit_and_csv(ws, store, tmp_path)
     c = tmp_path / "f.csv"
     c.write_text("prompt,chosen,rejected\nQ?,A.,B.\n")
     versions.append(preference.build_from_file(c, "fmt3", ws=ws, store=store))
-    pairs = [preference.load_pairs(v.name, "train", v.version, ws, store) for v in versions]
+    pairs = [preference.load_pairs(v.name, "train", v.version, ws=ws, store=store) for v in versions]
     want = {"prompt": [{"role": "user", "content": "Q?"}], "chosen": "A.", "rejected": "B."}
     assert all(len(p) == 1 and {k: p[0][k] for k in want} == want for p in pairs), pairs
     # one content, one version id (the CSV row sits on line 2, and the source line is part of each pair's meta)
@@ -550,7 +550,7 @@ def judged_eval(ws, store):
     f.write_text("".join(json.dumps({"instruction": f"What is item {i}?", "output": f"Item {i}.",
                                      **({"system": "Use one sentence."} if i % 2 else {})}) + "\n" for i in range(100)))
     dv = data.import_dataset(f, "d", DataConfig(eval_fraction=0.0, test_fraction=0.5), ws=ws, store=store)
-    test_rows = data.load_split("d", "test", dv.version, ws, store)
+    test_rows = data.load_split("d", "test", dv.version, ws=ws, store=store)
     path = ws.evals_dir("ev1")
     path.mkdir(parents=True)
     outs = [{"set": "domain", "row_id": r["id"], "system": s, "instruction": r["instruction"], "context": None,
@@ -592,8 +592,8 @@ def test_campaign_votes_become_pairs(judged_eval, ws, store):
     _vote_all(ws, store, cid, "alice", alice)
     _vote_all(ws, store, cid, "bob", lambda t: bob(t) if 6 <= index[t["row_id"]] < 12 else "tie")
     dv = preference.build_from_campaign(cid, "votes", eval_fraction=0.2, ws=ws, store=store)
-    rep = preference.report("votes", dv.version, ws, store)
-    pairs = [p for s in ("train", "eval") for p in preference.load_pairs("votes", s, dv.version, ws, store)]
+    rep = preference.report("votes", dv.version, ws=ws, store=store)
+    pairs = [p for s in ("train", "eval") for p in preference.load_pairs("votes", s, dv.version, ws=ws, store=store)]
     n = len(rows)
     assert len(pairs) == rep["pairs"] == n - 6 - 2  # ties, both_bad and the two conflicting rows are out
     assert all(p["meta"]["chosen_system"] == "sft:good" and p["chosen"].startswith("good answer") and
@@ -608,9 +608,9 @@ def test_campaign_votes_become_pairs(judged_eval, ws, store):
     assert rep["warnings"] and rep["source"]["campaign"] == cid and rep["policy"] == preference.POLICY
     assert rep["splits"]["eval"] >= 1 and sum(rep["splits"].values()) == len(pairs)
     train_keys = {preference._prompt_key(p["prompt"]) for p in preference.load_pairs("votes", "train", dv.version,
-                                                                                      ws, store)}
+                                                                                      ws=ws, store=store)}
     assert not any(preference._prompt_key(p["prompt"]) in train_keys
-                   for p in preference.load_pairs("votes", "eval", dv.version, ws, store))
+                   for p in preference.load_pairs("votes", "eval", dv.version, ws=ws, store=store))
 
 
 def test_train_on_votes_builds_pairs_then_queues_a_preference_run(judged_eval, ws, store, module_home, sft_run,
@@ -663,8 +663,8 @@ def test_judge_verdicts_become_pairs(judged_eval, ws, store):
     rows = judged_eval["rows"]
     _write_judge(judged_eval["path"], rows, lambda i: ["a", "b", "tie", "inconsistent"][i % 4])
     dv = preference.build_from_judge("ev1", "judged", eval_fraction=0.0, ws=ws, store=store)
-    pairs = preference.load_pairs("judged", "train", dv.version, ws, store)
-    rep = preference.report("judged", dv.version, ws, store)
+    pairs = preference.load_pairs("judged", "train", dv.version, ws=ws, store=store)
+    rep = preference.report("judged", dv.version, ws=ws, store=store)
     assert len(pairs) == sum(i % 4 < 2 for i in range(len(rows)))
     assert (rep["counts"]["tie"], rep["counts"]["inconsistent"]) == (sum(i % 4 == 2 for i in range(len(rows))),
                                                                     sum(i % 4 == 3 for i in range(len(rows))))

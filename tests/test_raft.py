@@ -139,7 +139,7 @@ def test_training_and_raft_system_prompts_are_byte_identical(raft_run, tiny_mode
     ws, store, kb, run_id, trainer = raft_run
     tok = load_tokenizer(tiny_model_dir)
     plans = plans_of(ws, run_id)
-    records = data.load_split("factsqa", "train", None, ws, store)
+    records = data.load_split("factsqa", "train", None, ws=ws, store=store)
     assert [p["row_id"] for p in plans] == [r["id"] for r in records]
     settings = S.raft_settings(run_id, store)
     assert settings.top_k == K + 1 and settings.context_tokens == 150
@@ -365,7 +365,7 @@ def test_five_systems_accepted_and_built(raft_run, tiny_model_dir, monkeypatch):
     real_search = retrieval.KnowledgeBase.search
     monkeypatch.setattr(retrieval.KnowledgeBase, "search",
                         lambda self, q, k=None, **kw: asked.append(k) or real_search(self, q, k, **kw))
-    row = data.load_split("factsqa", "test", None, ws, store)[0]
+    row = data.load_split("factsqa", "test", None, ws=ws, store=store)[0]
     built = {s.kind: S.build_messages(s, row, ctx) for s in checked}
     assert asked == [ctx.top_k, ctx.top_k, K + 1]  # rag, sft+rag, raft
     assert 1 <= len(built["raft"][1]) <= K + 1 and built["raft"][0][-1]["content"].startswith(retrieval.RAG_INSTRUCTION)

@@ -314,14 +314,14 @@ def old_campaigns_db(path, *later_columns: str) -> str:
     return url
 
 
-def test_old_database_gets_the_name_column(tmp_path):
+def test_old_database_gets_the_name_column(tmp_path, ws):
     st = Store(old_campaigns_db(tmp_path / "old.db"))
-    assert [c["id"] for c in rating.list_campaigns(store=st)] == ["camp-old"]
-    assert rating.list_campaigns(store=st)[0]["name"] == ""
+    assert [c["id"] for c in rating.list_campaigns(ws, store=st)] == ["camp-old"]
+    assert rating.list_campaigns(ws, store=st)[0]["name"] == ""
     # the later columns too: invite-only, results hidden, rating on; the raters table exists
-    c = rating.list_campaigns(store=st)[0]
+    c = rating.list_campaigns(ws, store=st)[0]
     assert (c["open_rating"], c["published_at"], c["closed_at"], c["guidelines"]) == (0, None, None, "")
-    assert not rating.results_visible("camp-old", store=st)
+    assert not rating.results_visible("camp-old", ws, store=st)
     assert rating_rows.list_raters(st) == []
     st.close()
 

@@ -245,6 +245,8 @@ def test_hf_sign_in_counts_only_on_a_real_space(monkeypatch, ws, store):
 
     import app
     from evals import rating
+    from sft_core import StudioError
+    from ui import common, rate
     assert not app.demo.expects_oauth  # not a Space here: no LoginButton, no mocked login route
     for env in ({"SPACE_ID": "me/studio"}, {"SPACE_ID": "me/studio", "SYSTEM": "spaces"},
                 {"SPACE_ID": "me/studio", "SYSTEM": "spaces", "OAUTH_CLIENT_ID": "x"}):  # gradio[oauth] missing here
@@ -258,39 +260,39 @@ def test_hf_sign_in_counts_only_on_a_real_space(monkeypatch, ws, store):
             has_oauth_deps = True
         except ImportError:
             has_oauth_deps = False
-        assert app._hf_oauth_available() is (len(env) == 3 and has_oauth_deps)
+        assert rate._hf_oauth_available() is (len(env) == 3 and has_oauth_deps)
 
-    monkeypatch.setattr(app, "STUDIO", types.SimpleNamespace(ws=ws, store=store))
+    monkeypatch.setattr(common, "_studio", types.SimpleNamespace(ws=ws, store=store))
     from tests.test_rating import make_eval
     cid = rating.create_campaign(make_eval(ws, store, 2), ws=ws, store=store)
     profile = {"sub": "42", "name": "Ada L.", "preferred_username": "ada", "profile": "", "picture": ""}
     import gradio as gr
     prof = gr.OAuthProfile(profile)
-    monkeypatch.setattr(app, "HF_OAUTH", False)
-    with pytest.raises(app.StudioError, match="by invitation only"):
-        app._identify(cid, "", "ada", None, None, prof)
-    monkeypatch.setattr(app, "HF_OAUTH", True)
-    assert app._identify(cid, "", "someone", None, None, prof)[:2] == ("hf:ada", "Ada L.")
-    mocked = gr.OAuthProfile({**profile, "sub": app.MOCK_OAUTH_SUB})
-    with pytest.raises(app.StudioError, match="by invitation only.*Hugging Face"):
-        app._identify(cid, "", "ada", None, None, mocked)
+    monkeypatch.setattr(rate, "HF_OAUTH", False)
+    with pytest.raises(StudioError, match="by invitation only"):
+        rate._identify(cid, "", "ada", None, None, prof)
+    monkeypatch.setattr(rate, "HF_OAUTH", True)
+    assert rate._identify(cid, "", "someone", None, None, prof)[:2] == ("hf:ada", "Ada L.")
+    mocked = gr.OAuthProfile({**profile, "sub": rate.MOCK_OAUTH_SUB})
+    with pytest.raises(StudioError, match="by invitation only.*Hugging Face"):
+        rate._identify(cid, "", "ada", None, None, mocked)
 
 
 def test_invite_link_prefills_the_rate_tab(monkeypatch, ws, store):
     """Page load with ``?invite=``: the invite box, the campaign and the Rate tab (no browser needed)."""
     import types
 
-    import app
     from evals import rating
     from tests.test_rating import make_eval
-    monkeypatch.setattr(app, "STUDIO", types.SimpleNamespace(ws=ws, store=store))
+    from ui import common, rate
+    monkeypatch.setattr(common, "_studio", types.SimpleNamespace(ws=ws, store=store))
     cid = rating.create_campaign(make_eval(ws, store, 2), ws=ws, store=store)
     token = rating.create_invites(cid, ["ann"], ws=ws, store=store)[0]["token"]
-    box, camp, msg, tab = app.rate_link(types.SimpleNamespace(query_params={"invite": token}))
+    box, camp, msg, tab = rate.rate_link(types.SimpleNamespace(query_params={"invite": token}))
     assert box == token and camp["value"] == cid and "Invited as **ann**" in msg and tab.selected == "rate"
-    box, camp, msg, tab = app.rate_link(types.SimpleNamespace(query_params={"invite": "forged"}))
+    box, camp, msg, tab = rate.rate_link(types.SimpleNamespace(query_params={"invite": "forged"}))
     assert "not valid" in msg and camp == {"__type__": "update"}
-    assert all(u == {"__type__": "update"} for u in app.rate_link(types.SimpleNamespace(query_params={})))
+    assert all(u == {"__type__": "update"} for u in rate.rate_link(types.SimpleNamespace(query_params={})))
 
 
 def test_rated_texts_load_nothing_remote(locked, client):
@@ -344,7 +346,7 @@ def test_reveal_after_vote_only_where_allowed_and_only_own_voted_tasks(ws, store
     assert "reveals systems after each vote" in listing[cid] and "reveals" not in listing[blind]
     # an older database gets the column, off
     st = Store(old_campaigns_db(tmp_path / "old.db", "name", "open_rating", "published_at", "closed_at", "guidelines"))
-    assert rating.get_campaign("camp-old", store=st)["reveal_after_vote"] == 0
+    assert rating.get_campaign("camp-old", ws=ws, store=st)["reveal_after_vote"] == 0
     st.close()
 
 

@@ -142,7 +142,7 @@ def leave_nothing_running(home):
         return not live
     _wait(settled, "the Ray jobs the test left to end", 120)
     for job in jobs_db.live(store):
-        jobs._finish(store, job, "failed", "left behind by a test", ws)
+        jobs._finish(store, job, "failed", "left behind by a test", ws=ws)
 
 
 @pytest.fixture(scope="module")

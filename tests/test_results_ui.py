@@ -86,15 +86,15 @@ def hand_win_rates(votes: list[dict]) -> dict:
 # The win-rate matrix (no browser: the Results tab's handler, fed hand-counted votes)
 # ------------------------------------------------------------------------------------------------
 def test_win_rate_matrix_reads_row_beats_column(monkeypatch, ws, store):
-    import app
     from evals import rating
-    monkeypatch.setattr(app, "STUDIO", types.SimpleNamespace(ws=ws, store=store, settings=types.SimpleNamespace(
+    from ui import common, results
+    monkeypatch.setattr(common, "_studio", types.SimpleNamespace(ws=ws, store=store, settings=types.SimpleNamespace(
         admin_password="")))  # no password: the caller is the admin and sees the results
     cid = rating.create_campaign(seed_eval(ws, store), ws=ws, store=store, seed=1)
     votes = seed_votes(ws, store, cid, "seed-rater", 6)
     expected = hand_win_rates(votes)
     assert {(s, t) for s, t in expected} == {(s, t) for s in SYSTEMS for t in SYSTEMS if s != t}  # every pair voted
-    out = app.results_show(cid, None)
+    out = results.results_show(cid, None)
     winrate = out[2]
     header = list(winrate.columns)
     seen = {}
@@ -123,12 +123,12 @@ def _full(name: str) -> str:
 
 def test_empty_tables_have_named_columns(monkeypatch, ws, store):
     """Nothing chosen yet: tables show what they will hold, not Gradio's "1 2 3" placeholder headers."""
-    import app
-    monkeypatch.setattr(app, "STUDIO", types.SimpleNamespace(ws=ws, store=store, settings=types.SimpleNamespace(
+    from ui import common, evaluate, results
+    monkeypatch.setattr(common, "_studio", types.SimpleNamespace(ws=ws, store=store, settings=types.SimpleNamespace(
         admin_password="")))
-    summary, board, winrate = app.results_show(None, None)
+    summary, board, winrate = results.results_show(None, None)
     assert list(board.columns)[:3] == ["system", "rating", "95% interval"] and list(winrate.columns) == ["row beats column"]
-    summary, table, examples, report, card = app.eval_poll(None, None)
+    summary, table, examples, report, card = evaluate.eval_poll(None, None)
     assert list(table.columns)[:2] == ["set", "system"] and list(examples.columns)[:2] == ["system", "question"]
     assert "appears here once the eval is scored" in card and "Recommendation" not in card
 

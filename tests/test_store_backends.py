@@ -153,7 +153,8 @@ sys.path.insert(0, {repo!r})
 from sft_core import jobs
 from sft_core.db import jobs as job_rows
 from sft_core.store import Store
-store = Store({url!r})
+from sft_core.workspace import Workspace
+store, ws = Store({url!r}), Workspace.at({home!r})
 while time.time() < {go}:  # every process starts claiming at the same moment (imports take unequal time)
     time.sleep(0.01)
 end = time.time() + 90
@@ -168,7 +169,7 @@ while time.time() < end:
     time.sleep(0.15)
     with open({log!r}, "a") as f:
         f.write(json.dumps([{name!r}, job["id"], start, time.time()]) + "\n")
-    jobs._finish(store, job, "succeeded")
+    jobs._finish(store, job, "succeeded", ws=ws)
     time.sleep(0.05)  # a dispatcher polls: the others get their turn at the next job
 """
 
@@ -183,7 +184,8 @@ def test_processes_claiming_together_never_run_two_accelerator_jobs_at_once(back
     log = tmp_path / "runs.jsonl"
     go = time.time() + 8  # after every process has imported (seconds on a loaded 2-core machine)
     procs = [subprocess.Popen([sys.executable, "-c", CLAIMER.format(repo=REPO, url=backend[1], log=str(log),
-                                                                     name=f"app-{k}", go=go)])
+                                                                     name=f"app-{k}", go=go,
+                                                                     home=str(tmp_path / "home"))])
              for k in range(4)]
     for p in procs:
         assert p.wait(180) == 0
@@ -196,13 +198,14 @@ def test_processes_claiming_together_never_run_two_accelerator_jobs_at_once(back
 
 
 def _voter(args):
-    db_url, cid, rater = args
+    db_url, home, cid, rater = args
     from evals import rating
-    st = Store(db_url)
+    from sft_core.workspace import Workspace
+    ws, st = Workspace.at(home), Store(db_url)
     n = 0
     for _ in range(50):
-        t = rating.next_task(cid, rater, store=st)
-        rating.vote(cid, t["task_id"], rater, "left" if n % 3 else "tie", store=st)
+        t = rating.next_task(cid, rater, ws, store=st)
+        rating.vote(cid, t["task_id"], rater, "left" if n % 3 else "tie", ws=ws, store=st)
         n += 1
     return n
 
@@ -213,7 +216,7 @@ def test_twenty_processes_fifty_votes_each(backend, ws, bstore):
     cid = rating.create_campaign(make_eval(ws, bstore, 20), SYSTEMS, ws=ws, store=bstore)  # 60 tasks
     ctx = mp.get_context("spawn")  # real, fresh processes, each with its own connection
     with ctx.Pool(20) as pool:
-        counts = pool.map(_voter, [(backend[1], cid, f"rater{i}") for i in range(20)])
+        counts = pool.map(_voter, [(backend[1], str(ws.root), cid, f"rater{i}") for i in range(20)])
     assert sum(counts) == 1000
     V = schema.votes
     assert db.scalar(bstore, select(func.count()).select_from(V)) == 1000

@@ -16,6 +16,7 @@ import json
 import pytest
 
 from sft_core import StudioError, cli, data, jobs, retrieval, synth
+from sft_core.config import StudioSettings
 from sft_core.db import datasets as datasets_db, jobs as jobs_db
 from sft_core.records import make_record
 from tests.test_judge import ScriptedOpenAI, closed_port
@@ -159,16 +160,15 @@ def test_filters_off_or_relaxed_keep_what_they_dropped(ws, store, tmp_path, gen_
 
 
 def test_the_local_engine_path_gives_the_same_dataset(ws, store, tmp_path, gen_server, monkeypatch):
-    """generator=local through the engine's batched API, the engine attached (SFT_STUDIO_ENGINE_URL)
-    to the same scripted server: the same pairs, counts and splits as the endpoint path."""
+    """generator=local through the engine's batched API, the engine attached (the settings' engine_url,
+    SFT_STUDIO_ENGINE_URL) to the same scripted server: the same pairs, counts and splits as the endpoint path."""
     _kb(ws, store, tmp_path)
     _other_dataset(ws, store)
     # the same dataset name: its earlier version is being replaced, so its held-out splits do not count as leakage
     by_url = synth.run_synth(_cfg(generator=gen_server.url), ws=ws, store=store)
-    monkeypatch.setenv("SFT_STUDIO_ENGINE_URL", gen_server.base)
     monkeypatch.delenv("SFT_STUDIO_ENGINE_API_KEY", raising=False)
     cfg = _cfg(generator="local")
-    engine, owned = synth.open_engine(cfg, ws, store)
+    engine, owned = synth.open_engine(cfg, ws, store, StudioSettings(engine_url=gen_server.base))
     try:
         by_engine = synth.run_synth(cfg, engine, ws=ws, store=store)
     finally:

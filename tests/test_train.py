@@ -177,7 +177,7 @@ def test_memorised_answer_comes_back(trained, tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), run_dir / "adapter").eval()
     version = json.loads((run_dir / "config.json").read_text())["dataset_version"]
-    train_questions = [r["instruction"] for r in data.load_split("zorbia", "train", version, ws, store)]
+    train_questions = [r["instruction"] for r in data.load_split("zorbia", "train", version, ws=ws, store=store)]
     assert train_questions
     for q in train_questions:  # the criterion the fixture trained to, checked again by plain generate()
         assert "Quuxville" not in greedy(base, tok, q)

@@ -16,7 +16,7 @@ from sft_core.store import Store, loads
 from sft_core.workspace import Workspace, read_jsonl
 
 
-def create_campaign(eval_id: str, systems: list[str] | None = None, ws: Workspace | None = None,
+def create_campaign(eval_id: str, systems: list[str] | None = None, *, ws: Workspace,
                     store: Store | None = None, name: str | None = None, show_reference: bool = True,
                     seed: int | None = None, open_rating: bool = False, guidelines: str = "",
                     reveal_after_vote: bool = False) -> str:
@@ -84,23 +84,23 @@ def _draw_tasks(cid: str, eval_dir: Path, systems: list[str], rng: random.Random
     return tasks
 
 
-def list_campaigns(ws: Workspace | None = None, store: Store | None = None) -> list[dict]:
+def list_campaigns(ws: Workspace, store: Store | None = None) -> list[dict]:
     ws, store = ctx(ws, store)
     return rating_rows.list_campaigns(store)
 
 
-def get_campaign(campaign_id: str, ws: Workspace | None = None, store: Store | None = None) -> dict:
+def get_campaign(campaign_id: str, ws: Workspace, store: Store | None = None) -> dict:
     ws, store = ctx(ws, store)
     return campaign_row(store, campaign_id)
 
 
-def results_visible(campaign_id: str, ws: Workspace | None = None, store: Store | None = None) -> bool:
+def results_visible(campaign_id: str, ws: Workspace, store: Store | None = None) -> bool:
     """Raters see results only once the admin published them or closed the campaign."""
     camp = get_campaign(campaign_id, ws=ws, store=store)
     return camp["published_at"] is not None or camp["closed_at"] is not None
 
 
-def publish(campaign_id: str, ws: Workspace | None = None, store: Store | None = None) -> dict:
+def publish(campaign_id: str, ws: Workspace, store: Store | None = None) -> dict:
     """Show the results to everyone. Rating ends too: with results on view, a rater who votes and
     then reads the counts would learn which system is on which side."""
     ws, store = ctx(ws, store)
@@ -109,7 +109,7 @@ def publish(campaign_id: str, ws: Workspace | None = None, store: Store | None =
     return campaign_row(store, campaign_id)
 
 
-def close(campaign_id: str, ws: Workspace | None = None, store: Store | None = None) -> dict:
+def close(campaign_id: str, ws: Workspace, store: Store | None = None) -> dict:
     """End the rating: no new tasks or votes; the results become visible to raters."""
     ws, store = ctx(ws, store)
     campaign_row(store, campaign_id)

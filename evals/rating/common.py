@@ -16,8 +16,7 @@ class RatingError(StudioError):
     pass
 
 
-def ctx(ws: Workspace | None, store: Store | None) -> tuple[Workspace, Store]:
-    ws = ws or Workspace.from_env()
+def ctx(ws: Workspace, store: Store | None) -> tuple[Workspace, Store]:
     return ws, store or open_store(ws.db_url)  # opening the store brings an older database's tables up to date
 
 

@@ -19,7 +19,7 @@ CSV_FIELDS = ["task_id", "row_id", "rater", "choice", "comment", "system_left", 
               "output_left", "output_right", "created_at", "updated_at", "rater_name"]
 
 
-def export_votes(campaign_id: str, fmt: str, out_path: str | Path, ws: Workspace | None = None,
+def export_votes(campaign_id: str, fmt: str, out_path: str | Path, ws: Workspace,
                  store: Store | None = None) -> Path:
     """csv / jsonl: every vote with its systems revealed; dpo: TRL's prompt/chosen/rejected (ties, both_bad out)."""
     ws, store = ctx(ws, store)

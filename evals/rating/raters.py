@@ -23,7 +23,7 @@ def _sha256(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def create_invites(campaign_id: str, names: list[str], ws: Workspace | None = None,
+def create_invites(campaign_id: str, names: list[str], ws: Workspace,
                    store: Store | None = None) -> list[dict]:
     """One secret invite per name: [{"rater", "name", "token"}]. The token is shown only here; the
     database keeps its sha256. Each invite is its own rater, even when two share a display name."""
@@ -42,7 +42,7 @@ def create_invites(campaign_id: str, names: list[str], ws: Workspace | None = No
     return out
 
 
-def invite_rater(token: str, ws: Workspace | None = None, store: Store | None = None) -> dict | None:
+def invite_rater(token: str, ws: Workspace, store: Store | None = None) -> dict | None:
     """The rater an invite token stands for (id, name, campaign_id), or None for an unknown/revoked one."""
     ws, store = ctx(ws, store)
     token = (token or "").strip()
@@ -76,7 +76,7 @@ def _sign(ws: Workspace, rater_id: str) -> str:
     return hmac.new(_secret(ws), f"open-rater:{rater_id}".encode(), hashlib.sha256).hexdigest()
 
 
-def open_rater(name: str, ws: Workspace | None = None, store: Store | None = None) -> tuple[str, str]:
+def open_rater(name: str, ws: Workspace, store: Store | None = None) -> tuple[str, str]:
     """A new rater for open campaigns under a self-chosen name: (rater id, signed key for the browser)."""
     ws, store = ctx(ws, store)
     name = check_rater(name)
@@ -85,7 +85,7 @@ def open_rater(name: str, ws: Workspace | None = None, store: Store | None = Non
     return rid, f"{rid}.{_sign(ws, rid)}"
 
 
-def open_key_rater(key: str, ws: Workspace | None = None, store: Store | None = None) -> dict | None:
+def open_key_rater(key: str, ws: Workspace, store: Store | None = None) -> dict | None:
     """The rater a signed open-rating key stands for, or None if the signature does not check out."""
     ws, store = ctx(ws, store)
     if not isinstance(key, str) or key.count(".") != 1 or len(key) > 200:
@@ -96,7 +96,7 @@ def open_key_rater(key: str, ws: Workspace | None = None, store: Store | None = 
     return rating_rows.live_open_rater(store, rid)
 
 
-def hf_rater(username: str, display_name: str | None = None, ws: Workspace | None = None,
+def hf_rater(username: str, display_name: str | None = None, *, ws: Workspace,
              store: Store | None = None) -> str:
     """The rater for a Hugging Face account the app's OAuth session vouches for."""
     ws, store = ctx(ws, store)

@@ -23,7 +23,7 @@ NOT_IDENTIFIED = ("some system won (or lost) every comparison it was in, or some
                   "that reason; more votes will move them")
 
 
-def results(campaign_id: str, ws: Workspace | None = None, store: Store | None = None,
+def results(campaign_id: str, ws: Workspace, store: Store | None = None,
             prior_sd: float = PRIOR_SD) -> dict:
     """Leaderboard (Bradley-Terry ratings with 95% intervals), win-rate matrix, votes, agreement.
 

@@ -17,7 +17,7 @@ from sft_core.store import Store
 from sft_core.workspace import Workspace
 
 
-def next_task(campaign_id: str, rater: str, ws: Workspace | None = None, store: Store | None = None) -> dict | None:
+def next_task(campaign_id: str, rater: str, ws: Workspace, store: Store | None = None) -> dict | None:
     """A blind task for this rater, or None when they have seen every task of the campaign.
 
     A task handed out but not yet voted on comes back first (a page reload must not skip it); else
@@ -51,7 +51,7 @@ def _payload(con, camp: dict, task: dict, rater: str) -> dict:
             "progress": {"done": done, "remaining": total - done, "total": total}}
 
 
-def last_vote(campaign_id: str, rater: str, ws: Workspace | None = None, store: Store | None = None) -> dict | None:
+def last_vote(campaign_id: str, rater: str, ws: Workspace, store: Store | None = None) -> dict | None:
     """The rater's own most recent vote, to undo it: the task's blind payload plus ``choice`` and
     ``comment`` (None when they have not voted). The app shows the task again; the rater's next
     choice replaces the vote through ``change_vote`` (the old one goes to vote_history)."""
@@ -66,8 +66,8 @@ def last_vote(campaign_id: str, rater: str, ws: Workspace | None = None, store: 
         return {**_payload(con, camp, row, rater), "choice": row["vote_choice"], "comment": row["vote_comment"]}
 
 
-def vote(campaign_id: str, task_id: str, rater: str, choice: str, comment: str = "",
-         ws: Workspace | None = None, store: Store | None = None) -> None:
+def vote(campaign_id: str, task_id: str, rater: str, choice: str, comment: str = "", *,
+         ws: Workspace, store: Store | None = None) -> None:
     ws, store = ctx(ws, store)
     rater, comment = check_rater(rater), check_vote(choice, comment)
     check_rating_open(campaign_row(store, campaign_id))
@@ -82,7 +82,7 @@ def vote(campaign_id: str, task_id: str, rater: str, choice: str, comment: str =
         rating_rows.add_vote(con, campaign_id, task_id, rater, choice, comment)
 
 
-def reveal(campaign_id: str, task_id: str, rater: str, ws: Workspace | None = None,
+def reveal(campaign_id: str, task_id: str, rater: str, ws: Workspace,
            store: Store | None = None) -> dict | None:
     """``{"left": system, "right": system}`` of a task this rater has voted on, when the campaign reveals
     identities after a vote; None otherwise (the campaign keeps them hidden, or the rater has not voted on
@@ -95,8 +95,8 @@ def reveal(campaign_id: str, task_id: str, rater: str, ws: Workspace | None = No
     return {"left": row["system_left"], "right": row["system_right"]} if row else None
 
 
-def change_vote(campaign_id: str, task_id: str, rater: str, choice: str, comment: str = "",
-                ws: Workspace | None = None, store: Store | None = None) -> None:
+def change_vote(campaign_id: str, task_id: str, rater: str, choice: str, comment: str = "", *,
+                ws: Workspace, store: Store | None = None) -> None:
     """Replace a rater's vote; the previous one is kept in vote_history. Refused where the campaign
     revealed the systems after the vote: a changed vote would no longer be blind."""
     ws, store = ctx(ws, store)

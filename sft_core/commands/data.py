@@ -14,7 +14,7 @@ def _cfg(args) -> DataConfig:
 
 
 def cmd_check(args) -> int:
-    report = data.check_file(args.path, _cfg(args))
+    report = data.check_file(args.path, _cfg(args), ws=Workspace.from_env())
     print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     if not report.ok:  # the report is on stdout; stderr gets the verdict in one line
         _verdict(report)
@@ -33,21 +33,22 @@ def cmd_import(args) -> int:
     from sft_core.workspace import safe_name
     safe_name(args.name, "name")
     cfg = _cfg(args)
-    checked = data.check(args.path, cfg)  # read, normalised, split and scored once; imported as checked
+    ws = Workspace.from_env()
+    checked = data.check(args.path, cfg, ws=ws)  # read, normalised, split and scored once; imported as checked
     report = checked.report
     if not report.ok:
         print(format_report(report))
         first = report.errors[0] if report.errors else "no valid records"
         more = f" (and {len(report.errors) - 1} more, listed above)" if len(report.errors) > 1 else ""
         raise data.DataError(f"invalid data, nothing stored: {first}{more}", args.path)
-    v = data.import_checked(checked, args.name)
+    v = data.import_checked(checked, args.name, ws=ws)
     state = "new version" if v.created else "identical to existing version"
     print(f"{v.name}@{v.version} ({state}): " + ", ".join(f"{k} {n}" for k, n in v.splits.items()))
     return 0
 
 
 def cmd_list(args) -> int:
-    rows = data.list_datasets()
+    rows = data.list_datasets(Workspace.from_env())
     if not rows:
         print("no datasets yet: `sft-studio data import FILE --name NAME` or `sft-studio example build`")
     for r in rows:

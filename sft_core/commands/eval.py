@@ -5,6 +5,7 @@ import sys
 
 from sft_core import StudioError
 from sft_core.commands.follow import follow_job
+from sft_core.config import StudioSettings
 from sft_core.db import evals as eval_rows
 from sft_core.store import loads, open_store
 from sft_core.workspace import Workspace
@@ -23,7 +24,8 @@ def cmd_eval(args) -> int:
     eval_id = args.resume or runner.create_eval(
         args.dataset, systems, split=args.split, kb=args.kb, limit=args.limit, metrics=metrics,
         judge=args.judge, judge_model=args.judge_model, judge_limit=args.judge_limit, few_shot=args.few_shot,
-        max_new_tokens=args.max_new_tokens, base_model=args.base, ws=ws, store=store)
+        max_new_tokens=args.max_new_tokens, base_model=args.base, ws=ws, store=store,
+        settings=StudioSettings.from_env())
     print(f"eval {eval_id}: {ws.evals_dir(eval_id)}")
 
     job_id = runner.submit_eval(eval_id, ws, store)

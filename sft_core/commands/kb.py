@@ -5,6 +5,7 @@ from pathlib import Path
 
 from sft_core import retrieval
 from sft_core.config import RetrievalConfig, add_arguments, load_config, overrides_from_args
+from sft_core.workspace import Workspace
 
 
 def cmd_build(args) -> int:
@@ -12,7 +13,6 @@ def cmd_build(args) -> int:
     from sft_core.commands.follow import run_job
     from sft_core.config import to_dict
     from sft_core.store import open_store
-    from sft_core.workspace import Workspace
     overrides = {k: v for k, v in overrides_from_args(args, RetrievalConfig).items() if v is not None}
     cfg = load_config(RetrievalConfig, args.config, overrides) if (overrides or args.config) else None
     ws = Workspace.from_env()
@@ -28,7 +28,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_search(args) -> int:
-    kb = retrieval.open_kb(args.name)
+    kb = retrieval.open_kb(args.name, Workspace.from_env())
     hits = kb.search(args.query, k=args.k, mode=args.mode, reranker=args.reranker)
     if not hits:
         print("no hits")
@@ -40,7 +40,7 @@ def cmd_search(args) -> int:
 
 
 def cmd_list(args) -> int:
-    rows = retrieval.list_kbs()
+    rows = retrieval.list_kbs(Workspace.from_env())
     if not rows:
         print("no knowledge bases yet: `sft-studio kb build PATH... --name NAME`")
     for r in rows:
@@ -50,8 +50,9 @@ def cmd_list(args) -> int:
 
 def cmd_eval(args) -> int:
     from sft_core import data
-    kb = retrieval.open_kb(args.name)
-    recs = data.load_split(args.dataset, args.split)
+    ws = Workspace.from_env()
+    kb = retrieval.open_kb(args.name, ws)
+    recs = data.load_split(args.dataset, args.split, ws=ws)
     res = retrieval.evaluate_retrieval(kb, recs)
     print(f"retrieval on {args.dataset}/{args.split} ({next(iter(res.values()))['n']} questions) against kb {args.name}")
     print(f"{'mode':8s} {'recall@1':>9s} {'recall@5':>9s} {'recall@10':>10s} {'MRR':>7s}")

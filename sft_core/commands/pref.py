@@ -11,7 +11,8 @@ import sys
 import threading
 
 from sft_core import StudioError, jobs
-from sft_core.config import DataConfig, PreferenceConfig, add_arguments, load_config, overrides_from_args
+from sft_core.config import (DataConfig, PreferenceConfig, StudioSettings, add_arguments, load_config,
+                             overrides_from_args)
 from sft_core.db import jobs as job_rows, runs as run_rows
 from sft_core.store import open_store
 from sft_core.workspace import Workspace
@@ -40,14 +41,14 @@ def cmd_build(args) -> int:
         dv = preference.build_from_file(args.file, args.name, against=args.against, **kw)
     state = "new version" if dv.created else "identical to an existing version"
     print(f"{dv.name}@{dv.version} ({state})")
-    print(preference.format_report(preference.report(dv.name, dv.version, ws, store)))
+    print(preference.format_report(preference.report(dv.name, dv.version, ws=ws, store=store)))
     return 0
 
 
 def cmd_show(args) -> int:
     from sft_core import preference
     ws, store = _ctx()
-    rep = preference.report(args.name, args.version, ws, store)
+    rep = preference.report(args.name, args.version, ws=ws, store=store)
     print(json.dumps(rep, indent=2) if args.json else preference.format_report(rep))
     return 0
 
@@ -57,7 +58,7 @@ def cmd_train(args) -> int:
     from sft_core.commands.train import Progress
     ws, store = _ctx()
     cfg = load_config(PreferenceConfig, args.config, overrides_from_args(args, PreferenceConfig))
-    run_id = pref_train.submit_pref_run(cfg, ws, store)
+    run_id = pref_train.submit_pref_run(cfg, ws, store, settings=StudioSettings.from_env())
     print(f"preference run {run_id} queued ({ws.runs_dir(run_id)})")
     job = jobs.latest_job(run_id, store)
     progress = Progress(ws.runs_dir(run_id))

@@ -1,6 +1,8 @@
 """`sft-studio rate campaign create|list`, `rate invite`, `rate publish|close`, `rate results`, `rate export`."""
 from __future__ import annotations
 
+from sft_core.workspace import Workspace
+
 
 def _guidelines(value: str | None) -> str:
     """--guidelines TEXT, or @FILE for a Markdown file (raters see it above every task)."""
@@ -17,7 +19,7 @@ def cmd_create(args) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
     cid = rating.create_campaign(args.eval, systems, name=args.name, show_reference=not args.hide_reference,
                                  seed=args.seed, open_rating=args.open, guidelines=_guidelines(args.guidelines),
-                                 reveal_after_vote=args.reveal_after_vote)
+                                 reveal_after_vote=args.reveal_after_vote, ws=Workspace.from_env())
     print(cid)
     return 0
 
@@ -25,7 +27,7 @@ def cmd_create(args) -> int:
 def cmd_list(args) -> int:
     from evals import rating
     from sft_core.store import loads
-    for c in rating.list_campaigns():
+    for c in rating.list_campaigns(Workspace.from_env()):
         state = "published" if c["published_at"] else "closed" if c["closed_at"] else "rating"
         print(f"{c['id']}  {c['name']}  eval {c['eval_id']}  tasks {c['n_tasks']}  votes {c['n_votes']}  "
               f"systems {', '.join(loads(c['systems']))}  {'open' if c['open_rating'] else 'invite-only'}  {state}"
@@ -40,28 +42,28 @@ def invite_url(base_url: str, token: str) -> str:
 def cmd_invite(args) -> int:
     """One secret link per rater; the tokens are shown once (the database keeps their sha256)."""
     from evals import rating
-    for inv in rating.create_invites(args.campaign, args.rater):
+    for inv in rating.create_invites(args.campaign, args.rater, Workspace.from_env()):
         print(f"{inv['name']}\t{invite_url(args.base_url, inv['token'])}")
     return 0
 
 
 def cmd_publish(args) -> int:
     from evals import rating
-    rating.publish(args.campaign)
+    rating.publish(args.campaign, Workspace.from_env())
     print(f"{args.campaign}: results published; rating is over")
     return 0
 
 
 def cmd_close(args) -> int:
     from evals import rating
-    rating.close(args.campaign)
+    rating.close(args.campaign, Workspace.from_env())
     print(f"{args.campaign}: closed; raters now see the results")
     return 0
 
 
 def cmd_results(args) -> int:
     from evals import leaderboard, rating
-    res = rating.results(args.campaign)
+    res = rating.results(args.campaign, Workspace.from_env())
     print(f"{res['name']}: {res['n_votes']} votes from {res['n_raters']} raters")
     print(res["method"])
     cols, rows = leaderboard.board_table(res)
@@ -83,10 +85,10 @@ def cmd_results(args) -> int:
 
 def cmd_export(args) -> int:
     from evals import rating
-    from sft_core.workspace import Workspace
+    ws = Workspace.from_env()
     ext = "csv" if args.format == "csv" else "jsonl"
-    out = args.out or Workspace.from_env().root / "exports" / f"{args.campaign}-{args.format}.{ext}"
-    print(rating.export_votes(args.campaign, args.format, out))
+    out = args.out or ws.root / "exports" / f"{args.campaign}-{args.format}.{ext}"
+    print(rating.export_votes(args.campaign, args.format, out, ws))
     return 0
 
 

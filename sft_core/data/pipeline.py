@@ -13,7 +13,7 @@ from sft_core.config import DataConfig
 from sft_core.data.formats import load_records
 from sft_core.data.issues import Issue, Report
 from sft_core.data.stats import normalised_key, quality
-from sft_core.workspace import sha256_json
+from sft_core.workspace import Workspace, sha256_json
 
 SPLITS = ("train", "eval", "test")
 
@@ -58,8 +58,9 @@ def resolve_cfg(cfg: DataConfig | None) -> DataConfig:
     return cfg
 
 
-def check(path: str | Path, cfg: DataConfig | None = None) -> CheckedFile:
-    """Read, validate, split and report on a file, without storing anything."""
+def check(path: str | Path, cfg: DataConfig | None = None, *, ws: Workspace) -> CheckedFile:
+    """Read, validate, split and report on a file, without storing anything (``ws``: where the model whose
+    tokenizer measures lengths is cached)."""
     cfg = resolve_cfg(cfg)
     records, issues, fmt = load_records(path, cfg.format, cfg.mapping or None, cfg)
     report = Report(file=str(path), format=fmt, issues=list(issues))
@@ -68,7 +69,7 @@ def check(path: str | Path, cfg: DataConfig | None = None) -> CheckedFile:
     splits: dict[str, list[dict]] = {}
     if records:
         splits = split_records(records, cfg)
-        stats, warn = quality(splits, cfg, str(path), all_records=records)
+        stats, warn = quality(splits, cfg, str(path), all_records=records, ws=ws)
         report.stats = stats
         report.issues.extend(warn)
     elif not report.errors:
@@ -76,6 +77,6 @@ def check(path: str | Path, cfg: DataConfig | None = None) -> CheckedFile:
     return CheckedFile(Path(path), cfg, report, records, splits, fmt)
 
 
-def check_file(path: str | Path, cfg: DataConfig | None = None) -> Report:
+def check_file(path: str | Path, cfg: DataConfig | None = None, *, ws: Workspace) -> Report:
     """Load, validate and report on a file without storing anything."""
-    return check(path, cfg).report
+    return check(path, cfg, ws=ws).report

@@ -14,6 +14,7 @@ from sft_core import StudioError
 from sft_core.config import DataConfig
 from sft_core.data.issues import MAX_REPORTED, Issue
 from sft_core.records import to_messages
+from sft_core.workspace import Workspace
 
 TOKEN_BATCH = 512  # conversations rendered and encoded per tokenizer call: bounds the memory of one batch
 PII_WARNINGS_PER_KIND = 20  # rows warned about per kind of PII; the counts stay exact
@@ -84,13 +85,13 @@ def find_pii(text: str) -> list[tuple[str, str]]:
     return found
 
 
-def _token_lengths(records: list[dict], model: str) -> list[int] | None:
+def _token_lengths(records: list[dict], model: str, ws: Workspace) -> list[int] | None:
     """Tokens per record in ``model``'s chat template (None when the model cannot be loaded). One pass:
     the conversations are rendered and encoded a batch at a time, which gives the same ids as one
     conversation at a time (no padding, no truncation, no special tokens added beyond the template's)."""
     try:
         from sft_core.models import load_tokenizer, resolve_model
-        tok = load_tokenizer(resolve_model(model))
+        tok = load_tokenizer(resolve_model(model, ws))
     except StudioError:
         return None
     convs = [to_messages(r) for r in records]
@@ -125,15 +126,16 @@ def _histogram(values: list[int], bins: int = 10) -> list[dict]:
 
 
 def quality(records_by_split: dict[str, list[dict]], cfg: DataConfig, file: str,
-            all_records: list[dict] | None = None) -> tuple[dict, list[Issue]]:
+            all_records: list[dict] | None = None, *, ws: Workspace) -> tuple[dict, list[Issue]]:
     """Stats + warnings: duplicates (exact, normalised), lengths, PII, train/test overlap.
 
-    ``all_records`` are the rows as read (before the split drops exact duplicates)."""
+    ``all_records`` are the rows as read (before the split drops exact duplicates); ``ws`` is where the
+    model whose tokenizer measures lengths is cached."""
     allrecs = all_records if all_records is not None else [r for rs in records_by_split.values() for r in rs]
     keys = [normalised_key(r) for r in allrecs]
     stats: dict[str, Any] = {"rows": len(allrecs), "splits": {k: len(v) for k, v in records_by_split.items()},
                              **_duplicates(allrecs, keys)}
-    issues = _lengths(allrecs, cfg, file, stats)
+    issues = _lengths(allrecs, cfg, file, stats, ws)
     issues += _pii(allrecs, file, stats)
     train_keys = {normalised_key(r) for r in records_by_split.get("train", [])}
     stats["leakage"] = {s: sum(1 for r in rs if normalised_key(r) in train_keys)
@@ -155,9 +157,9 @@ def _duplicates(allrecs: list[dict], keys: list[str]) -> dict:
             "duplicate_examples": [{"lines": v[:5]} for v in norm[:5]]}
 
 
-def _lengths(allrecs: list[dict], cfg: DataConfig, file: str, stats: dict) -> list[Issue]:
+def _lengths(allrecs: list[dict], cfg: DataConfig, file: str, stats: dict, ws: Workspace) -> list[Issue]:
     """Token-length stats into ``stats``; a warning per over-long row (the first MAX_REPORTED)."""
-    lengths = _token_lengths(allrecs, cfg.model)
+    lengths = _token_lengths(allrecs, cfg.model, ws)
     if not lengths:
         return []
     s = sorted(lengths)

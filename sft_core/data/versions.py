@@ -32,14 +32,14 @@ def _store(store: Store | None, ws: Workspace) -> Store:
     return store or open_store(ws.db_url)
 
 
-def import_dataset(path: str | Path, name: str, cfg: DataConfig | None = None, ws: Workspace | None = None,
+def import_dataset(path: str | Path, name: str, cfg: DataConfig | None = None, *, ws: Workspace,
                    store: Store | None = None) -> DatasetVersion:
     """Validate, split and store a file as a dataset version. Invalid data stores nothing."""
     safe_name(name, "name")
-    return import_checked(check(path, cfg), name, ws=ws, store=store)
+    return import_checked(check(path, cfg, ws=ws), name, ws=ws, store=store)
 
 
-def import_checked(checked: CheckedFile, name: str, ws: Workspace | None = None,
+def import_checked(checked: CheckedFile, name: str, ws: Workspace,
                    store: Store | None = None) -> DatasetVersion:
     """Store a file already read by :func:`check` (so a check, then an import, parses it once).
     Invalid data stores nothing."""
@@ -54,13 +54,12 @@ def import_checked(checked: CheckedFile, name: str, ws: Workspace | None = None,
                           report=report.to_dict(), fmt=checked.format)
 
 
-def import_records(records_by_split: dict[str, list[dict]], name: str, cfg: DataConfig | None = None,
-                   ws: Workspace | None = None, store: Store | None = None, source: str | None = None,
+def import_records(records_by_split: dict[str, list[dict]], name: str, cfg: DataConfig | None = None, *,
+                   ws: Workspace, store: Store | None = None, source: str | None = None,
                    report: dict | None = None, fmt: str | None = None) -> DatasetVersion:
     """Store already-split canonical records as a version (content-addressed, never overwritten)."""
     safe_name(name, "name")
     cfg = resolve_cfg(cfg)
-    ws = ws or Workspace.from_env()
     store = _store(store, ws)
     for split, rows in records_by_split.items():
         safe_name(split, "split")
@@ -72,7 +71,7 @@ def import_records(records_by_split: dict[str, list[dict]], name: str, cfg: Data
     created = not (final / "manifest.json").exists()
     if created:
         if report is None:
-            stats, warns = quality(records_by_split, cfg, source or name)
+            stats, warns = quality(records_by_split, cfg, source or name, ws=ws)
             report = {"stats": stats, "warnings": [asdict(w) for w in warns[:MAX_REPORTED]], "ok": True}
         with atomic_dir(final, exist_ok=True) as tmp:
             for split, rows in records_by_split.items():
@@ -88,17 +87,15 @@ def import_records(records_by_split: dict[str, list[dict]], name: str, cfg: Data
     return DatasetVersion(name, version, final, splits, n_rows, created)
 
 
-def list_datasets(ws: Workspace | None = None, store: Store | None = None) -> list[dict]:
-    ws = ws or Workspace.from_env()
+def list_datasets(ws: Workspace, store: Store | None = None) -> list[dict]:
     rows = dataset_rows.list_versions(_store(store, ws))
     for r in rows:
         r["splits"] = loads(r["splits"], {})
     return rows
 
 
-def get_version(name: str, version: str | None = None, ws: Workspace | None = None,
+def get_version(name: str, version: str | None = None, *, ws: Workspace,
                 store: Store | None = None) -> DatasetVersion:
-    ws = ws or Workspace.from_env()
     safe_name(name, "dataset")
     st = _store(store, ws)
     row = dataset_rows.get(st, name, version)
@@ -110,9 +107,9 @@ def get_version(name: str, version: str | None = None, ws: Workspace | None = No
     return DatasetVersion(row["name"], row["version"], Path(row["path"]), splits, row["n_rows"], False)
 
 
-def load_split(name: str, split: str, version: str | None = None, ws: Workspace | None = None,
+def load_split(name: str, split: str, version: str | None = None, *, ws: Workspace,
                store: Store | None = None) -> list[dict]:
-    v = get_version(name, version, ws, store)
+    v = get_version(name, version, ws=ws, store=store)
     p = v.path / f"{safe_name(split, 'split')}.jsonl"
     if not p.exists():
         raise DataError(f"dataset {v.name}@{v.version} has no {split!r} split; it has: {', '.join(v.splits)}", "split")

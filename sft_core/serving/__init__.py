@@ -45,7 +45,7 @@ def default_engine_name(cfg: ServeConfig) -> str:
     return "vllm" if cfg.url or importlib.util.find_spec("vllm") is not None else "hf"
 
 
-def get_engine(base_model: str, ws: Workspace | None = None, store: Store | None = None, engine: str = "auto",
+def get_engine(base_model: str, ws: Workspace, store: Store | None = None, engine: str = "auto",
                url: str | None = None, cfg: ServeConfig | None = None, load_adapters: bool = False) -> Engine:
     """Start (or attach to) an engine serving ``base_model``.
 
@@ -55,7 +55,6 @@ def get_engine(base_model: str, ws: Workspace | None = None, store: Store | None
     from sft_core.config import load_config, to_dict
     from sft_core.store import open_store
 
-    ws = ws or Workspace.from_env()
     store = store or open_store(ws.db_url)
     base = to_dict(cfg) if cfg else {}
     cfg = load_config(ServeConfig, overrides={**base, "engine": engine if engine != "auto" else base.get("engine"),

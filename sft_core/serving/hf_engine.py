@@ -25,12 +25,12 @@ BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
 class HFEngine:
     name = "hf"
 
-    def __init__(self, base_model: str, ws: Workspace | None = None, store: Store | None = None,
+    def __init__(self, base_model: str, ws: Workspace, store: Store | None = None,
                  device: str | None = None, batch_size: int = 16, registry: AdapterRegistry | None = None):
         import torch  # noqa: F401  (fail here, not mid-request, if torch is broken)
         from sft_core import models
 
-        self.ws = ws or Workspace.from_env()
+        self.ws = ws
         self.store = store or open_store(self.ws.db_url)
         self.registry = registry or AdapterRegistry(self.ws, self.store)
         self.base_model = base_model

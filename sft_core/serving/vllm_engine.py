@@ -63,14 +63,14 @@ def close_all() -> None:
 class VLLMEngine:
     name = "vllm"
 
-    def __init__(self, base_model: str, ws: Workspace | None = None, store: Store | None = None,
+    def __init__(self, base_model: str, ws: Workspace, store: Store | None = None,
                  cfg: ServeConfig | None = None, url: str | None = None,
                  registry: AdapterRegistry | None = None, start: bool = True, api_key: str | None = None):
         """``api_key``: attach mode only, the external server's key (default ``$SFT_STUDIO_ENGINE_API_KEY``);
         a managed server always gets a fresh random key of its own per start."""
         import openai  # noqa: F401  (fail early if missing)
 
-        self.ws = ws or Workspace.from_env()
+        self.ws = ws
         self.store = store or open_store(self.ws.db_url)
         self.registry = registry or AdapterRegistry(self.ws, self.store)
         self.cfg = cfg or ServeConfig()
