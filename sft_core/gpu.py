@@ -374,7 +374,7 @@ def engine_state_path(ws, pid: int | None = None) -> Path:
 
 def write_engine_state(ws, state: str, devices, job: str | None = None) -> None:
     """This process's engine: ``state`` on ``devices`` (written atomically, read by job runners)."""
-    from sft_core.jobs import _proc_start
+    from sft_core.job_backends import _proc_start
     from sft_core.workspace import atomic_write_json
     assert state in ENGINE_STATES, state
     atomic_write_json(engine_state_path(ws), {"pid": os.getpid(), "pid_start": _proc_start(os.getpid()),
@@ -391,7 +391,7 @@ def clear_engine_state(ws) -> None:
 
 def engine_states(ws) -> list[dict]:
     """The state of every live engine on this workspace (files of dead processes are ignored)."""
-    from sft_core.jobs import _same_process
+    from sft_core.job_backends import _same_process
     out = []
     for p in sorted(_state_dir(ws).glob("gpu-engine-*.json")):
         try:
@@ -411,7 +411,7 @@ def engines_in_the_way(states: list[dict], devices) -> list[dict]:
 
 def gpu_holders(store) -> list[dict]:
     """Running jobs that need the GPU to themselves (training), oldest first."""
-    from sft_core.jobs import needs_gpu_alone
+    from sft_core.job_kinds import needs_gpu_alone
     from sft_core.db import jobs as job_rows
     running = sorted(job_rows.with_status(store, "running"), key=lambda j: j["started_at"] or 0)
     return [j for j in running if needs_gpu_alone(j)]
