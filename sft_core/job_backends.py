@@ -126,6 +126,9 @@ class LocalBackend:
             raise StudioError(f"not a local worker reference: {ref!r}", "ref")
         return _same_process(int(m[1]), m[2] or None)
 
+    def waiting(self, ref: str) -> bool:
+        return False  # a local worker starts at once
+
 
 # ---- Ray ------------------------------------------------------------------------------------------
 @functools.cache
@@ -283,19 +286,28 @@ class RayBackend:
                  entrypoint_num_gpus=num_gpus or None, runtime_env={"env_vars": env_vars})
         return RayHandle(self, sid, log_path)
 
-    def alive(self, ref: str) -> bool:
-        """Whether the Ray job is PENDING or RUNNING. True when Ray cannot be asked: the job's heartbeat
-        going stale settles it (reconcile), not a dashboard restart."""
+    def _status(self, ref: str) -> str | None:
+        """Ray's status of the job; "UNKNOWN" when Ray cannot be asked; None when Ray does not know it."""
         if not ref.startswith("ray:"):
             raise StudioError(f"not a Ray worker reference: {ref!r}", "ref")
         try:
             status = self.ask("get_job_status", ref[len("ray:"):])
         except StudioError as e:
             log.warning("cannot ask Ray about %s: %s", ref, e)
-            return True
+            return "UNKNOWN"
         except LookupError:  # Ray does not know the job (deleted, or another cluster)
-            return False
-        return str(getattr(status, "value", status)) in ("PENDING", "RUNNING")
+            return None
+        return str(getattr(status, "value", status))
+
+    def alive(self, ref: str) -> bool:
+        """Whether the Ray job is PENDING or RUNNING. True when Ray cannot be asked: the job's heartbeat
+        going stale settles it (reconcile), not a dashboard restart."""
+        return self._status(ref) in ("PENDING", "RUNNING", "UNKNOWN")
+
+    def waiting(self, ref: str) -> bool:
+        """Whether the job waits for the cluster's resources (PENDING): its worker has not started, so
+        it cannot heartbeat yet, and a silent job is not a hung one."""
+        return self._status(ref) == "PENDING"
 
 
 def backend_from_env(env: Mapping[str, str] | None = None) -> LocalBackend | RayBackend:

@@ -175,7 +175,10 @@ def reconcile(store: Store, watched: set[str] | None = None, *, ws: Workspace) -
         silent = time.time() - beat
         ref = job.get("worker_ref") or ""
         if ref.startswith("ray:"):
-            gone = not job_backends.backend_for_ref(ref).alive(ref)
+            backend = job_backends.backend_for_ref(ref)
+            gone = not backend.alive(ref)
+            if not gone and backend.waiting(ref):
+                continue  # queued in the cluster for its resources (GPUs): no worker yet to heartbeat
         elif job["pid"]:
             gone = not _same_process(job["pid"], job.get("pid_start"))
         else:  # claimed, process not started yet: give the starter a moment

