@@ -168,16 +168,21 @@ def test_ray_runs_worker_to_success_with_its_log_and_env(ray, tmp_path):
 
 
 def test_ray_job_waiting_for_resources_is_alive_and_waiting(ray, tmp_path):
-    """A Ray job whose resources no node has stays PENDING: alive (reconcile keeps it) and waiting (its
-    silence is not a hang). Submitted straight through the client: start() refuses what no node has."""
-    sid = f"sft-pending-{os.getpid()}"
-    ray.ask("submit_job", entrypoint="true", submission_id=sid, entrypoint_resources={"no_such_resource": 1})
+    """A Ray job queued behind another that holds the head's 2 CPUs stays PENDING: alive (reconcile keeps it)
+    and waiting (its silence is not a hang); once the CPUs free up it runs and is neither. Submitted straight
+    through the client, since start() asks for one CPU."""
+    tag = f"{os.getpid()}-{int(time.time())}"
+    blocker, queued = f"sft-blocker-{tag}", f"sft-queued-{tag}"
+    ray.ask("submit_job", entrypoint="sleep 120", submission_id=blocker, entrypoint_num_cpus=2)
     try:
-        assert ray.alive(f"ray:{sid}") and ray.waiting(f"ray:{sid}")
+        _wait(lambda: ray.ask("get_job_status", blocker).value == "RUNNING", "the blocker to run")
+        ray.ask("submit_job", entrypoint="true", submission_id=queued, entrypoint_num_cpus=1)
+        time.sleep(2)  # a scheduling round: with both CPUs held, the job cannot start
+        assert ray.alive(f"ray:{queued}") and ray.waiting(f"ray:{queued}")
     finally:
-        ray.ask("stop_job", sid)
-    _wait(lambda: not ray.alive(f"ray:{sid}"), "the pending job to stop")
-    assert not ray.waiting(f"ray:{sid}")
+        ray.ask("stop_job", blocker)
+    _wait(lambda: not ray.alive(f"ray:{queued}"), "the queued job to run once the CPUs are free")
+    assert not ray.waiting(f"ray:{queued}") and ray.ask("get_job_status", queued).value == "SUCCEEDED"
 
 
 def test_ray_exit_code(ray, tmp_path):
