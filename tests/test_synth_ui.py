@@ -125,6 +125,10 @@ def test_synth_preview_shows_pairs_and_filter_counts_then_generate_stores_a_data
 
     # bad input: the app's one-line error naming the field; nothing runs
     fill(page, "synth-opt-generator", "ftp://nowhere")
+    # focus away, so the box's value is the form's before the click reads it (in one full run the click
+    # went out with the default, "local", and the toast was another one)
+    page.locator("#synth-opt-generator input, #synth-opt-generator textarea").first.blur()
+    wait_value(page, "synth-opt-generator", "ftp://nowhere")
     expect_error(page, lambda: page.locator("#synth-preview").click(),
                  "generator: must be local or an endpoint URL")
 

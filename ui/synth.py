@@ -104,9 +104,10 @@ def synth_preview(kb, is_admin, *values):
     admin_required(is_admin)
     cfg = _synth_cfg(kb, values)
     engine = None  # an endpoint needs no local model; a local one on another base model is started by preview
-    if cfg.generator == "local" and synth.resolve_local_model(cfg, store=studio().store) == studio().settings.base_model:
+    if cfg.generator == "local" and synth.resolve_local_model(cfg, store=studio().store, settings=studio().settings) == \
+            studio().settings.base_model:
         engine = studio().engine()
-    out = synth.preview(cfg, engine=engine, ws=studio().ws, store=studio().store)
+    out = synth.preview(cfg, engine=engine, ws=studio().ws, store=studio().store, settings=studio().settings)
     pairs = pd.DataFrame([{"question": r["instruction"], "answer": r["response"],
                            "source document": _source_words(r.get("meta") or {})} for r in out["pairs"]],
                          columns=SYNTH_PAIR_COLUMNS)

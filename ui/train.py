@@ -51,7 +51,7 @@ def pref_start(dataset, from_run, is_admin, *values):
     overrides = {k: v for k, v in overrides.items() if v is not None}
     overrides.update(dataset=dataset, from_run=from_run or "")
     cfg = load_config(_pref_config_cls(), overrides=overrides)
-    run_id = pref_train.submit_pref_run(cfg, ws=studio().ws, store=studio().store)
+    run_id = pref_train.submit_pref_run(cfg, ws=studio().ws, store=studio().store, settings=studio().settings)
     start = f"SFT run **{from_run}**" if from_run else "the base model"
     return (f"Queued preference run **{run_id}** on **{dataset}**, starting from {start}. "
             f"When it has finished, evaluate it as system `sft:{run_id}`."), gr.update(choices=all_runs(), value=run_id)
