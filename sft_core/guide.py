@@ -315,7 +315,7 @@ def guide_state(ws: Workspace, store: Store, selected_dataset: str | None = None
         steps["evaluate"] = Step("evaluate", "Evaluate", "todo",
                                  "compare prompt, RAG and fine-tuned on held-out questions")
 
-    camps = rating_rows.campaigns_with_vote_counts(store)
+    camps = rating_rows.list_campaigns(store)
     camp = next((c for c in camps if done_eval and c["eval_id"] == done_eval["id"]), camps[0] if camps else None)
     facts["campaign"] = camp["id"] if camp else None
     if camp and camp["n_votes"]:

@@ -257,8 +257,3 @@ def history(db, vote_id: int | None = None, campaign_id: str | None = None, rate
     if vote_id is not None:
         q = q.where(H.c.vote_id == vote_id)
     return rows(db, q.order_by(H.c.id))
-
-
-def campaigns_with_vote_counts(db) -> list[dict]:
-    """Every campaign, newest first, with its ``n_tasks`` and ``n_votes`` (the guide's view)."""
-    return list_campaigns(db)
